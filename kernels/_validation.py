@@ -1,0 +1,108 @@
+"""Argument checks shared by the kernels and their references.
+
+Every message names the offending argument: these errors reach people wiring the kernels into
+their own trainers, and "shape mismatch" alone sends them to a debugger.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
+IS_LEVELS = ("token", "sequence")
+SCALES = ("group", "batch", "none")
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be a floating tensor (bf16/fp16/fp32/fp64), got {t.dtype}")
+
+
+def check_selective_inputs(logits: torch.Tensor, index: torch.Tensor, temperature: float) -> None:
+    _check_float("logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty vocabulary dimension, got shape {tuple(logits.shape)}")
+    if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"index must be an int64 (or int32) tensor, got {getattr(index, 'dtype', type(index))}")
+    if index.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"index shape {tuple(index.shape)} must equal logits shape without the vocabulary "
+            f"dimension {tuple(logits.shape[:-1])}"
+        )
+    if index.device != logits.device:
+        raise ValueError(f"index is on {index.device} but logits are on {logits.device}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if index.numel():
+        # One host sync: an out-of-range id would otherwise read past the row (Triton) or trip a
+        # device-side assert that kills the CUDA context (torch.gather).
+        lo, hi = torch.aminmax(index)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= logits.shape[-1]:
+            raise ValueError(f"index out of range: values span [{lo}, {hi}] but the vocabulary size is {logits.shape[-1]}")
+
+
+def check_advantage_inputs(rewards: torch.Tensor, group_size: int, scale: str, eps: float) -> None:
+    _check_float("rewards", rewards)
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [B], got shape {tuple(rewards.shape)}")
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if rewards.numel() == 0 or rewards.numel() % group_size:
+        raise ValueError(f"group_size {group_size} must divide the number of rewards {rewards.numel()} (and B > 0)")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+
+
+def check_loss_inputs(logps, old_logps, ref_logps, advantages, mask, beta) -> None:
+    _check_float("logps", logps)
+    if logps.dim() != 2:
+        raise ValueError(f"logps must be 2-D [B, T], got shape {tuple(logps.shape)}")
+    for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if t is None:
+            continue
+        _check_float(name, t)
+        if t.shape != logps.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} must equal logps shape {tuple(logps.shape)}")
+    _check_float("advantages", advantages)
+    if advantages.shape != logps.shape[:1]:
+        raise ValueError(f"advantages shape {tuple(advantages.shape)} must be [B] = {tuple(logps.shape[:1])}")
+    if not isinstance(mask, torch.Tensor) or mask.shape != logps.shape:
+        raise ValueError(f"mask shape {tuple(getattr(mask, 'shape', ()))} must equal logps shape {tuple(logps.shape)}")
+    if beta != 0.0 and ref_logps is None:
+        raise ValueError(f"beta={beta} needs ref_logps (pass beta=0.0 to train without a reference model)")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    beta: float
+    epsilon_low: float
+    epsilon_high: float
+    delta: float | None
+    loss_type: str
+    sequence_level: bool
+
+
+def loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level) -> LossConfig:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in IS_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, got {importance_sampling_level!r}")
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    if epsilon_low < 0 or epsilon_high < 0:
+        raise ValueError(f"epsilon_low/epsilon_high must be >= 0, got {epsilon_low}/{epsilon_high}")
+    if delta is not None and delta <= 1.0:
+        raise ValueError(f"delta must be > 1 (it caps the importance ratio from above), got {delta}")
+    return LossConfig(
+        float(beta), float(epsilon_low), float(epsilon_high), None if delta is None else float(delta),
+        loss_type, importance_sampling_level == "sequence",
+    )

@@ -1,0 +1,362 @@
+"""The GRPO clipped-surrogate loss with k3 KL, on token log-probs or fused with the logits.
+
+Design: one program per sequence walks its T tokens and emits six per-sequence sums
+(masked loss, KL, low/high/region clip counts, token count). Every loss type (grpo, bnpo,
+dr_grpo, dapo, cispo) differs only in how those sums are normalised, which is O(B) work done
+by `reference.aggregate`, so the kernel has no per-loss-type branches beyond the surrogate.
+The backward receives d(loss)/d(row sum) per sequence and writes d(logp) per token.
+
+GSPO (sequence-level importance sampling) needs the sequence's mean log-ratio before any token's
+loss: a first sweep over the row computes it. Its gradient reduces to the token formula with the
+sequence ratio in place of the token ratio (the 1/n of the mean cancels the n identical terms).
+
+`grpo_loss_from_logits` chains the selective log-prob kernels around this one: the logits are
+read once forward (rows of padding are skipped outright), once backward, and d(logits) is
+written into the logits buffer, so peak memory stays at the logits plus O(B*T) floats.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._dispatch import TRITON_DTYPES, next_pow2, use_triton
+from ._validation import LossConfig, check_loss_inputs, check_selective_inputs, loss_config
+from .logprobs import logprobs_backward, logprobs_forward
+
+MAX_BLOCK_T = 1024
+NUM_WARPS = 4
+N_STATS = 6  # loss, kl, clip low, clip high, clip region, tokens
+LOSS, KL, LOW, HIGH, REGION, TOKENS = range(N_STATS)
+
+
+@triton.jit
+def _surrogate(ratio, lp, ref, a, beta, eps_low, eps_high, delta,
+               HAS_REF: tl.constexpr, HAS_DELTA: tl.constexpr, CISPO: tl.constexpr):
+    """Per-token loss, its derivative in logp (through ratio = exp(logp - old)), and the KL."""
+    if CISPO:
+        w = tl.minimum(ratio, eps_high)  # a constant weight: no gradient through the ratio
+        loss = -w * a * lp
+        dloss = -w * a
+    else:
+        clipped = tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
+        unclipped = ratio
+        d_unclipped = a * ratio
+        if HAS_DELTA:
+            unclipped = tl.minimum(ratio, delta)
+            d_unclipped = tl.where(ratio <= delta, d_unclipped, 0.0)
+        d_clipped = tl.where((ratio >= 1.0 - eps_low) & (ratio <= 1.0 + eps_high), a * ratio, 0.0)
+        t1 = unclipped * a
+        t2 = clipped * a
+        loss = -tl.minimum(t1, t2)
+        # Ties split the gradient, as torch.minimum does, so results match autograd bit for bit.
+        dloss = -tl.where(t1 < t2, d_unclipped, tl.where(t2 < t1, d_clipped, 0.5 * (d_unclipped + d_clipped)))
+    kl = tl.zeros_like(lp)
+    if HAS_REF:
+        d = ref - lp
+        e = tl.exp(d)
+        kl = e - d - 1.0
+        loss += beta * kl
+        dloss += beta * (1.0 - e)
+    return loss, dloss, kl
+
+
+@triton.jit
+def _load_row(lp_ptr, old_ptr, ref_ptr, mask_ptr, row, cols, T, s_lp, s_old, s_ref, s_mask,
+              HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr):
+    inb = cols < T
+    m = (tl.load(mask_ptr + row * s_mask + cols, mask=inb, other=0) != 0) & inb
+    lp = tl.load(lp_ptr + row * s_lp + cols, mask=m, other=0.0).to(tl.float32)
+    old = lp
+    if HAS_OLD:
+        old = tl.load(old_ptr + row * s_old + cols, mask=m, other=0.0).to(tl.float32)
+    ref = lp
+    if HAS_REF:
+        ref = tl.load(ref_ptr + row * s_ref + cols, mask=m, other=0.0).to(tl.float32)
+    return m, lp, old, ref
+
+
+@triton.jit
+def _sequence_log_ratio(lp_ptr, old_ptr, mask_ptr, row, T, s_lp, s_old, s_mask, BLOCK_T: tl.constexpr):
+    offs = tl.arange(0, BLOCK_T)
+    acc = tl.zeros([BLOCK_T], tl.float32)
+    cnt = tl.zeros([BLOCK_T], tl.float32)
+    for start in range(0, T, BLOCK_T):
+        m, lp, old, _ = _load_row(lp_ptr, old_ptr, lp_ptr, mask_ptr, row, start + offs, T,
+                                  s_lp, s_old, s_lp, s_mask, True, False)
+        acc += tl.where(m, lp - old, 0.0)
+        cnt += m.to(tl.float32)
+    return tl.sum(acc, axis=0) / tl.maximum(tl.sum(cnt, axis=0), 1.0)
+
+
+@triton.jit
+def _grpo_fwd_kernel(
+    lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, out_ptr,
+    T, s_lp, s_old, s_ref, s_mask,
+    beta, eps_low, eps_high, delta,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_DELTA: tl.constexpr,
+    CISPO: tl.constexpr, SEQ: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    a = tl.load(adv_ptr + row).to(tl.float32)
+    # Clipping only binds on the side the advantage pushes towards (TRL's clip statistics).
+    a_neg = tl.where(a < 0, 1.0, 0.0)
+    a_pos = tl.where(a > 0, 1.0, 0.0)
+    offs = tl.arange(0, BLOCK_T)
+    seq_lr = 0.0
+    if SEQ and HAS_OLD:
+        seq_lr = _sequence_log_ratio(lp_ptr, old_ptr, mask_ptr, row, T, s_lp, s_old, s_mask, BLOCK_T)
+    loss_acc = tl.zeros([BLOCK_T], tl.float32)
+    kl_acc = tl.zeros([BLOCK_T], tl.float32)
+    low_acc = tl.zeros([BLOCK_T], tl.float32)
+    high_acc = tl.zeros([BLOCK_T], tl.float32)
+    tok_acc = tl.zeros([BLOCK_T], tl.float32)
+    for start in range(0, T, BLOCK_T):
+        m, lp, old, ref = _load_row(lp_ptr, old_ptr, ref_ptr, mask_ptr, row, start + offs, T,
+                                    s_lp, s_old, s_ref, s_mask, HAS_OLD, HAS_REF)
+        if SEQ:
+            ratio = tl.exp(tl.zeros_like(lp) + seq_lr)
+        else:
+            ratio = tl.exp(lp - old)
+        loss, _, kl = _surrogate(ratio, lp, ref, a, beta, eps_low, eps_high, delta, HAS_REF, HAS_DELTA, CISPO)
+        loss_acc += tl.where(m, loss, 0.0)
+        kl_acc += tl.where(m, kl, 0.0)
+        low_acc += tl.where(m & (ratio < 1.0 - eps_low), a_neg, 0.0)
+        high_acc += tl.where(m & (ratio > 1.0 + eps_high), a_pos, 0.0)
+        tok_acc += m.to(tl.float32)
+    out = out_ptr + row * 6
+    tl.store(out + 0, tl.sum(loss_acc, axis=0))
+    tl.store(out + 1, tl.sum(kl_acc, axis=0))
+    low = tl.sum(low_acc, axis=0)
+    high = tl.sum(high_acc, axis=0)
+    tl.store(out + 2, low)
+    tl.store(out + 3, high)
+    tl.store(out + 4, low + high)  # a token cannot be clipped low and high at once
+    tl.store(out + 5, tl.sum(tok_acc, axis=0))
+
+
+@triton.jit
+def _grpo_bwd_kernel(
+    lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, g_ptr, dlp_ptr,
+    T, s_lp, s_old, s_ref, s_mask, s_dlp,
+    beta, eps_low, eps_high, delta,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_DELTA: tl.constexpr,
+    CISPO: tl.constexpr, SEQ: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    a = tl.load(adv_ptr + row).to(tl.float32)
+    g = tl.load(g_ptr + row).to(tl.float32)
+    offs = tl.arange(0, BLOCK_T)
+    seq_lr = 0.0
+    if SEQ and HAS_OLD:
+        seq_lr = _sequence_log_ratio(lp_ptr, old_ptr, mask_ptr, row, T, s_lp, s_old, s_mask, BLOCK_T)
+    for start in range(0, T, BLOCK_T):
+        cols = start + offs
+        m, lp, old, ref = _load_row(lp_ptr, old_ptr, ref_ptr, mask_ptr, row, cols, T,
+                                    s_lp, s_old, s_ref, s_mask, HAS_OLD, HAS_REF)
+        if SEQ:
+            ratio = tl.exp(tl.zeros_like(lp) + seq_lr)
+        else:
+            ratio = tl.exp(lp - old)
+        _, dloss, _ = _surrogate(ratio, lp, ref, a, beta, eps_low, eps_high, delta, HAS_REF, HAS_DELTA, CISPO)
+        tl.store(dlp_ptr + row * s_dlp + cols, tl.where(m, g * dloss, 0.0).to(dlp_ptr.dtype.element_ty), mask=cols < T)
+
+
+def _rowwise(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _mask_view(mask: torch.Tensor) -> torch.Tensor:
+    mask = _rowwise(mask)
+    # Triton loads bool as i1 pointers inconsistently across versions; the bytes are the same.
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+class _LossLaunch:
+    """Arguments shared by the forward and backward launches of one loss call."""
+
+    def __init__(self, logps, old_logps, ref_logps, advantages, mask, cfg: LossConfig):
+        self.lp = _rowwise(logps)
+        self.old = _rowwise(old_logps)
+        self.ref = _rowwise(ref_logps)
+        self.adv = advantages.contiguous()
+        self.mask = _mask_view(mask)
+        self.cfg = cfg
+        B, T = logps.shape
+        self.B, self.T = B, T
+        self.block = min(next_pow2(max(T, 1)), MAX_BLOCK_T)
+
+    def _common(self):
+        c = self.cfg
+        old = self.old if self.old is not None else self.lp
+        ref = self.ref if self.ref is not None else self.lp
+        tensors = (self.lp, old, ref, self.adv, self.mask)
+        strides = (self.lp.stride(0), old.stride(0), ref.stride(0), self.mask.stride(0))
+        scalars = (c.beta, c.epsilon_low, c.epsilon_high, c.delta if c.delta is not None else 0.0)
+        flags = dict(
+            HAS_OLD=self.old is not None, HAS_REF=self.ref is not None, HAS_DELTA=c.delta is not None,
+            CISPO=c.loss_type == "cispo", SEQ=c.sequence_level, BLOCK_T=self.block, num_warps=NUM_WARPS,
+        )
+        return tensors, strides, scalars, flags
+
+    def forward(self) -> torch.Tensor:
+        rows = torch.zeros(self.B, N_STATS, device=self.lp.device, dtype=torch.float32)
+        tensors, strides, scalars, flags = self._common()
+        if self.B:
+            _grpo_fwd_kernel[(self.B,)](*tensors, rows, self.T, *strides, *scalars, **flags)
+        return rows
+
+    def backward(self, g_rows: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        dlp = torch.empty(self.B, self.T, device=self.lp.device, dtype=out_dtype)
+        tensors, strides, scalars, flags = self._common()
+        if self.B:
+            _grpo_bwd_kernel[(self.B,)](*tensors, g_rows.contiguous(), dlp, self.T, *strides, dlp.stride(0),
+                                        *scalars, **flags)
+        return dlp
+
+
+class GRPOLossRows(torch.autograd.Function):
+    """Per-sequence sums of the masked token loss [B] (differentiable in logps) and stats [B, 6]."""
+
+    @staticmethod
+    def forward(ctx, logps, old_logps, ref_logps, advantages, mask, cfg):
+        launch = _LossLaunch(logps, old_logps, ref_logps, advantages, mask, cfg)
+        rows = launch.forward()
+        ctx.launch, ctx.dtype = launch, logps.dtype
+        ctx.mark_non_differentiable(rows)
+        return rows[:, LOSS].clone(), rows
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_rows):
+        dlp = ctx.launch.backward(g_loss, ctx.dtype)
+        ctx.launch = None
+        return dlp, None, None, None, None, None
+
+
+class GRPOLossFromLogits(torch.autograd.Function):
+    """selective_logprobs -> GRPOLossRows in one node, so the backward can go straight to d(logits)."""
+
+    @staticmethod
+    def forward(ctx, logits, index, old_logps, ref_logps, advantages, mask, temperature, inplace, cfg):
+        inv_temp = 1.0 / temperature
+        mask_v = _mask_view(mask)
+        logits3, index_flat, logp, lse, _ = logprobs_forward(
+            logits, index, inv_temp, False, row_mask=mask_v.reshape(-1).contiguous()
+        )
+        launch = _LossLaunch(logp.view(index.shape), old_logps, ref_logps, advantages, mask_v, cfg)
+        rows = launch.forward()
+        ctx.save_for_backward(logits3, index_flat, lse)
+        ctx.launch, ctx.meta = launch, (inv_temp, inplace, logits.shape)
+        ctx.mark_non_differentiable(rows)
+        return rows[:, LOSS].clone(), rows
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_rows):
+        logits3, index_flat, lse = ctx.saved_tensors
+        inv_temp, inplace, shape = ctx.meta
+        dlogp = ctx.launch.backward(g_loss, torch.float32)
+        ctx.launch = None
+        dlogits = logprobs_backward(logits3, index_flat, lse, None, dlogp, None, inv_temp, inplace)
+        if inplace:
+            torch.autograd.graph.increment_version(logits3)
+        return dlogits.view(shape), None, None, None, None, None, None, None, None
+
+
+def _finish(row_loss, rows, cfg, T, max_completion_length, num_items, has_ref):
+    loss = reference.aggregate(row_loss, rows[:, TOKENS], cfg.loss_type, T, max_completion_length, num_items)
+    ntok = rows[:, TOKENS].sum().clamp(min=1)
+    sums = rows.sum(0) / ntok  # one reduction for every statistic
+    stats = {
+        "clip_ratio/low_mean": sums[LOW],
+        "clip_ratio/high_mean": sums[HIGH],
+        "clip_ratio/region_mean": sums[REGION],
+    }
+    if has_ref:
+        stats["kl"] = sums[KL]
+    return loss, stats
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    loss_type: str = "grpo",
+    importance_sampling_level: str = "token",
+    max_completion_length: int | None = None,
+    num_items: float | torch.Tensor | None = None,
+):
+    """GRPO loss on token log-probs [B, T]; returns (scalar loss, stats).
+
+    `old_logps=None` is the on-policy case (ratio exp(logp - logp.detach()) = 1 with gradient);
+    `ref_logps=None` requires beta == 0. Loss types: grpo (mean of per-sequence means), bnpo
+    (token mean over the batch), dr_grpo (sum / (B * max_completion_length)), dapo and cispo
+    (sum / num_items, the global active-token count, default the local one). Stats: `kl` (when
+    ref_logps is given) and `clip_ratio/{low,high,region}_mean`, as 0-dim tensors (no host sync).
+    """
+    check_loss_inputs(logps, old_logps, ref_logps, advantages, mask, beta)
+    cfg = loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level)
+    tensors = (logps, old_logps, ref_logps, advantages)
+    if not use_triton(*tensors) or any(t is not None and t.dtype not in TRITON_DTYPES for t in tensors):
+        return reference.grpo_loss(
+            logps, old_logps, ref_logps, advantages, mask, beta=beta, epsilon_low=epsilon_low,
+            epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
+            importance_sampling_level=importance_sampling_level,
+            max_completion_length=max_completion_length, num_items=num_items,
+        )
+    row_loss, rows = GRPOLossRows.apply(logps, old_logps, ref_logps, advantages, mask, cfg)
+    return _finish(row_loss, rows, cfg, logps.shape[1], max_completion_length, num_items, ref_logps is not None)
+
+
+def grpo_loss_from_logits(
+    logits: torch.Tensor,
+    index: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    inplace_backward: bool = True,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    loss_type: str = "grpo",
+    importance_sampling_level: str = "token",
+    max_completion_length: int | None = None,
+    num_items: float | torch.Tensor | None = None,
+    validate: bool = True,
+):
+    """GRPO loss straight from logits [B, T, V] (a strided view such as `out.logits[:, :-1]` is fine).
+
+    Same options and return value as `grpo_loss`. The backward writes d(logits) into the logits
+    buffer when `inplace_backward` (the default): do not reuse the logits after backward.
+    """
+    if validate:
+        check_selective_inputs(logits, index, temperature)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+    options = dict(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
+                   importance_sampling_level=importance_sampling_level,
+                   max_completion_length=max_completion_length, num_items=num_items)
+    tensors = (logits, old_logps, ref_logps, advantages)
+    if not use_triton(*tensors) or any(t is not None and t.dtype not in TRITON_DTYPES for t in tensors):
+        logps = reference.selective_logprobs(logits, index, temperature=temperature, validate=False)
+        return reference.grpo_loss(logps, old_logps, ref_logps, advantages, mask, **options)
+    # The token tensors are checked against a shape-only stand-in for the log-probs.
+    check_loss_inputs(torch.empty(index.shape, device="meta"), old_logps, ref_logps, advantages, mask, beta)
+    cfg = loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level)
+    row_loss, rows = GRPOLossFromLogits.apply(
+        logits, index, old_logps, ref_logps, advantages, mask, float(temperature), inplace_backward, cfg
+    )
+    return _finish(row_loss, rows, cfg, index.shape[1], max_completion_length, num_items, ref_logps is not None)

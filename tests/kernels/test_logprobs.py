@@ -1,0 +1,154 @@
+import pytest
+import torch
+
+from atlas_kernels import reference, selective_logprobs
+from atlas_kernels.logprobs import SelectiveLogprobs
+
+from .helpers import TOL, rel_err
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_logits(shape, dtype, gen, spread=4.0):
+    return (torch.randn(shape, generator=gen) * spread).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1000, 4099, 32003])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_forward_and_grad_match_float64(dtype, vocab, temperature):
+    gen = torch.Generator().manual_seed(vocab + int(temperature * 10))
+    rows = 3 if vocab > 10000 else 7  # odd row counts, never a multiple of anything
+    logits = make_logits((rows, vocab), dtype, gen).requires_grad_()
+    index = torch.randint(0, vocab, (rows,), generator=gen)
+    logp, ent = selective_logprobs(logits, index, temperature=temperature, return_entropy=True)
+    g1, g2 = torch.randn(rows, generator=gen), torch.randn(rows, generator=gen)
+    (logp * g1 + ent * g2).sum().backward()
+
+    ref_in = logits.detach().double().requires_grad_()
+    rlogp, rent = reference.selective_logprobs(ref_in, index, temperature=temperature, return_entropy=True)
+    (rlogp * g1.double() + rent * g2.double()).sum().backward()
+
+    assert logp.dtype == torch.float32 and ent.dtype == torch.float32
+    assert (logp <= 0).all()
+    assert torch.isfinite(logp).all() and torch.isfinite(ent).all() and torch.isfinite(logits.grad.float()).all()
+    torch.testing.assert_close(logp.double(), rlogp, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ent.double(), rent, atol=1e-4, rtol=1e-5)
+    atol, rtol = TOL[dtype]
+    assert logits.grad.dtype == dtype
+    torch.testing.assert_close(logits.grad.double(), ref_in.grad, atol=atol * 0.1, rtol=rtol)
+
+
+def test_large_vocabulary_few_rows():
+    gen = torch.Generator().manual_seed(0)
+    logits = make_logits((2, 151936), torch.bfloat16, gen).requires_grad_()
+    index = torch.randint(0, 151936, (2,), generator=gen)
+    logp = selective_logprobs(logits, index)
+    logp.sum().backward()
+    ref_in = logits.detach().double().requires_grad_()
+    reference.selective_logprobs(ref_in, index).sum().backward()
+    torch.testing.assert_close(logp.double(), reference.selective_logprobs(logits.detach().double(), index), atol=1e-4, rtol=1e-5)
+    assert rel_err(logits.grad, ref_in.grad) < 1e-2
+
+
+def test_strided_view_reads_without_copy_and_grads_land_in_the_slice():
+    gen = torch.Generator().manual_seed(1)
+    full = make_logits((3, 6, 517), torch.float32, gen).requires_grad_()
+    view = full[:, :-1]  # the usual "drop the last position" slice: not contiguous
+    assert not view.is_contiguous()
+    index = torch.randint(0, 517, (3, 5), generator=gen)
+    logp = selective_logprobs(view, index, temperature=0.9)
+    assert logp.shape == (3, 5)
+    logp.sum().backward()
+    ref_in = full.detach().double().requires_grad_()
+    reference.selective_logprobs(ref_in[:, :-1], index, temperature=0.9).sum().backward()
+    torch.testing.assert_close(full.grad.double(), ref_in.grad, atol=2e-6, rtol=1e-5)
+    assert (full.grad[:, -1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_backward_equals_out_of_place(dtype):
+    gen = torch.Generator().manual_seed(2)
+    base = make_logits((2, 5, 777), dtype, gen)
+    index = torch.randint(0, 777, (2, 4), generator=gen)
+    g = torch.randn(2, 4, generator=gen)
+    grads = []
+    for inplace in (False, True):
+        leaf = base.clone().requires_grad_()
+        logits = leaf * 1  # a non-leaf buffer, as an lm_head output is
+        logp, ent = selective_logprobs(logits[:, :-1], index, return_entropy=True, inplace_backward=inplace)
+        (logp * g + ent).sum().backward()
+        grads.append(leaf.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_inplace_backward_bumps_version_so_reuse_fails_loudly():
+    gen = torch.Generator().manual_seed(3)
+    leaf = make_logits((4, 300), torch.float32, gen).requires_grad_()
+    logits = leaf * 1
+    index = torch.randint(0, 300, (4,), generator=gen)
+    other = (logits * logits).sum()  # saves `logits` for its own backward
+    logp = selective_logprobs(logits, index, inplace_backward=True)
+    logp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        other.backward()
+
+
+def test_extreme_logits_stay_finite_and_nonpositive():
+    logits = torch.full((3, 1000), -1e4)
+    logits[0, 5] = 1e4  # a near-certain token: rounding must not make its log-prob positive
+    logits[1, :] = 0.0
+    logits[2, :500] = float("-inf")  # masked vocabulary entries
+    index = torch.tensor([5, 7, 600])
+    logp, ent = selective_logprobs(logits, index, return_entropy=True)
+    assert torch.isfinite(logp).all() and torch.isfinite(ent).all()
+    assert (logp <= 0).all()
+    torch.testing.assert_close(logp[1], torch.tensor(-torch.log(torch.tensor(1000.0)).item()))
+    torch.testing.assert_close(ent[2], torch.log(torch.tensor(500.0)), atol=1e-5, rtol=1e-5)
+
+
+def test_block_smaller_than_vocab_masking_has_no_nan(monkeypatch):
+    import atlas_kernels.logprobs as lp_mod
+
+    monkeypatch.setattr(lp_mod, "MAX_BLOCK_V", 256)  # several chunks plus a ragged tail
+    gen = torch.Generator().manual_seed(4)
+    logits = make_logits((5, 1001), torch.float32, gen).requires_grad_()
+    index = torch.randint(0, 1001, (5,), generator=gen)
+    logp = selective_logprobs(logits, index)
+    logp.sum().backward()
+    ref_in = logits.detach().double().requires_grad_()
+    reference.selective_logprobs(ref_in, index).sum().backward()
+    torch.testing.assert_close(logp.double(), reference.selective_logprobs(logits.detach().double(), index), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits.grad.double(), ref_in.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_runs_the_triton_kernel_under_the_interpreter(monkeypatch):
+    called = []
+    original = SelectiveLogprobs.apply
+    monkeypatch.setattr(SelectiveLogprobs, "apply", lambda *a: called.append(1) or original(*a))
+    selective_logprobs(torch.randn(2, 10), torch.tensor([1, 2]))
+    assert called, "CPU tensors under TRITON_INTERPRET=1 must take the Triton path"
+
+
+def test_reference_path_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    logits = torch.randn(3, 50, dtype=torch.float64)
+    index = torch.tensor([0, 10, 49])
+    expected = torch.log_softmax(logits, -1).gather(-1, index[:, None]).squeeze(-1)
+    torch.testing.assert_close(selective_logprobs(logits, index), expected)
+
+
+@pytest.mark.parametrize(
+    "logits, index, kwargs, match",
+    [
+        (torch.randn(2, 10), torch.tensor([1, 10]), {}, "index out of range"),
+        (torch.randn(2, 10), torch.tensor([-1, 0]), {}, "index out of range"),
+        (torch.randn(2, 10), torch.tensor([1, 2, 3]), {}, "index shape"),
+        (torch.randn(2, 10), torch.tensor([1.0, 2.0]), {}, "index must be an int64"),
+        (torch.randint(0, 5, (2, 10)), torch.tensor([1, 2]), {}, "logits must be a floating"),
+        (torch.randn(2, 10), torch.tensor([1, 2]), {"temperature": 0.0}, "temperature"),
+    ],
+)
+def test_bad_input_names_the_argument(logits, index, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        selective_logprobs(logits, index, **kwargs)
