@@ -1,0 +1,575 @@
+"""GRPOTrainer: a hand-written GRPO loop on top of atlas_kernels.
+
+One optimizer step reads top to bottom in `train`:
+    rollout (generate G completions per prompt) -> rewards -> group advantages
+    -> reference / old log-probs -> micro-batches: forward, fused loss, backward
+    -> clip -> step -> log -> evaluate -> checkpoint.
+`_micro_batches` is a generator that yields finished micro-batches and generates a new batch
+whenever the last one is used up (`steps_per_generation` micro-steps, `num_iterations` passes),
+so the loop body never deals with buffering.
+
+The class is a thin shell: the math lives in atlas_kernels, batching in data.py, generation in
+rollout.py, rewards in rewards.py, persistence in checkpoint.py, logging in metrics.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerControl, TrainerState
+
+import atlas_kernels
+from atlas_kernels import reference as kernels_reference
+
+from . import checkpoint as ckpt
+from .config import GRPOConfig
+from .data import PromptSampler, is_conversational, load_dataset_any, render_prompt
+from .memory import enable_gradient_checkpointing, on_device
+from .metrics import MetricsLogger, format_metrics, plot_metrics
+from .rewards import combine_rewards, compute_rewards, prepare_reward_funcs, reward_metrics
+from .rollout import HFGenerator, SamplingParams, left_pad, resolve_rollout_func, right_pad
+
+
+@dataclass
+class MicroBatch:
+    """Scored completions for one forward/backward. Shapes: B completions, P prompt, C completion."""
+
+    input_ids: torch.Tensor  # [B, P + C] prompt left-padded, completion right-padded
+    attention_mask: torch.Tensor  # [B, P + C]
+    completion_ids: torch.Tensor  # [B, C]
+    completion_mask: torch.Tensor  # [B, C] 1 up to and including the first EOS
+    advantages: torch.Tensor  # [B]
+    old_logps: torch.Tensor | None  # [B, C] sampling policy, when the batch is reused
+    ref_logps: torch.Tensor | None  # [B, C] reference policy, when beta > 0
+    num_items: float  # active completion tokens of the whole generation batch (dapo/cispo)
+
+    def slice(self, rows: slice) -> "MicroBatch":
+        parts = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            parts[f.name] = v[rows] if isinstance(v, torch.Tensor) else v
+        return MicroBatch(**parts)
+
+    def to_state(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class EvalPrediction:
+    """What `compute_metrics` receives: one greedy completion per evaluation prompt."""
+
+    prompts: list
+    completions: list
+    rewards: dict[str, list[float]]
+    columns: dict[str, list]
+
+
+class GRPOTrainer:
+    def __init__(
+        self,
+        config: GRPOConfig | None = None,
+        model: torch.nn.Module | str | None = None,
+        ref_model: torch.nn.Module | str | None = None,
+        tokenizer: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        reward_funcs: Any = None,
+        reward_model: Any = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: Sequence[Any] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        rollout_func: Callable | str | None = None,
+        peft_config: Any = None,
+    ):
+        self.args = config = config or GRPOConfig()
+        if model is None:
+            raise ValueError("GRPOTrainer needs a model (a PreTrainedModel or a local path / hub id)")
+        torch.manual_seed(config.seed)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = self._load_model(model, peft_config).to(self.device)
+        self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer(model)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        self.use_bf16 = config.bf16 if config.bf16 is not None else (
+            self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+        self.ref_model = self._reference_model(ref_model)
+        self.offload_device = torch.device("cpu") if config.offload_untrained_models else self.device
+        if self.ref_model is not None:
+            self.ref_model.to(self.offload_device)
+        self.reward_funcs = prepare_reward_funcs(reward_funcs, reward_model)
+        for _, fn in self.reward_funcs:
+            if hasattr(fn, "to"):
+                fn.to(self.offload_device)
+        n_funcs = len(self.reward_funcs)
+        if config.reward_weights is not None and len(config.reward_weights) != n_funcs:
+            raise ValueError(f"reward_weights has {len(config.reward_weights)} entries for {n_funcs} reward functions")
+
+        if train_dataset is None:
+            raise ValueError("GRPOTrainer needs a train_dataset")
+        self.train_dataset = load_dataset_any(train_dataset)
+        self.eval_dataset = load_dataset_any(eval_dataset) if eval_dataset is not None else None
+        self.sampler = PromptSampler(self.train_dataset, config.prompts_per_generation,
+                                     shuffle=config.shuffle_dataset, seed=config.seed)
+        self.max_steps = self._resolve_max_steps()
+
+        self.optimizer, self.lr_scheduler = optimizers
+        if self.optimizer is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.AdamW(
+                params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                eps=config.adam_epsilon, weight_decay=config.weight_decay,
+                fused=self.device.type == "cuda",  # one kernel for all parameters on GPU
+            )
+        if self.lr_scheduler is None:
+            self.lr_scheduler = make_scheduler(self.optimizer, config.lr_scheduler_type,
+                                               int(config.warmup_ratio * self.max_steps), self.max_steps)
+
+        self.rollout_func = resolve_rollout_func(rollout_func if rollout_func is not None else config.rollout_func)
+        self.engine = HFGenerator(self.model, self.tokenizer, batch_size=None)
+        self.kernels = atlas_kernels if config.use_kernels else kernels_reference
+        self.compute_metrics = compute_metrics
+        self.callbacks = list(callbacks or [])
+        self.state = TrainerState(max_steps=self.max_steps, logging_steps=config.logging_steps,
+                                  eval_steps=config.eval_steps or 0, save_steps=config.save_steps or 0)
+        self.control = TrainerControl()
+        self.logger = MetricsLogger(config.output_dir, report_to=config.report_to, run_name=config.run_name)
+        self.current_rewards = torch.zeros(0)
+        self.current_kl = torch.zeros(0)
+        self._generation_metrics: dict = {}
+        self._pending: list[MicroBatch] = []  # micro-batches of the current generation still to train on
+        self._stream = self._micro_batches()
+        self._num_tokens = 0
+
+    # ------------------------------------------------------------------ construction helpers
+    def _load_model(self, model, peft_config):
+        if isinstance(model, (str, Path)):
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model), trust_remote_code=self.args.trust_remote_code, **self.args.model_init_kwargs)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        return model
+
+    def _load_tokenizer(self, model):
+        from transformers import AutoTokenizer
+
+        source = model if isinstance(model, (str, Path)) else getattr(model.config, "_name_or_path", None)
+        if not source:
+            raise ValueError("pass a tokenizer: it cannot be inferred from a model built in memory")
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=self.args.trust_remote_code)
+
+    def _reference_model(self, ref_model):
+        if self.args.beta == 0.0:
+            return None  # no KL term: never pay for a second model
+        if is_peft(self.model):
+            return None  # the policy with its adapter disabled is the reference
+        if isinstance(ref_model, (str, Path)):
+            from transformers import AutoModelForCausalLM
+
+            ref_model = AutoModelForCausalLM.from_pretrained(
+                str(ref_model), trust_remote_code=self.args.trust_remote_code, **self.args.model_init_kwargs)
+        elif ref_model is None:
+            ref_model = copy.deepcopy(self.model)
+        ref_model.eval().requires_grad_(False)
+        return ref_model
+
+    def _resolve_max_steps(self) -> int:
+        c = self.args
+        if c.max_steps > 0:
+            return c.max_steps
+        if self.sampler.num_rows is None:
+            raise ValueError("max_steps must be set when the train dataset is an IterableDataset (its length is unknown)")
+        generations = self.sampler.num_batches(c.num_train_epochs)
+        return max(1, math.ceil(generations * c.steps_per_generation * c.num_iterations / c.gradient_accumulation_steps))
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainerState:
+        c = self.args
+        if resume_from_checkpoint:
+            self._resume(resume_from_checkpoint)
+        self._event("on_train_begin")
+        bar = tqdm(total=self.max_steps, initial=self.state.global_step, disable=c.disable_tqdm, desc="grpo")
+        while self.state.global_step < self.max_steps and not self.control.should_training_stop:
+            t0 = time.perf_counter()
+            self._event("on_step_begin")
+            metrics = self._optimizer_step()
+            self.state.global_step += 1
+            self.state.epoch = self.sampler.epoch + self.sampler.position / max(self.sampler.num_rows or 1, 1)
+            elapsed = time.perf_counter() - t0
+            metrics.update(step_time=elapsed, tokens_per_sec=metrics.pop("_tokens") / elapsed,
+                           learning_rate=self.lr_scheduler.get_last_lr()[0], num_tokens=self._num_tokens)
+            self._maybe_sync_ref_model()
+
+            step = self.state.global_step
+            self.control.should_log = step % c.logging_steps == 0 or step == self.max_steps
+            self.control.should_evaluate = bool(c.eval_steps) and step % c.eval_steps == 0
+            self.control.should_save = bool(c.save_steps) and step % c.save_steps == 0
+            self.on_step_end(self.args, self.state, self.control, metrics=metrics)
+            self._event("on_step_end", metrics=metrics)
+            if self.control.should_log:
+                self.log(metrics)
+                bar.set_postfix_str(format_metrics(metrics, keys=("reward", "kl", "loss")))
+                self.control.should_log = False
+            if self.control.should_evaluate:
+                self.evaluate()
+            if self.control.should_save:
+                self._save_checkpoint()
+                self.control.should_save = False
+            bar.update(1)
+        bar.close()
+        self._event("on_train_end")
+        self.logger.close()
+        log_path = Path(c.output_dir) / "metrics.jsonl"
+        if log_path.exists():
+            plot_metrics(log_path, Path(c.output_dir) / "metrics.png")
+        return self.state
+
+    def _optimizer_step(self) -> dict:
+        """Gradient accumulation over micro-batches, then clip and step."""
+        c = self.args
+        sums: dict[str, float] = {}
+        tokens = 0
+        for _ in range(c.gradient_accumulation_steps):
+            mb = next(self._stream)
+            with self._autocast():
+                loss, stats = self._loss(mb)
+            if not torch.isfinite(loss):
+                self._on_bad_loss(loss)
+            loss.backward()
+            tokens += int(mb.attention_mask.sum())
+            for k, v in {"loss": loss.detach(), **stats}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)  # host sync, once per micro-batch, for logging
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._num_tokens += tokens
+        metrics = {k: v / c.gradient_accumulation_steps for k, v in sums.items()}
+        metrics["loss"] = sums["loss"]  # the accumulated objective, already scaled per micro-batch
+        metrics["grad_norm"] = float(grad_norm)
+        if "kl" in metrics:
+            self.current_kl = torch.tensor([metrics["kl"]])
+        metrics.update(self._generation_metrics)
+        self._generation_metrics = {}
+        metrics["_tokens"] = tokens
+        return metrics
+
+    def _loss(self, mb: MicroBatch):
+        c = self.args
+        logits = completion_logits(self.model, mb)  # [B, C, V]
+        loss, stats = self.kernels.grpo_loss_from_logits(
+            logits, mb.completion_ids, mb.old_logps, mb.ref_logps, mb.advantages, mb.completion_mask,
+            temperature=c.temperature, beta=c.beta, epsilon_low=c.epsilon, epsilon_high=c.epsilon_high,
+            delta=c.delta, loss_type=c.loss_type, importance_sampling_level=c.importance_sampling_level,
+            max_completion_length=c.max_completion_length,
+            num_items=mb.num_items if c.loss_type in ("dapo", "cispo") else None,
+        )
+        if c.loss_type not in ("dapo", "cispo"):
+            loss = loss / c.gradient_accumulation_steps  # per-micro-batch normalisers: average the steps
+        return loss, stats
+
+    def _micro_batches(self) -> Iterator[MicroBatch]:
+        """Yield micro-batches forever, generating a new batch whenever the previous is spent."""
+        c = self.args
+        while True:
+            if not self._pending:
+                batch = self._generate_and_score()
+                size = c.per_device_train_batch_size
+                chunks = [batch.slice(slice(i, i + size)) for i in range(0, len(batch.advantages), size)]
+                self._pending = [trim(mb) for _ in range(c.num_iterations) for mb in chunks]
+            yield self._pending.pop(0)
+
+    # ------------------------------------------------------------------ rollout and scoring
+    def _generate_and_score(self) -> MicroBatch:
+        c = self.args
+        G = c.num_generations
+        rows = self.sampler.next_batch()
+        for _ in self.sampler.epochs_begun:
+            self.on_epoch_begin()
+            self._event("on_epoch_begin")
+        for _ in self.sampler.epochs_ended:
+            self._event("on_epoch_end")
+        rows = [row for row in rows for _ in range(G)]  # each prompt G times, groups contiguous
+        prompts = [row["prompt"] for row in rows]
+        prompt_ids = self._tokenize_prompts(prompts)
+        completion_ids = self._generate(prompts, prompt_ids)
+
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        completions = [[{"role": "assistant", "content": t}] if is_conversational(p) else t
+                       for p, t in zip(prompts, texts)]
+        columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
+        per_func = compute_rewards(self.reward_funcs, prompts, completions, completion_ids, columns,
+                                   trainer_state=self.state)  # [N, K]
+        rewards = combine_rewards(per_func, c.reward_weights)  # [N]
+        advantages, _, group_std = atlas_kernels.group_advantages(rewards, G, scale=c.scale_rewards)
+
+        p_ids, p_mask = left_pad(prompt_ids, self.tokenizer.pad_token_id)
+        c_ids, c_mask = right_pad(completion_ids, self.tokenizer.pad_token_id)
+        eos = self.engine.eos_ids
+        finished = torch.tensor([bool(ids) and ids[-1] in eos for ids in completion_ids])
+        if c.mask_truncated_completions:
+            c_mask = c_mask * finished[:, None].long()
+        batch = MicroBatch(
+            input_ids=torch.cat([p_ids, c_ids], 1).to(self.device),
+            attention_mask=torch.cat([p_mask, c_mask], 1).to(self.device),
+            completion_ids=c_ids.to(self.device),
+            completion_mask=c_mask.bool().to(self.device),
+            advantages=advantages.to(self.device),
+            old_logps=None, ref_logps=None,
+            num_items=float(c_mask.sum()),
+        )
+        batch.old_logps, batch.ref_logps = self._rollout_logps(batch)
+
+        self.current_rewards = rewards
+        lengths = torch.tensor([len(x) for x in completion_ids], dtype=torch.float32)
+        self._generation_metrics = {
+            "reward": float(torch.nanmean(rewards)),
+            "reward_std": float(group_std.mean()),
+            "frac_reward_zero_std": float((group_std == 0).float().mean()),
+            **reward_metrics(per_func, [name for name, _ in self.reward_funcs]),
+            "completions/mean_length": float(lengths.mean()),
+            "completions/min_length": float(lengths.min()),
+            "completions/max_length": float(lengths.max()),
+            "completions/clipped_ratio": float(1 - finished.float().mean()),
+        }
+        if c.log_completions:
+            self.logger.log_completions(self.state.global_step, [
+                {"prompt": p, "completion": t, "reward": float(r), "advantage": float(a)}
+                for p, t, r, a in zip(prompts, texts, rewards, advantages)])
+        return batch
+
+    def _tokenize_prompts(self, prompts: list) -> list[list[int]]:
+        texts = [render_prompt(p, self.tokenizer) for p in prompts]
+        enc = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        limit = self.args.max_prompt_length
+        return [ids[-limit:] if limit else ids for ids in enc]  # keep the end: it holds the question
+
+    def _generate(self, prompts: list, prompt_ids: list[list[int]]) -> list[list[int]]:
+        c = self.args
+        if self.rollout_func is not None:
+            out = self.rollout_func(prompts, self)
+            out = out["completion_ids"] if isinstance(out, dict) else out
+            if len(out) != len(prompts):
+                raise ValueError(f"rollout_func returned {len(out)} completions for {len(prompts)} prompts")
+            return [list(map(int, ids))[: c.max_completion_length] for ids in out]
+        sampling = SamplingParams(max_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
+                                  top_k=c.top_k, min_p=c.min_p, repetition_penalty=c.repetition_penalty)
+        return self.engine.generate(prompt_ids, sampling)
+
+    @torch.no_grad()
+    def _rollout_logps(self, batch: MicroBatch):
+        """Sampling-policy and reference log-probs for the whole generation batch."""
+        c = self.args
+        old = ref = None
+        size = c.per_device_train_batch_size
+        if c.uses_old_logps:
+            old = self._batched_logps(self.model, batch, size)
+        if c.beta != 0.0:
+            if self.ref_model is None:  # PEFT: the base model is the reference
+                with self.model.disable_adapter():
+                    ref = self._batched_logps(self.model, batch, size)
+            else:
+                with on_device(self.ref_model, self.device):
+                    ref = self._batched_logps(self.ref_model, batch, size)
+        return old, ref
+
+    def _batched_logps(self, model, batch: MicroBatch, size: int) -> torch.Tensor:
+        out = []
+        for i in range(0, len(batch.advantages), size):
+            mb = batch.slice(slice(i, i + size))
+            with self._autocast():
+                logits = completion_logits(model, mb)
+                out.append(self.kernels.selective_logprobs(logits, mb.completion_ids, temperature=self.args.temperature))
+        return torch.cat(out)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, eval_dataset: Any = None) -> dict:
+        dataset = load_dataset_any(eval_dataset) if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset (pass one to the trainer or to evaluate)")
+        c = self.args
+        rows = [dict(r) for r in dataset]
+        if c.eval_max_samples:
+            rows = rows[: c.eval_max_samples]
+        prompts = [r["prompt"] for r in rows]
+        prompt_ids = self._tokenize_prompts(prompts)
+        greedy = SamplingParams(max_tokens=c.max_completion_length, greedy=True)
+        engine = HFGenerator(self.model, self.tokenizer, batch_size=c.per_device_eval_batch_size)
+        completion_ids = engine.generate(prompt_ids, greedy)
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        completions = [[{"role": "assistant", "content": t}] if is_conversational(p) else t
+                       for p, t in zip(prompts, texts)]
+        columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+        per_func = compute_rewards(self.reward_funcs, prompts, completions, completion_ids, columns, self.state)
+        names = [name for name, _ in self.reward_funcs]
+        metrics = {"eval/reward": float(torch.nanmean(combine_rewards(per_func, c.reward_weights)))}
+        metrics.update({f"eval/{k}": v for k, v in reward_metrics(per_func, names).items()})
+        metrics["eval/completions/mean_length"] = sum(map(len, completion_ids)) / max(len(completion_ids), 1)
+        if self.compute_metrics is not None:
+            pred = EvalPrediction(prompts, completions, {n: per_func[:, k].tolist() for k, n in enumerate(names)}, columns)
+            metrics.update({f"eval/{k}": v for k, v in (self.compute_metrics(pred) or {}).items()})
+        self.control.should_evaluate = False
+        self.log(metrics)
+        self.on_evaluate(self.args, self.state, self.control, metrics=metrics)
+        self._event("on_evaluate", metrics=metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ hooks, logging, saving
+    def on_epoch_begin(self):
+        """Called when the sampler starts a new pass over the train dataset."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Called after every optimizer step; `kwargs["metrics"]` holds the step's metrics."""
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        """Called after `evaluate()` with its metrics."""
+
+    def log(self, metrics: dict) -> None:
+        clean = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        record = {**clean, "step": self.state.global_step}
+        self.state.log_history.append(record)
+        self.logger.log(clean, step=self.state.global_step)
+        self._event("on_log", logs=clean)
+
+    def _event(self, name: str, **kwargs) -> None:
+        for cb in self.callbacks:
+            handler = getattr(cb, name, None)
+            if handler is None:
+                continue
+            result = handler(self.args, self.state, self.control, model=self.model, processing_class=self.tokenizer,
+                             tokenizer=self.tokenizer, optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, **kwargs)
+            if isinstance(result, TrainerControl):
+                self.control = result
+
+    def save_model(self, path: str | Path | None = None) -> Path:
+        path = Path(path or self.args.output_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+    def _trainer_state(self) -> dict:
+        state = {
+            "global_step": self.state.global_step,
+            "epoch": self.state.epoch,
+            "log_history": self.state.log_history,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.lr_scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "pending": [mb.to_state() for mb in self._pending],
+            "num_tokens": self._num_tokens,
+        }
+        if self.ref_model is not None and self.args.sync_ref_model:
+            state["ref_model"] = self.ref_model.state_dict()  # it drifts with the policy
+        return state
+
+    def _save_checkpoint(self) -> Path:
+        path = ckpt.save_checkpoint(self.args.output_dir, self.state.global_step, self.model, self.tokenizer,
+                                    self._trainer_state(), save_total_limit=self.args.save_total_limit)
+        self._event("on_save")
+        return path
+
+    def _resume(self, where: str | bool) -> None:
+        path = ckpt.latest_checkpoint(self.args.output_dir) if where is True else Path(where)
+        if path is None:
+            raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint")
+        state = ckpt.load_checkpoint(path, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self._pending = [MicroBatch(**{k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                                       for k, v in mb.items()}) for mb in state["pending"]]
+        if "ref_model" in state and self.ref_model is not None:
+            self.ref_model.load_state_dict(state["ref_model"])
+        self.state.global_step = state["global_step"]
+        self.state.epoch = state["epoch"]
+        self.state.log_history = list(state["log_history"])
+        self._num_tokens = state.get("num_tokens", 0)
+        ckpt.restore_rng_state(state["rng"])
+
+    def _on_bad_loss(self, loss: torch.Tensor) -> None:
+        # Nothing has been stepped with this loss yet: the weights in memory are the last good ones.
+        self.optimizer.zero_grad(set_to_none=True)
+        path = self._save_checkpoint()
+        raise FloatingPointError(
+            f"loss is {float(loss)} at step {self.state.global_step + 1}; training stopped and the last good "
+            f"state was saved to {path}. Check the rewards, the learning rate and the data."
+        )
+
+    def _maybe_sync_ref_model(self) -> None:
+        c = self.args
+        if not (c.sync_ref_model and self.ref_model is not None and self.state.global_step % c.ref_model_sync_steps == 0):
+            return
+        with torch.no_grad():
+            for ref_p, p in zip(self.ref_model.parameters(), self.model.parameters()):
+                ref_p.mul_(1 - c.ref_model_mixup_alpha).add_(p.detach().to(ref_p.device), alpha=c.ref_model_mixup_alpha)
+
+    def _autocast(self):
+        if self.use_bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------- plain functions
+def completion_logits(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
+    """Logits that predict each completion token: [B, C, V], a view of the model's output."""
+    C = mb.completion_ids.shape[1]
+    # Left padding shifts where each prompt starts; positions follow the mask, as in generate().
+    position_ids = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=position_ids,
+                logits_to_keep=C + 1, use_cache=False)
+    return out.logits[:, -(C + 1) : -1]
+
+
+def trim(mb: MicroBatch) -> MicroBatch:
+    """Drop columns that are padding for every row of this micro-batch (left of prompts, right of completions)."""
+    keep_c = max(int(mb.completion_mask.sum(1).max()), 1)
+    C = mb.completion_ids.shape[1]
+    P = mb.input_ids.shape[1] - C
+    prompt_mask = mb.attention_mask[:, :P]
+    first = int((prompt_mask.sum(0) > 0).float().argmax()) if bool(prompt_mask.any()) else P - 1
+    cols = slice(first, P + keep_c)
+    return MicroBatch(
+        input_ids=mb.input_ids[:, cols], attention_mask=mb.attention_mask[:, cols],
+        completion_ids=mb.completion_ids[:, :keep_c], completion_mask=mb.completion_mask[:, :keep_c],
+        advantages=mb.advantages,
+        old_logps=None if mb.old_logps is None else mb.old_logps[:, :keep_c],
+        ref_logps=None if mb.ref_logps is None else mb.ref_logps[:, :keep_c],
+        num_items=mb.num_items,
+    )
+
+
+def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
+    """Linear warmup, then linear decay to 0, cosine decay, or constant (transformers' shapes)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
