@@ -1,10 +1,11 @@
 """The GRPO clipped-surrogate loss with k3 KL, on token log-probs or fused with the logits.
 
 Design: one program per sequence walks its T tokens and emits six per-sequence sums
-(masked loss, KL, low/high/region clip counts, token count). Every loss type (grpo, bnpo,
-dr_grpo, dapo, cispo) differs only in how those sums are normalised, which is O(B) work done
-by `reference.aggregate`, so the kernel has no per-loss-type branches beyond the surrogate.
-The backward receives d(loss)/d(row sum) per sequence and writes d(logp) per token.
+(masked loss, KL, low/high/region clip counts, token count); a one-program finish kernel folds
+them into the scalar loss and the statistics. Loss types (grpo, bnpo, dr_grpo, dapo, cispo)
+differ only in what a row's sum is divided by, so the backward gives each row its weight and
+writes d(logp) per token. Three launches forward, one backward, no host sync: at small shapes
+the eager version's dozens of launches, not bytes, are what costs.
 
 GSPO (sequence-level importance sampling) needs the sequence's mean log-ratio before any token's
 loss: a first sweep over the row computes it. Its gradient reduces to the token formula with the
@@ -137,16 +138,68 @@ def _grpo_fwd_kernel(
 
 
 @triton.jit
+def _row_weight(rows_ptr, out_ptr, row, B, KIND: tl.constexpr):
+    """d(loss)/d(row sum) for sequence `row`: what each loss type divides a row's sum by."""
+    if KIND == 0:  # grpo: mean over sequences of per-sequence token means
+        n = tl.load(rows_ptr + row * 6 + 5)
+        return 1.0 / (B * tl.maximum(n, 1.0))
+    return 1.0 / tl.load(out_ptr + 5)  # bnpo/dapo/cispo: token count; dr_grpo: B * L
+
+
+@triton.jit
+def _grpo_finish_kernel(rows_ptr, out_ptr, B, fixed_norm,
+                        KIND: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_B: tl.constexpr):
+    """One program folds the [B, 6] row sums into [loss, kl, low, high, region, normaliser]."""
+    offs = tl.arange(0, BLOCK_B)
+    tot = tl.zeros([BLOCK_B], tl.float32)
+    kl = tl.zeros([BLOCK_B], tl.float32)
+    low = tl.zeros([BLOCK_B], tl.float32)
+    high = tl.zeros([BLOCK_B], tl.float32)
+    tok = tl.zeros([BLOCK_B], tl.float32)
+    seq_means = tl.zeros([BLOCK_B], tl.float32)
+    for start in range(0, B, BLOCK_B):
+        r = start + offs
+        inb = r < B
+        base = rows_ptr + r.to(tl.int64) * 6
+        loss_b = tl.load(base + 0, mask=inb, other=0.0)
+        n_b = tl.load(base + 5, mask=inb, other=0.0)
+        tot += loss_b
+        kl += tl.load(base + 1, mask=inb, other=0.0)
+        low += tl.load(base + 2, mask=inb, other=0.0)
+        high += tl.load(base + 3, mask=inb, other=0.0)
+        tok += n_b
+        seq_means += loss_b / tl.maximum(n_b, 1.0)
+    ntok = tl.maximum(tl.sum(tok, axis=0), 1.0)
+    if KIND == 0:
+        norm = B * 1.0
+        loss = tl.sum(seq_means, axis=0) / B
+    else:
+        if HAS_NORM:
+            norm = tl.maximum(fixed_norm, 1.0)
+        else:
+            norm = ntok
+        loss = tl.sum(tot, axis=0) / norm
+    lo = tl.sum(low, axis=0) / ntok
+    hi = tl.sum(high, axis=0) / ntok
+    tl.store(out_ptr + 0, loss)
+    tl.store(out_ptr + 1, tl.sum(kl, axis=0) / ntok)
+    tl.store(out_ptr + 2, lo)
+    tl.store(out_ptr + 3, hi)
+    tl.store(out_ptr + 4, lo + hi)  # a token cannot be clipped low and high at once
+    tl.store(out_ptr + 5, norm)
+
+
+@triton.jit
 def _grpo_bwd_kernel(
-    lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, g_ptr, dlp_ptr,
-    T, s_lp, s_old, s_ref, s_mask, s_dlp,
+    lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, rows_ptr, out_ptr, g_ptr, dlp_ptr,
+    B, T, s_lp, s_old, s_ref, s_mask, s_dlp,
     beta, eps_low, eps_high, delta,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_DELTA: tl.constexpr,
-    CISPO: tl.constexpr, SEQ: tl.constexpr, BLOCK_T: tl.constexpr,
+    CISPO: tl.constexpr, SEQ: tl.constexpr, KIND: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     a = tl.load(adv_ptr + row).to(tl.float32)
-    g = tl.load(g_ptr + row).to(tl.float32)
+    g = tl.load(g_ptr).to(tl.float32) * _row_weight(rows_ptr, out_ptr, row, B, KIND)
     offs = tl.arange(0, BLOCK_T)
     seq_lr = 0.0
     if SEQ and HAS_OLD:
@@ -175,19 +228,30 @@ def _mask_view(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
-class _LossLaunch:
-    """Arguments shared by the forward and backward launches of one loss call."""
+_KINDS = {"grpo": 0, "bnpo": 1, "dapo": 1, "cispo": 1, "dr_grpo": 2}
 
-    def __init__(self, logps, old_logps, ref_logps, advantages, mask, cfg: LossConfig):
+
+class _LossLaunch:
+    """Arguments shared by the launches of one loss call: rows, finish, backward."""
+
+    def __init__(self, logps, old_logps, ref_logps, advantages, mask, cfg: LossConfig,
+                 max_completion_length, num_items):
         self.lp = _rowwise(logps)
         self.old = _rowwise(old_logps)
         self.ref = _rowwise(ref_logps)
         self.adv = advantages.contiguous()
         self.mask = _mask_view(mask)
         self.cfg = cfg
-        B, T = logps.shape
-        self.B, self.T = B, T
-        self.block = min(next_pow2(max(T, 1)), MAX_BLOCK_T)
+        self.B, self.T = logps.shape
+        self.block = min(next_pow2(max(self.T, 1)), MAX_BLOCK_T)
+        self.kind = _KINDS[cfg.loss_type]
+        if self.kind == 2:
+            self.norm = float(self.B * (max_completion_length or self.T))
+        elif self.kind == 1 and num_items is not None:
+            self.norm = float(num_items)  # a tensor here costs one host sync
+        else:
+            self.norm = None
+        self.rows = self.out = None
 
     def _common(self):
         c = self.cfg
@@ -203,80 +267,80 @@ class _LossLaunch:
         return tensors, strides, scalars, flags
 
     def forward(self) -> torch.Tensor:
-        rows = torch.zeros(self.B, N_STATS, device=self.lp.device, dtype=torch.float32)
+        """Returns [loss, kl, clip low, clip high, clip region, normaliser] as one float32 vector."""
+        dev = self.lp.device
+        self.rows = torch.empty(self.B, N_STATS, device=dev, dtype=torch.float32)
+        self.out = torch.empty(N_STATS, device=dev, dtype=torch.float32)
         tensors, strides, scalars, flags = self._common()
         if self.B:
-            _grpo_fwd_kernel[(self.B,)](*tensors, rows, self.T, *strides, *scalars, **flags)
-        return rows
+            _grpo_fwd_kernel[(self.B,)](*tensors, self.rows, self.T, *strides, *scalars, **flags)
+        _grpo_finish_kernel[(1,)](self.rows, self.out, self.B, self.norm or 0.0, KIND=self.kind,
+                                  HAS_NORM=self.norm is not None, BLOCK_B=min(next_pow2(max(self.B, 1)), 1024))
+        return self.out
 
-    def backward(self, g_rows: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def backward(self, g_loss: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         dlp = torch.empty(self.B, self.T, device=self.lp.device, dtype=out_dtype)
         tensors, strides, scalars, flags = self._common()
         if self.B:
-            _grpo_bwd_kernel[(self.B,)](*tensors, g_rows.contiguous(), dlp, self.T, *strides, dlp.stride(0),
-                                        *scalars, **flags)
+            _grpo_bwd_kernel[(self.B,)](*tensors, self.rows, self.out, g_loss, dlp, self.B, self.T, *strides,
+                                        dlp.stride(0), *scalars, KIND=self.kind, **flags)
         return dlp
 
 
-class GRPOLossRows(torch.autograd.Function):
-    """Per-sequence sums of the masked token loss [B] (differentiable in logps) and stats [B, 6]."""
+class GRPOLoss(torch.autograd.Function):
+    """The scalar loss (differentiable in logps) and the statistics vector, in three launches."""
 
     @staticmethod
-    def forward(ctx, logps, old_logps, ref_logps, advantages, mask, cfg):
-        launch = _LossLaunch(logps, old_logps, ref_logps, advantages, mask, cfg)
-        rows = launch.forward()
+    def forward(ctx, logps, old_logps, ref_logps, advantages, mask, cfg, max_completion_length, num_items):
+        launch = _LossLaunch(logps, old_logps, ref_logps, advantages, mask, cfg, max_completion_length, num_items)
+        out = launch.forward()
         ctx.launch, ctx.dtype = launch, logps.dtype
-        ctx.mark_non_differentiable(rows)
-        return rows[:, LOSS].clone(), rows
+        ctx.mark_non_differentiable(out)
+        return out[LOSS].clone(), out
 
     @staticmethod
-    def backward(ctx, g_loss, _g_rows):
-        dlp = ctx.launch.backward(g_loss, ctx.dtype)
+    def backward(ctx, g_loss, _g_out):
+        dlp = ctx.launch.backward(g_loss.contiguous(), ctx.dtype)
         ctx.launch = None
-        return dlp, None, None, None, None, None
+        return dlp, None, None, None, None, None, None, None
 
 
 class GRPOLossFromLogits(torch.autograd.Function):
-    """selective_logprobs -> GRPOLossRows in one node, so the backward can go straight to d(logits)."""
+    """selective_logprobs -> GRPOLoss in one node, so the backward goes straight to d(logits)."""
 
     @staticmethod
-    def forward(ctx, logits, index, old_logps, ref_logps, advantages, mask, temperature, inplace, cfg):
+    def forward(ctx, logits, index, old_logps, ref_logps, advantages, mask, temperature, inplace, cfg,
+                max_completion_length, num_items):
         inv_temp = 1.0 / temperature
         mask_v = _mask_view(mask)
         logits3, index_flat, logp, lse, _ = logprobs_forward(
-            logits, index, inv_temp, False, row_mask=mask_v.reshape(-1).contiguous()
+            logits, index, inv_temp, False, row_mask=mask_v.reshape(-1)
         )
-        launch = _LossLaunch(logp.view(index.shape), old_logps, ref_logps, advantages, mask_v, cfg)
-        rows = launch.forward()
+        launch = _LossLaunch(logp.view(index.shape), old_logps, ref_logps, advantages, mask_v, cfg,
+                             max_completion_length, num_items)
+        out = launch.forward()
         ctx.save_for_backward(logits3, index_flat, lse)
         ctx.launch, ctx.meta = launch, (inv_temp, inplace, logits.shape)
-        ctx.mark_non_differentiable(rows)
-        return rows[:, LOSS].clone(), rows
+        ctx.mark_non_differentiable(out)
+        return out[LOSS].clone(), out
 
     @staticmethod
-    def backward(ctx, g_loss, _g_rows):
+    def backward(ctx, g_loss, _g_out):
         logits3, index_flat, lse = ctx.saved_tensors
         inv_temp, inplace, shape = ctx.meta
-        dlogp = ctx.launch.backward(g_loss, torch.float32)
+        dlogp = ctx.launch.backward(g_loss.contiguous(), torch.float32)
         ctx.launch = None
         dlogits = logprobs_backward(logits3, index_flat, lse, None, dlogp, None, inv_temp, inplace)
         if inplace:
             torch.autograd.graph.increment_version(logits3)
-        return dlogits.view(shape), None, None, None, None, None, None, None, None
+        return dlogits.view(shape), None, None, None, None, None, None, None, None, None, None
 
 
-def _finish(row_loss, rows, cfg, T, max_completion_length, num_items, has_ref):
-    loss = reference.aggregate(row_loss, rows[:, TOKENS], cfg.loss_type, T, max_completion_length, num_items)
-    ntok = rows[:, TOKENS].sum().clamp(min=1)
-    sums = rows.sum(0) / ntok  # one reduction for every statistic
-    stats = {
-        "clip_ratio/low_mean": sums[LOW],
-        "clip_ratio/high_mean": sums[HIGH],
-        "clip_ratio/region_mean": sums[REGION],
-    }
+def _stats(out: torch.Tensor, has_ref: bool) -> dict:
+    stats = {"clip_ratio/low_mean": out[LOW], "clip_ratio/high_mean": out[HIGH], "clip_ratio/region_mean": out[REGION]}
     if has_ref:
-        stats["kl"] = sums[KL]
-    return loss, stats
+        stats["kl"] = out[KL]
+    return stats
 
 
 def grpo_loss(
@@ -313,8 +377,8 @@ def grpo_loss(
             importance_sampling_level=importance_sampling_level,
             max_completion_length=max_completion_length, num_items=num_items,
         )
-    row_loss, rows = GRPOLossRows.apply(logps, old_logps, ref_logps, advantages, mask, cfg)
-    return _finish(row_loss, rows, cfg, logps.shape[1], max_completion_length, num_items, ref_logps is not None)
+    loss, out = GRPOLoss.apply(logps, old_logps, ref_logps, advantages, mask, cfg, max_completion_length, num_items)
+    return loss, _stats(out, ref_logps is not None)
 
 
 def grpo_loss_from_logits(
@@ -356,7 +420,6 @@ def grpo_loss_from_logits(
     # The token tensors are checked against a shape-only stand-in for the log-probs.
     check_loss_inputs(torch.empty(index.shape, device="meta"), old_logps, ref_logps, advantages, mask, beta)
     cfg = loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level)
-    row_loss, rows = GRPOLossFromLogits.apply(
-        logits, index, old_logps, ref_logps, advantages, mask, float(temperature), inplace_backward, cfg
-    )
-    return _finish(row_loss, rows, cfg, index.shape[1], max_completion_length, num_items, ref_logps is not None)
+    loss, out = GRPOLossFromLogits.apply(logits, index, old_logps, ref_logps, advantages, mask, float(temperature),
+                                         inplace_backward, cfg, max_completion_length, num_items)
+    return loss, _stats(out, ref_logps is not None)

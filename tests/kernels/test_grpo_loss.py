@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from atlas_kernels import grpo_loss, grpo_loss_from_logits, reference
-from atlas_kernels.grpo_loss import GRPOLossRows
+from atlas_kernels.grpo_loss import GRPOLoss
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo"]
 
@@ -104,8 +104,8 @@ def test_on_policy_grpo_gradient_is_minus_advantage_over_length():
 
 def test_uses_the_triton_kernel(monkeypatch):
     called = []
-    original = GRPOLossRows.apply
-    monkeypatch.setattr(GRPOLossRows, "apply", lambda *a: called.append(1) or original(*a))
+    original = GRPOLoss.apply
+    monkeypatch.setattr(GRPOLoss, "apply", lambda *a: called.append(1) or original(*a))
     gen = torch.Generator().manual_seed(8)
     logps, old, ref, adv, mask = make_batch(3, 5, gen)
     grpo_loss(logps, old, ref, adv, mask, beta=0.1)

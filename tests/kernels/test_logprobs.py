@@ -110,7 +110,8 @@ def test_extreme_logits_stay_finite_and_nonpositive():
 def test_block_smaller_than_vocab_masking_has_no_nan(monkeypatch):
     import atlas_kernels.logprobs as lp_mod
 
-    monkeypatch.setattr(lp_mod, "MAX_BLOCK_V", 256)  # several chunks plus a ragged tail
+    monkeypatch.setattr(lp_mod, "FWD_BLOCK_V", 256)
+    monkeypatch.setattr(lp_mod, "BWD_BLOCK_V", 128)  # several chunks plus a ragged tail
     gen = torch.Generator().manual_seed(4)
     logits = make_logits((5, 1001), torch.float32, gen).requires_grad_()
     index = torch.randint(0, 1001, (5,), generator=gen)
