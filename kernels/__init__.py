@@ -6,7 +6,7 @@ Public API (stable): `selective_logprobs`, `group_advantages`, `grpo_loss`,
 unless TRITON_INTERPRET=1, where the Triton kernels run on the CPU through the interpreter.
 """
 from .advantages import group_advantages
-from .grpo_loss import grpo_loss, grpo_loss_from_logits
+from .grpo import grpo_loss, grpo_loss_from_logits
 from .kl import kl_k3
 from .logprobs import selective_logprobs
 

@@ -23,9 +23,10 @@ from ._validation import check_selective_inputs
 # Chunk width and warps per program, swept on an H200 at N=8192, V=151936, bf16 (RESULTS.md):
 # forward 8192 lanes x 4 warps reached 96% of copy bandwidth; 4096 x 4: 94%, 4096 x 8: 78%,
 # 2048 x 4: 83%. Few warps with wide chunks keep 16-byte loads in flight without
-# spreading the row's reductions over more threads than the chunk can feed.
+# spreading the row's reductions over more threads than the chunk can feed. The backward,
+# which also stores, did best with 8 warps (92% of its two-sweep floor vs 88% at 4).
 FWD_BLOCK_V, FWD_WARPS = 8192, 4
-BWD_BLOCK_V, BWD_WARPS = 8192, 4
+BWD_BLOCK_V, BWD_WARPS = 8192, 8
 
 
 @triton.jit
@@ -199,7 +200,7 @@ class SelectiveLogprobs(torch.autograd.Function):
             # The logits buffer now holds gradients; bump its version so any other op that saved
             # it for backward fails loudly instead of reading gradients as logits.
             torch.autograd.graph.increment_version(logits3)
-        return dlogits.view(shape), None, None, None, None
+        return dlogits.view(shape).detach(), None, None, None, None
 
 
 def selective_logprobs(

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from atlas_kernels import grpo_loss, grpo_loss_from_logits, reference
-from atlas_kernels.grpo_loss import GRPOLoss
+from atlas_kernels.grpo import GRPOLoss
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo"]
 

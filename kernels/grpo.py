@@ -333,7 +333,7 @@ class GRPOLossFromLogits(torch.autograd.Function):
         dlogits = logprobs_backward(logits3, index_flat, lse, None, dlogp, None, inv_temp, inplace)
         if inplace:
             torch.autograd.graph.increment_version(logits3)
-        return dlogits.view(shape), None, None, None, None, None, None, None, None, None, None
+        return dlogits.view(shape).detach(), None, None, None, None, None, None, None, None, None, None
 
 
 def _stats(out: torch.Tensor, has_ref: bool) -> dict:
