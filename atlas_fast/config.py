@@ -8,6 +8,8 @@ today, and the ATLAS recipes in configs/recipe/ set ATLAS's values explicitly:
   normalisation does not favour short completions.
 - gradient_checkpointing = False (TRL says True): it costs ~30% more compute; turn it on when
   activations do not fit, as the large recipes do.
+- use_bias_correction_kl = True (TRL 1.16): the KL term is weighted by the importance ratio;
+  ATLAS's plain k3 is `use_bias_correction_kl=False` (the atlas_teacher recipe sets it).
 """
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ class GRPOConfig:
     scale_rewards: str = "group"
     reward_weights: list[float] | None = None
     mask_truncated_completions: bool = False
+    use_bias_correction_kl: bool = True  # TRL 1.16: weight the KL by the importance ratio
     use_kernels: bool = True  # False runs atlas_kernels.reference (for A/B checks)
     # -- optimisation -----------------------------------------------------------------------
     learning_rate: float = 1e-6

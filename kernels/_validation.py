@@ -90,9 +90,11 @@ class LossConfig:
     delta: float | None
     loss_type: str
     sequence_level: bool
+    kl_bias_correction: bool = False
 
 
-def loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level) -> LossConfig:
+def loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level,
+                use_bias_correction_kl=False) -> LossConfig:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if importance_sampling_level not in IS_LEVELS:
@@ -104,5 +106,5 @@ def loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sa
         raise ValueError(f"delta must be > 1 (it caps the importance ratio from above), got {delta}")
     return LossConfig(
         float(beta), float(epsilon_low), float(epsilon_high), None if delta is None else float(delta),
-        loss_type, importance_sampling_level == "sequence",
+        loss_type, importance_sampling_level == "sequence", bool(use_bias_correction_kl),
     )

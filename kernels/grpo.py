@@ -34,8 +34,13 @@ LOSS, KL, LOW, HIGH, REGION, TOKENS = range(N_STATS)
 
 @triton.jit
 def _surrogate(ratio, lp, ref, a, beta, eps_low, eps_high, delta,
-               HAS_REF: tl.constexpr, HAS_DELTA: tl.constexpr, CISPO: tl.constexpr):
-    """Per-token loss, its derivative in logp (through ratio = exp(logp - old)), and the KL."""
+               HAS_REF: tl.constexpr, HAS_DELTA: tl.constexpr, CISPO: tl.constexpr,
+               KL_IS: tl.constexpr, SEQ: tl.constexpr):
+    """Per-token loss, its derivative in logp (through ratio = exp(logp - old)), and the KL.
+
+    With KL_IS the KL is weighted by the importance ratio (TRL's use_bias_correction_kl). At
+    sequence level that ratio also depends on the row's other tokens; the backward adds that term.
+    """
     if CISPO:
         w = tl.minimum(ratio, eps_high)  # a constant weight: no gradient through the ratio
         loss = -w * a * lp
@@ -58,8 +63,14 @@ def _surrogate(ratio, lp, ref, a, beta, eps_low, eps_high, delta,
         d = ref - lp
         e = tl.exp(d)
         kl = e - d - 1.0
+        if KL_IS:
+            dloss += beta * ratio * (1.0 - e)
+            if not SEQ:
+                dloss += beta * kl * ratio  # d(ratio)/d(logp) = ratio for a token-level ratio
+            kl = kl * ratio
+        else:
+            dloss += beta * (1.0 - e)
         loss += beta * kl
-        dloss += beta * (1.0 - e)
     return loss, dloss, kl
 
 
@@ -97,7 +108,7 @@ def _grpo_fwd_kernel(
     T, s_lp, s_old, s_ref, s_mask,
     beta, eps_low, eps_high, delta,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_DELTA: tl.constexpr,
-    CISPO: tl.constexpr, SEQ: tl.constexpr, BLOCK_T: tl.constexpr,
+    CISPO: tl.constexpr, SEQ: tl.constexpr, KL_IS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     a = tl.load(adv_ptr + row).to(tl.float32)
@@ -120,7 +131,8 @@ def _grpo_fwd_kernel(
             ratio = tl.exp(tl.zeros_like(lp) + seq_lr)
         else:
             ratio = tl.exp(lp - old)
-        loss, _, kl = _surrogate(ratio, lp, ref, a, beta, eps_low, eps_high, delta, HAS_REF, HAS_DELTA, CISPO)
+        loss, _, kl = _surrogate(ratio, lp, ref, a, beta, eps_low, eps_high, delta, HAS_REF, HAS_DELTA, CISPO,
+                                 KL_IS, SEQ)
         loss_acc += tl.where(m, loss, 0.0)
         kl_acc += tl.where(m, kl, 0.0)
         low_acc += tl.where(m & (ratio < 1.0 - eps_low), a_neg, 0.0)
@@ -195,7 +207,7 @@ def _grpo_bwd_kernel(
     B, T, s_lp, s_old, s_ref, s_mask, s_dlp,
     beta, eps_low, eps_high, delta,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_DELTA: tl.constexpr,
-    CISPO: tl.constexpr, SEQ: tl.constexpr, KIND: tl.constexpr, BLOCK_T: tl.constexpr,
+    CISPO: tl.constexpr, SEQ: tl.constexpr, KL_IS: tl.constexpr, KIND: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     a = tl.load(adv_ptr + row).to(tl.float32)
@@ -204,6 +216,11 @@ def _grpo_bwd_kernel(
     seq_lr = 0.0
     if SEQ and HAS_OLD:
         seq_lr = _sequence_log_ratio(lp_ptr, old_ptr, mask_ptr, row, T, s_lp, s_old, s_mask, BLOCK_T)
+    seq_kl_term = 0.0
+    if SEQ and KL_IS and HAS_REF:
+        # A sequence ratio r = exp(mean log-ratio) moves every token's weighted KL: d/dlogp_t of
+        # beta * r * sum(kl) is beta * r * sum(kl) / n, and the forward stored r * sum(kl).
+        seq_kl_term = beta * tl.load(rows_ptr + row * 6 + 1) / tl.maximum(tl.load(rows_ptr + row * 6 + 5), 1.0)
     for start in range(0, T, BLOCK_T):
         cols = start + offs
         m, lp, old, ref = _load_row(lp_ptr, old_ptr, ref_ptr, mask_ptr, row, cols, T,
@@ -212,7 +229,9 @@ def _grpo_bwd_kernel(
             ratio = tl.exp(tl.zeros_like(lp) + seq_lr)
         else:
             ratio = tl.exp(lp - old)
-        _, dloss, _ = _surrogate(ratio, lp, ref, a, beta, eps_low, eps_high, delta, HAS_REF, HAS_DELTA, CISPO)
+        _, dloss, _ = _surrogate(ratio, lp, ref, a, beta, eps_low, eps_high, delta, HAS_REF, HAS_DELTA, CISPO,
+                                 KL_IS, SEQ)
+        dloss += seq_kl_term
         tl.store(dlp_ptr + row * s_dlp + cols, tl.where(m, g * dloss, 0.0).to(dlp_ptr.dtype.element_ty), mask=cols < T)
 
 
@@ -262,7 +281,8 @@ class _LossLaunch:
         scalars = (c.beta, c.epsilon_low, c.epsilon_high, c.delta if c.delta is not None else 0.0)
         flags = dict(
             HAS_OLD=self.old is not None, HAS_REF=self.ref is not None, HAS_DELTA=c.delta is not None,
-            CISPO=c.loss_type == "cispo", SEQ=c.sequence_level, BLOCK_T=self.block, num_warps=NUM_WARPS,
+            CISPO=c.loss_type == "cispo", SEQ=c.sequence_level, KL_IS=c.kl_bias_correction,
+            BLOCK_T=self.block, num_warps=NUM_WARPS,
         )
         return tensors, strides, scalars, flags
 
@@ -358,6 +378,7 @@ def grpo_loss(
     importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
     num_items: float | torch.Tensor | None = None,
+    use_bias_correction_kl: bool = False,
 ):
     """GRPO loss on token log-probs [B, T]; returns (scalar loss, stats).
 
@@ -366,9 +387,11 @@ def grpo_loss(
     (token mean over the batch), dr_grpo (sum / (B * max_completion_length)), dapo and cispo
     (sum / num_items, the global active-token count, default the local one). Stats: `kl` (when
     ref_logps is given) and `clip_ratio/{low,high,region}_mean`, as 0-dim tensors (no host sync).
+    `use_bias_correction_kl` weights the KL by the importance ratio (TRL 1.16's option of that name).
     """
     check_loss_inputs(logps, old_logps, ref_logps, advantages, mask, beta)
-    cfg = loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level)
+    cfg = loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level,
+                      use_bias_correction_kl)
     tensors = (logps, old_logps, ref_logps, advantages)
     if not use_triton(*tensors) or any(t is not None and t.dtype not in TRITON_DTYPES for t in tensors):
         return reference.grpo_loss(
@@ -376,6 +399,7 @@ def grpo_loss(
             epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
             importance_sampling_level=importance_sampling_level,
             max_completion_length=max_completion_length, num_items=num_items,
+            use_bias_correction_kl=use_bias_correction_kl,
         )
     loss, out = GRPOLoss.apply(logps, old_logps, ref_logps, advantages, mask, cfg, max_completion_length, num_items)
     return loss, _stats(out, ref_logps is not None)
@@ -399,6 +423,7 @@ def grpo_loss_from_logits(
     importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
     num_items: float | torch.Tensor | None = None,
+    use_bias_correction_kl: bool = False,
     validate: bool = True,
 ):
     """GRPO loss straight from logits [B, T, V] (a strided view such as `out.logits[:, :-1]` is fine).
@@ -412,14 +437,16 @@ def grpo_loss_from_logits(
         raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
     options = dict(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
                    importance_sampling_level=importance_sampling_level,
-                   max_completion_length=max_completion_length, num_items=num_items)
+                   max_completion_length=max_completion_length, num_items=num_items,
+                   use_bias_correction_kl=use_bias_correction_kl)
     tensors = (logits, old_logps, ref_logps, advantages)
     if not use_triton(*tensors) or any(t is not None and t.dtype not in TRITON_DTYPES for t in tensors):
         logps = reference.selective_logprobs(logits, index, temperature=temperature, validate=False)
         return reference.grpo_loss(logps, old_logps, ref_logps, advantages, mask, **options)
     # The token tensors are checked against a shape-only stand-in for the log-probs.
     check_loss_inputs(torch.empty(index.shape, device="meta"), old_logps, ref_logps, advantages, mask, beta)
-    cfg = loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level)
+    cfg = loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level,
+                      use_bias_correction_kl)
     loss, out = GRPOLossFromLogits.apply(logits, index, old_logps, ref_logps, advantages, mask, float(temperature),
                                          inplace_backward, cfg, max_completion_length, num_items)
     return loss, _stats(out, ref_logps is not None)

@@ -114,6 +114,8 @@ def per_token_loss(logps, old_logps, ref_logps, advantages, mask, cfg):
         unclipped = ratio if cfg.delta is None else torch.clamp(ratio, max=cfg.delta)
         loss = -torch.min(unclipped * a, clipped * a)
     kl = None if ref_logps is None else kl_k3(lp, ref_logps)
+    if kl is not None and cfg.kl_bias_correction:
+        kl = kl * ratio  # importance-weighted KL; the ratio keeps its gradient
     if cfg.beta != 0.0:
         loss = loss + cfg.beta * kl
     return loss, ratio, kl
@@ -134,10 +136,12 @@ def grpo_loss(
     importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
     num_items: float | torch.Tensor | None = None,
+    use_bias_correction_kl: bool = False,
 ):
     """Clipped-surrogate GRPO loss with optional k3 KL; returns (loss, stats)."""
     check_loss_inputs(logps, old_logps, ref_logps, advantages, mask, beta)
-    cfg = loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level)
+    cfg = loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level,
+                      use_bias_correction_kl)
     loss_tok, ratio, kl = per_token_loss(logps, old_logps, ref_logps, advantages, mask, cfg)
     m = mask.to(loss_tok.dtype)
     row_sums = (loss_tok * m).sum(-1)  # [B]

@@ -32,16 +32,19 @@ def run(fn, logps, old, ref, adv, mask, dtype, **opts):
 
 
 CASES = list(itertools.product(LOSS_TYPES, ["token", "sequence"], [0.0, 0.04], [True, False]))
+CASES += [(lt, level, 0.04, off, True) for lt in ("grpo", "dapo") for level in ("token", "sequence")
+          for off in (True, False)]
+CASES = [c if len(c) == 5 else c + (False,) for c in CASES]
 
 
-@pytest.mark.parametrize("loss_type, level, beta, off_policy", CASES)
-def test_matches_float64_reference(loss_type, level, beta, off_policy):
-    gen = torch.Generator().manual_seed(hash((loss_type, level, beta, off_policy)) % 2**31)
+@pytest.mark.parametrize("loss_type, level, beta, off_policy, kl_is", CASES)
+def test_matches_float64_reference(loss_type, level, beta, off_policy, kl_is):
+    gen = torch.Generator().manual_seed(hash((loss_type, level, beta, off_policy, kl_is)) % 2**31)
     logps, old, ref, adv, mask = make_batch(7, 37, gen)
     old = old if off_policy else None
     ref = ref if beta > 0 or off_policy else None
     opts = dict(beta=beta, loss_type=loss_type, importance_sampling_level=level, epsilon_high=0.28,
-                max_completion_length=40)
+                max_completion_length=40, use_bias_correction_kl=kl_is)
     if loss_type == "cispo":
         opts["epsilon_high"] = 3.0
     loss, stats, grad = run(grpo_loss, logps, old, ref, adv, mask, torch.float32, **opts)
