@@ -6,7 +6,8 @@ One optimizer step reads top to bottom in `train`:
     -> clip -> step -> log -> evaluate -> checkpoint.
 `_micro_batches` is a generator that yields finished micro-batches and generates a new batch
 whenever the last one is used up (`steps_per_generation` micro-steps, `num_iterations` passes),
-so the loop body never deals with buffering.
+so the loop body never deals with buffering; it only asks for that generation before
+`on_step_begin`, so that callbacks see transformers' event order.
 
 The class is a thin shell: the math lives in atlas_kernels, batching in data.py, generation in
 rollout.py, rewards in rewards.py, persistence in checkpoint.py, logging in metrics.py.
@@ -147,6 +148,7 @@ class GRPOTrainer:
         self.current_kl = torch.zeros(0)
         self._generation_metrics: dict = {}
         self._pending: list[MicroBatch] = []  # micro-batches of the current generation still to train on
+        self._epochs_ended = 0  # epochs whose last rows this step trains on: on_epoch_end after the step
         self._stream = self._micro_batches()
         self._num_tokens = 0
 
@@ -200,17 +202,20 @@ class GRPOTrainer:
         c = self.args
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
+        self.control.should_training_stop = False  # as in transformers: a stop ends one train() call
         self._event("on_train_begin")
         bar = tqdm(total=self.max_steps, initial=self.state.global_step, disable=c.disable_tqdm, desc="grpo")
         while self.state.global_step < self.max_steps and not self.control.should_training_stop:
             t0 = time.perf_counter()
+            if not self._pending:
+                self._refill()  # generate now, so a new epoch's on_epoch_begin precedes on_step_begin
             self._event("on_step_begin")
             metrics = self._optimizer_step()
             self.state.global_step += 1
             self.state.epoch = self.sampler.epoch + self.sampler.position / max(self.sampler.num_rows or 1, 1)
             elapsed = time.perf_counter() - t0
             metrics.update(step_time=elapsed, tokens_per_sec=metrics.pop("_tokens") / elapsed,
-                           learning_rate=self.lr_scheduler.get_last_lr()[0], num_tokens=self._num_tokens)
+                           num_tokens=self._num_tokens)
             self._maybe_sync_ref_model()
 
             step = self.state.global_step
@@ -228,6 +233,11 @@ class GRPOTrainer:
             if self.control.should_save:
                 self._save_checkpoint()
                 self.control.should_save = False
+            # After the step that trained on the epoch's last rows, as transformers orders it. A batch
+            # that spans two epochs begins the next one before this step and ends the last one after it.
+            for _ in range(self._epochs_ended):
+                self._event("on_epoch_end")
+            self._epochs_ended = 0
             bar.update(1)
         bar.close()
         self._event("on_train_end")
@@ -255,6 +265,7 @@ class GRPOTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step uses, before the schedule advances
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -267,6 +278,7 @@ class GRPOTrainer:
         metrics.update(self._generation_metrics)
         self._generation_metrics = {}
         metrics["_tokens"] = tokens
+        metrics["learning_rate"] = lr
         return metrics
 
     def _loss(self, mb: MicroBatch):
@@ -276,8 +288,11 @@ class GRPOTrainer:
             logits, mb.completion_ids, mb.old_logps, mb.ref_logps, mb.advantages, mb.completion_mask,
             temperature=c.temperature, beta=c.beta, epsilon_low=c.epsilon, epsilon_high=c.epsilon_high,
             delta=c.delta, loss_type=c.loss_type, importance_sampling_level=c.importance_sampling_level,
-            max_completion_length=c.max_completion_length,
-            num_items=mb.num_items if c.loss_type in ("dapo", "cispo") else None,
+            max_completion_length=c.max_completion_length, use_bias_correction_kl=c.use_bias_correction_kl,
+            # num_items counts the whole generation batch; one optimizer step sees
+            # gradient_accumulation_steps / steps_per_generation of it (TRL's normaliser).
+            num_items=(mb.num_items * c.gradient_accumulation_steps / c.steps_per_generation
+                       if c.loss_type in ("dapo", "cispo") else None),
         )
         if c.loss_type not in ("dapo", "cispo"):
             loss = loss / c.gradient_accumulation_steps  # per-micro-batch normalisers: average the steps
@@ -285,14 +300,18 @@ class GRPOTrainer:
 
     def _micro_batches(self) -> Iterator[MicroBatch]:
         """Yield micro-batches forever, generating a new batch whenever the previous is spent."""
-        c = self.args
         while True:
             if not self._pending:
-                batch = self._generate_and_score()
-                size = c.per_device_train_batch_size
-                chunks = [batch.slice(slice(i, i + size)) for i in range(0, len(batch.advantages), size)]
-                self._pending = [trim(mb) for _ in range(c.num_iterations) for mb in chunks]
+                self._refill()
             yield self._pending.pop(0)
+
+    def _refill(self) -> None:
+        """Generate and score one generation batch; queue its micro-batches for `num_iterations` passes."""
+        c = self.args
+        batch = self._generate_and_score()
+        size = c.per_device_train_batch_size
+        chunks = [batch.slice(slice(i, i + size)) for i in range(0, len(batch.advantages), size)]
+        self._pending = [trim(mb) for _ in range(c.num_iterations) for mb in chunks]
 
     # ------------------------------------------------------------------ rollout and scoring
     def _generate_and_score(self) -> MicroBatch:
@@ -302,8 +321,7 @@ class GRPOTrainer:
         for _ in self.sampler.epochs_begun:
             self.on_epoch_begin()
             self._event("on_epoch_begin")
-        for _ in self.sampler.epochs_ended:
-            self._event("on_epoch_end")
+        self._epochs_ended += len(self.sampler.epochs_ended)
         rows = [row for row in rows for _ in range(G)]  # each prompt G times, groups contiguous
         prompts = [row["prompt"] for row in rows]
         prompt_ids = self._tokenize_prompts(prompts)
@@ -339,7 +357,7 @@ class GRPOTrainer:
         lengths = torch.tensor([len(x) for x in completion_ids], dtype=torch.float32)
         self._generation_metrics = {
             "reward": float(torch.nanmean(rewards)),
-            "reward_std": float(group_std.mean()),
+            "reward_std": float(_nanstd(rewards)),  # over the batch, as TRL logs it
             "frac_reward_zero_std": float((group_std == 0).float().mean()),
             **reward_metrics(per_func, [name for name, _ in self.reward_funcs]),
             "completions/mean_length": float(lengths.mean()),
@@ -553,6 +571,11 @@ def trim(mb: MicroBatch) -> MicroBatch:
         ref_logps=None if mb.ref_logps is None else mb.ref_logps[:, :keep_c],
         num_items=mb.num_items,
     )
+
+
+def _nanstd(x: torch.Tensor) -> torch.Tensor:
+    x = x[~torch.isnan(x)]
+    return x.std() if x.numel() > 1 else torch.zeros(())
 
 
 def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):

@@ -1,0 +1,636 @@
+"""GRPOTrainer end to end on CPU with tiny offline models (tests/tiny.py).
+
+Most runs use `use_kernels=False` (atlas_kernels.reference): under TRITON_INTERPRET=1 every
+Triton program is interpreted in Python, ~0.7 s per step at these shapes against ~0.1 s for
+the reference path. The kernels path is exercised by the convergence test. Completions come from a
+fixed `rollout_func` wherever a test needs them identical across runs; resume tests sample with
+`generate` on purpose, so that restoring the RNG state is part of what they check.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import datasets
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from atlas_fast import EvalPrediction, GRPOConfig, GRPOTrainer
+from atlas_fast.checkpoint import load_checkpoint
+from atlas_fast.metrics import read_metrics
+from tiny import arithmetic_rows, char_tokenizer, tiny_model
+
+G = 4  # completions per prompt in every run below
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These matmuls are ~[16, 12, 32] x [32, 64]: a second intra-op thread only adds
+    # synchronisation (1,000 such linears: 0.08 s on one thread, 18 s on two while other
+    # test processes shared the 2 cores).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tok():
+    return char_tokenizer()
+
+
+# ---------------------------------------------------------------------- helpers
+def digit_text_reward(completions, **kwargs):
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+DIGIT_IDS = frozenset(char_tokenizer().convert_tokens_to_ids(list("0123456789")))
+
+
+def digit_reward(completion_ids, **kwargs):
+    """Fraction of completion tokens that are digits: dense enough to learn in a dozen steps."""
+    return [sum(t in DIGIT_IDS for t in ids) / max(len(ids), 1) for ids in completion_ids]
+
+
+def fixed_rollout(prompts, trainer, vary_groups=True):
+    """Deterministic completions: member k of a group is "12ab34cd"[: 1 + k + shift], plus EOS when k
+    is even, so digit rewards, lengths and finished/truncated differ inside each group. With
+    `vary_groups`, `shift` (0-2) depends on the prompt, so groups differ in token counts too."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        k = i % trainer.args.num_generations
+        shift = sum(map(ord, str(prompt))) % 3 if vary_groups else 0
+        ids = trainer.tokenizer("12ab34cd"[: 1 + k + shift], add_special_tokens=False)["input_ids"]
+        if k % 2 == 0:
+            ids = ids + [trainer.tokenizer.eos_token_id]
+        out.append(ids)
+    return out
+
+
+def same_groups_rollout(prompts, trainer):
+    return fixed_rollout(prompts, trainer, vary_groups=False)
+
+
+def config(tmp_path, name="run", **overrides) -> GRPOConfig:
+    values = dict(
+        output_dir=str(tmp_path / name), max_steps=2, num_generations=G, per_device_train_batch_size=8,
+        max_completion_length=6, learning_rate=1e-2, lr_scheduler_type="constant", seed=0,
+        use_kernels=False, disable_tqdm=True,
+    )
+    values.update(overrides)
+    return GRPOConfig(**values)
+
+
+def trainer_for(tmp_path, tok, *, name="run", rows=None, model=None, reward_funcs=digit_reward, cls=GRPOTrainer,
+                trainer_kwargs=None, **overrides) -> GRPOTrainer:
+    return cls(
+        config(tmp_path, name, **overrides), model=model if model is not None else tiny_model(tok), tokenizer=tok,
+        train_dataset=rows if rows is not None else arithmetic_rows(16), reward_funcs=reward_funcs,
+        **(trainer_kwargs or {}),
+    )
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def train_records(output_dir) -> list[dict]:
+    return [r for r in read_metrics(output_dir / "metrics.jsonl") if "reward" in r]
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int, how: str = "set"):
+        self.step, self.how = step, how
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+            if self.how == "return":  # the other transformers idiom
+                return control
+
+
+# ---------------------------------------------------------------------- 1. learning
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["kernels", "reference"])
+def test_reward_rises(tmp_path, tok, use_kernels):
+    steps = 12
+    trainer = trainer_for(tmp_path, tok, rows=arithmetic_rows(32), max_steps=steps, learning_rate=3e-2,
+                          max_completion_length=4, use_kernels=use_kernels)
+    trainer.train()
+    rewards = [r["reward"] for r in train_records(tmp_path / "run")]
+    assert len(rewards) == steps
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.3, rewards
+    assert all(math.isfinite(r["loss"]) for r in train_records(tmp_path / "run"))
+
+
+# ---------------------------------------------------------------------- 2. callbacks and hooks
+class Recorder(TrainerCallback):
+    def __init__(self):
+        self.events = []
+
+    def __getattribute__(self, name):
+        if name.startswith("on_"):
+            return lambda args, state, control, **kw: object.__getattribute__(self, "events").append(name)
+        return object.__getattribute__(self, name)
+
+
+def test_callbacks_fire_in_hf_order(tmp_path, tok):
+    recorder = Recorder()
+    # Two prompts per generation batch and two rows: every step is one whole epoch.
+    trainer = trainer_for(tmp_path, tok, rows=arithmetic_rows(2), max_steps=2, eval_steps=1, save_steps=1,
+                          trainer_kwargs=dict(eval_dataset=arithmetic_rows(2, seed=1), callbacks=[recorder],
+                                              rollout_func=fixed_rollout))
+    trainer.train()
+    step = ["on_epoch_begin", "on_step_begin", "on_step_end",
+            "on_log",  # the step's metrics
+            "on_log", "on_evaluate",  # evaluate() logs, then reports
+            "on_save", "on_epoch_end"]
+    assert recorder.events == ["on_train_begin", *step, *step, "on_train_end"]
+
+
+def test_num_train_epochs_sets_the_length_of_the_run(tmp_path, tok):
+    recorder = Recorder()
+    # 4 rows, 2 prompts per step: 2 steps per epoch, 4 steps for 2 epochs.
+    trainer = trainer_for(tmp_path, tok, rows=arithmetic_rows(4), max_steps=-1, num_train_epochs=2,
+                          trainer_kwargs=dict(callbacks=[recorder], rollout_func=fixed_rollout))
+    state = trainer.train()
+    assert state.global_step == 4 and state.epoch == pytest.approx(2.0)
+    epoch_events = [e for e in recorder.events if "epoch" in e or e == "on_step_end"]
+    assert epoch_events == ["on_epoch_begin", "on_step_end", "on_step_end", "on_epoch_end"] * 2
+
+
+@pytest.mark.parametrize("how", ["set", "return"])
+def test_should_training_stop_ends_training_after_that_step(tmp_path, tok, how):
+    trainer = trainer_for(tmp_path, tok, max_steps=5, trainer_kwargs=dict(callbacks=[StopAt(2, how)],
+                                                                          rollout_func=fixed_rollout))
+    state = trainer.train()
+    assert state.global_step == 2
+    assert [r["step"] for r in train_records(tmp_path / "run")] == [1, 2]
+    # As in transformers, a new train() call starts with the flag cleared and carries on.
+    trainer.callbacks = []
+    assert trainer.train().global_step == 5
+
+
+class HookedTrainer(GRPOTrainer):
+    """ATLAS's documented override pattern."""
+
+    def __init__(self, *args, **kwargs):
+        self.hook_calls = []
+        super().__init__(*args, **kwargs)
+
+    def on_epoch_begin(self):
+        self.hook_calls.append(("epoch_begin", self.state.global_step))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.hook_calls.append(("step_end", state.global_step, sorted(kwargs["metrics"])))
+        self.log({
+            "rewards/mean": self.current_rewards.mean(),
+            "kl_divergence": self.current_kl.mean(),
+        })
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.hook_calls.append(("evaluate", state.global_step, dict(metrics)))
+
+
+def test_overridable_hooks_and_log_from_on_step_end(tmp_path, tok):
+    # 4 rows, 2 prompts per step: epochs begin at steps 1 and 3.
+    trainer = trainer_for(tmp_path, tok, cls=HookedTrainer, rows=arithmetic_rows(4), max_steps=3, beta=0.1,
+                          eval_steps=3, trainer_kwargs=dict(eval_dataset=arithmetic_rows(2, seed=1),
+                                                            rollout_func=fixed_rollout))
+    trainer.train()
+    calls = trainer.hook_calls
+    assert [c[:2] for c in calls if c[0] == "epoch_begin"] == [("epoch_begin", 0), ("epoch_begin", 2)]
+    assert [c[1] for c in calls if c[0] == "step_end"] == [1, 2, 3]
+    assert all("loss" in c[2] and "reward" in c[2] for c in calls if c[0] == "step_end")
+    (evaluated,) = [c for c in calls if c[0] == "evaluate"]
+    assert evaluated[1] == 3 and "eval/reward" in evaluated[2]
+
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    custom = [r for r in records if "rewards/mean" in r]
+    train = {r["step"]: r for r in train_records(tmp_path / "run")}
+    assert [r["step"] for r in custom] == [1, 2, 3]
+    for r in custom:
+        assert r["rewards/mean"] == pytest.approx(train[r["step"]]["reward"], abs=1e-6)
+        assert r["kl_divergence"] == pytest.approx(train[r["step"]]["kl"], abs=1e-6)
+    assert train[3]["kl"] > 0  # the policy has moved away from the reference by step 3
+    assert any("rewards/mean" in r for r in trainer.state.log_history)
+
+
+# ---------------------------------------------------------------------- 3. evaluation
+def test_evaluate_with_compute_metrics(tmp_path, tok):
+    eval_rows = [{**r, "idx": i} for i, r in enumerate(arithmetic_rows(5, seed=3))]
+    seen = []
+
+    def compute_metrics(pred: EvalPrediction):
+        seen.append(pred)
+        return {"n": len(pred.completions), "max_reward": max(pred.rewards["digit_text_reward"])}
+
+    trainer = trainer_for(tmp_path, tok, eval_max_samples=4, per_device_eval_batch_size=3,
+                          reward_funcs=digit_text_reward,
+                          trainer_kwargs=dict(eval_dataset=eval_rows, compute_metrics=compute_metrics))
+    metrics = trainer.evaluate()
+    assert all(k.startswith("eval/") for k in metrics), metrics
+    assert metrics["eval/n"] == 4  # eval_max_samples
+    assert {"eval/reward", "eval/rewards/digit_text_reward/mean", "eval/max_reward", "eval/completions/mean_length"} <= set(metrics)
+
+    (pred,) = seen
+    assert pred.prompts == [r["prompt"] for r in eval_rows[:4]]
+    assert pred.columns["ground_truth"] == [r["ground_truth"] for r in eval_rows[:4]]
+    assert pred.columns["idx"] == [0, 1, 2, 3]
+    assert list(pred.rewards) == ["digit_text_reward"]
+    assert pred.rewards["digit_text_reward"] == pytest.approx(digit_text_reward(pred.completions))
+    assert metrics["eval/reward"] == pytest.approx(sum(pred.rewards["digit_text_reward"]) / 4, abs=1e-6)
+
+    # Greedy: a second evaluation of the same weights gives the same completions and numbers.
+    assert trainer.evaluate() == metrics
+    assert seen[1].completions == pred.completions
+    logged = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/reward" in r]
+    assert len(logged) == 2
+
+    # A dataset passed to evaluate() replaces the trainer's.
+    assert trainer.evaluate(arithmetic_rows(2, seed=9))["eval/n"] == 2
+
+
+def test_evaluate_without_eval_dataset_is_a_clear_error(tmp_path, tok):
+    with pytest.raises(ValueError, match="eval_dataset"):
+        trainer_for(tmp_path, tok).evaluate()
+
+
+# ---------------------------------------------------------------------- 4. resume exactness
+RESUME_CASES = {
+    "plain": (dict(), 2),
+    "num_iterations=2": (dict(num_iterations=2), 1),  # stops between the two passes
+    "steps_per_generation=4": (dict(steps_per_generation=4), 2),  # 2 of 4 micro-batches pending
+    "beta": (dict(beta=0.1), 2),
+    "beta+sync_ref_model": (dict(beta=0.1, sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5), 2),
+    "lora+beta": (dict(beta=0.1, lora=True), 2),  # adapter-only checkpoint
+}
+
+
+def lora_config():
+    peft = pytest.importorskip("peft")
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                           task_type="CAUSAL_LM")
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_is_exact(tmp_path, tok, case):
+    overrides, stop = RESUME_CASES[case]
+    overrides = dict(max_steps=4, max_completion_length=4, temperature=1.5, learning_rate=3e-2, **overrides)
+    extra = dict(peft_config=lora_config()) if overrides.pop("lora", False) else {}
+
+    straight = trainer_for(tmp_path, tok, name="straight", trainer_kwargs=extra, **overrides)
+    straight.train()
+
+    first = trainer_for(tmp_path, tok, name="resumed", save_steps=stop,
+                        trainer_kwargs=dict(callbacks=[StopAt(stop)], **extra), **overrides)
+    first.train()
+    assert first.state.global_step == stop
+    checkpoint = tmp_path / "resumed" / f"checkpoint-{stop}"
+    saved = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    if case in ("num_iterations=2", "steps_per_generation=4"):
+        assert len(saved["pending"]) > 0  # the resumed run must train on these, not regenerate
+
+    second = trainer_for(tmp_path, tok, name="resumed", save_steps=stop, trainer_kwargs=extra, **overrides)
+    second.train(resume_from_checkpoint=str(checkpoint) if case != "plain" else True)  # True: the latest
+    assert second.state.global_step == 4
+
+    expected, got = params(straight.model), params(second.model)
+    assert expected.keys() == got.keys()
+    initial = params(trainer_for(tmp_path, tok, name="initial", trainer_kwargs=extra, **overrides).model)
+    assert any(not torch.equal(expected[n], initial[n]) for n in expected)  # equality is not trivial
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    if straight.ref_model is not None:
+        for (name, a), b in zip(straight.ref_model.named_parameters(), second.ref_model.parameters()):
+            assert torch.equal(a, b), name
+    # The resumed steps saw the same samples: identical rewards.
+    straight_rewards = [r["reward"] for r in train_records(tmp_path / "straight")]
+    resumed_rewards = [r["reward"] for r in train_records(tmp_path / "resumed")]
+    assert resumed_rewards == straight_rewards
+
+
+# ---------------------------------------------------------------------- 5. checkpoints
+def test_save_steps_and_save_total_limit(tmp_path, tok):
+    trainer = trainer_for(tmp_path, tok, max_steps=4, save_steps=1, save_total_limit=2,
+                          trainer_kwargs=dict(rollout_func=fixed_rollout))
+    trainer.train()
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-3", "checkpoint-4"]
+    last = out / "checkpoint-4"
+    assert (last / "model.safetensors").is_file()
+    assert (last / "tokenizer.json").is_file() and (last / "tokenizer_config.json").is_file()
+
+    reloaded = AutoModelForCausalLM.from_pretrained(last)
+    for (name, a), b in zip(trainer.model.named_parameters(), reloaded.parameters()):
+        assert torch.equal(a, b), name
+    reloaded_tok = AutoTokenizer.from_pretrained(last)
+    assert reloaded_tok("3+4=")["input_ids"] == tok("3+4=")["input_ids"]
+
+
+def test_no_checkpoints_without_save_steps(tmp_path, tok):
+    trainer_for(tmp_path, tok, trainer_kwargs=dict(rollout_func=fixed_rollout)).train()
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint-")]
+
+
+def test_resume_into_a_different_architecture_is_refused(tmp_path, tok):
+    trainer_for(tmp_path, tok, save_steps=2, trainer_kwargs=dict(rollout_func=fixed_rollout)).train()
+    bigger = trainer_for(tmp_path, tok, model=tiny_model(tok, hidden=48), max_steps=4,
+                         trainer_kwargs=dict(rollout_func=fixed_rollout))
+    before = params(bigger.model)
+    with pytest.raises(ValueError, match="different model.*hidden_size"):
+        bigger.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert bigger.state.global_step == 0
+    assert all(torch.equal(before[n], p) for n, p in bigger.model.named_parameters())
+
+
+def test_resume_true_without_checkpoint_is_a_clear_error(tmp_path, tok):
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        trainer_for(tmp_path, tok).train(resume_from_checkpoint=True)
+
+
+# ---------------------------------------------------------------------- 6. PEFT
+def test_lora_uses_the_adapter_disabled_policy_as_reference(tmp_path, tok):
+    trainer = trainer_for(tmp_path, tok, max_steps=3, beta=0.1, learning_rate=5e-2, save_steps=3,
+                          trainer_kwargs=dict(peft_config=lora_config(), rollout_func=fixed_rollout))
+    assert trainer.ref_model is None  # no second copy of the model
+    before = params(trainer.model)
+    trainer.train()
+    after = params(trainer.model)
+
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    lora_b = {n for n in before if "lora_B" in n}
+    assert changed and all("lora_" in n for n in changed), changed
+    assert lora_b <= changed  # B starts at zero: moving it is what makes the adapter do anything
+    records = train_records(tmp_path / "run")
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in records)
+    # Step 1: adapter == identity, so policy == reference; afterwards the adapter has moved and the
+    # KL against the adapter-disabled model is positive (it would stay 0 against the policy itself).
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert records[-1]["kl"] > 1e-6
+    assert (tmp_path / "run" / "checkpoint-3" / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------- 7. conversational prompts
+def test_conversational_prompts_use_the_chat_template(tmp_path, tok):
+    rows = [{"prompt": [{"role": "system", "content": "add"}, {"role": "user", "content": r["prompt"]}],
+             "ground_truth": r["ground_truth"]} for r in arithmetic_rows(4)]
+    seen = {}
+
+    def record_reward(prompts, completions, completion_ids, ground_truth, **kwargs):
+        seen.update(prompts=prompts, completions=completions, completion_ids=completion_ids, ground_truth=ground_truth)
+        return [float(len(c[0]["content"])) for c in completions]
+
+    model = tiny_model(tok)
+    first_inputs = []
+    model.register_forward_pre_hook(
+        lambda mod, args, kwargs: first_inputs.append(kwargs["input_ids"].clone()) if not first_inputs else None,
+        with_kwargs=True)
+    trainer = trainer_for(tmp_path, tok, model=model, rows=rows, max_steps=1, reward_funcs=record_reward)
+    trainer.train()
+
+    # The model was conditioned on the rendered template, with the assistant turn opened.
+    texts = ["".join(t for t in tok.convert_ids_to_tokens(row) if t != tok.pad_token) for row in first_inputs[0].tolist()]
+    rendered = {f"<system>add<user>{r['prompt'][1]['content']}<assistant>" for r in rows}
+    assert set(texts) <= rendered and len(texts) == 8
+    # Rewards see the messages and assistant-message completions.
+    assert all(p in [r["prompt"] for r in rows] for p in seen["prompts"])
+    assert len(seen["completions"]) == 8
+    for completion, ids in zip(seen["completions"], seen["completion_ids"]):
+        assert isinstance(completion, list) and len(completion) == 1
+        assert completion[0]["role"] == "assistant"
+        assert completion[0]["content"] == tok.decode(ids, skip_special_tokens=True)
+    truth = {r["prompt"][1]["content"]: r["ground_truth"] for r in rows}
+    assert seen["ground_truth"] == [truth[p[1]["content"]] for p in seen["prompts"]]
+
+
+def test_conversational_evaluate(tmp_path, tok):
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "ground_truth": r["ground_truth"]}
+            for r in arithmetic_rows(3)]
+    got = []
+    trainer = trainer_for(tmp_path, tok, rows=rows, trainer_kwargs=dict(eval_dataset=rows,
+                                                                        compute_metrics=lambda p: got.append(p) or {}))
+    trainer.evaluate()
+    assert all(c[0]["role"] == "assistant" and isinstance(c[0]["content"], str) for c in got[0].completions)
+
+
+# ---------------------------------------------------------------------- 8. bad input
+@pytest.mark.parametrize("dataset", [[], datasets.Dataset.from_list([])], ids=["list", "Dataset"])
+def test_empty_dataset(tmp_path, tok, dataset):
+    with pytest.raises(ValueError, match="empty"):
+        trainer_for(tmp_path, tok, rows=dataset)
+
+
+def test_missing_prompt_column(tmp_path, tok):
+    with pytest.raises(ValueError, match="no 'prompt' column.*text"):
+        trainer_for(tmp_path, tok, rows=[{"text": "1+1=", "ground_truth": "2"}])
+
+
+def test_num_generations_below_two(tmp_path):
+    with pytest.raises(ValueError, match="num_generations must be >= 2"):
+        config(tmp_path, num_generations=1)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(per_device_train_batch_size=6),
+    dict(per_device_train_batch_size=2, gradient_accumulation_steps=3),
+    dict(per_device_train_batch_size=2, steps_per_generation=1),
+    dict(generation_batch_size=6, per_device_train_batch_size=2),
+])
+def test_batch_not_divisible_by_num_generations(tmp_path, overrides):
+    with pytest.raises(ValueError, match=r"divisible by num_generations \(4\)"):
+        config(tmp_path, **overrides)
+
+
+def test_reward_weights_length_mismatch(tmp_path, tok):
+    with pytest.raises(ValueError, match="reward_weights has 2 entries for 1 reward functions"):
+        trainer_for(tmp_path, tok, reward_weights=[1.0, 2.0])
+
+
+def test_reward_function_that_raises_names_function_and_sample(tmp_path, tok):
+    def picky_reward(completions, **kwargs):
+        return [1.0 / ("2" not in c) for c in completions]  # ZeroDivisionError on a "2"
+
+    trainer = trainer_for(tmp_path, tok, reward_funcs=picky_reward,
+                          trainer_kwargs=dict(rollout_func=same_groups_rollout))
+    before = params(trainer.model)
+    # Completions "1", "12", "12a", "12ab" per group: the first with a "2" is index 1.
+    with pytest.raises(RuntimeError, match=r"'picky_reward' raised ZeroDivisionError.*index 1 "):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda completions, **kw: [0.0] * (len(completions) - 1), "returned 7 rewards, expected 8"),
+    (lambda completions, **kw: [math.inf] * len(completions), "returned inf at index 0.*finite"),
+    (lambda completions, **kw: 1.0, "returned float; expected a list of 8"),
+])
+def test_reward_function_bad_output(tmp_path, tok, bad, message):
+    bad.__name__ = "bad_reward"
+    trainer = trainer_for(tmp_path, tok, reward_funcs=bad, trainer_kwargs=dict(rollout_func=fixed_rollout))
+    with pytest.raises(ValueError, match=f"'bad_reward' {message}"):
+        trainer.train()
+
+
+def test_rollout_func_wrong_count(tmp_path, tok):
+    trainer = trainer_for(tmp_path, tok, trainer_kwargs=dict(rollout_func=lambda prompts, trainer: [[5]]))
+    with pytest.raises(ValueError, match="rollout_func returned 1 completions for 8 prompts"):
+        trainer.train()
+
+
+def test_nan_loss_stops_with_a_loadable_checkpoint_of_the_last_good_state(tmp_path, tok):
+    model = tiny_model(tok)
+    poison = {"on": False}
+    # NaN logits from step 3 on: what an overflow in the forward pass looks like to the trainer.
+    handle = model.lm_head.register_forward_hook(lambda mod, args, out: out * math.nan if poison["on"] else out)
+
+    class PoisonAfter2(GRPOTrainer):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                self.good = params(self.model)
+                poison["on"] = True
+
+    trainer = trainer_for(tmp_path, tok, cls=PoisonAfter2, model=model, max_steps=4,
+                          trainer_kwargs=dict(rollout_func=fixed_rollout))
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 3.*checkpoint-2"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert (checkpoint / "model.safetensors").is_file()
+
+    fresh = tiny_model(tok, seed=1)
+    load_checkpoint(checkpoint, fresh)
+    for name, p in fresh.named_parameters():
+        assert torch.isfinite(p).all() and torch.equal(p, trainer.good[name]), name
+
+    handle.remove()  # the cause is fixed: the run continues from the saved state
+    resumed = trainer_for(tmp_path, tok, max_steps=4, trainer_kwargs=dict(rollout_func=fixed_rollout))
+    assert resumed.train(resume_from_checkpoint=True).global_step == 4
+    assert all(torch.isfinite(p).all() for p in resumed.model.parameters())
+
+
+# ---------------------------------------------------------------------- 9. metrics
+TRL_KEYS = {
+    "reward", "reward_std", "rewards/digit_reward/mean", "frac_reward_zero_std", "clip_ratio/low_mean",
+    "clip_ratio/high_mean", "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio",
+    "num_tokens", "step_time", "tokens_per_sec", "learning_rate", "grad_norm", "loss",
+}
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_metrics_jsonl_and_plot(tmp_path, tok, beta):
+    trainer = trainer_for(tmp_path, tok, max_steps=2, beta=beta, learning_rate=2e-3,
+                          trainer_kwargs=dict(rollout_func=same_groups_rollout))
+    trainer.train()
+    out = tmp_path / "run"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2]
+    for r in lines:
+        expected = TRL_KEYS | ({"kl"} if beta else set())
+        assert expected <= set(r), expected - set(r)
+        assert ("kl" in r) == bool(beta)
+        assert all(isinstance(r[k], (int, float)) and math.isfinite(r[k]) for k in expected), r
+        assert r["learning_rate"] == pytest.approx(2e-3)
+        assert r["step_time"] > 0 and r["tokens_per_sec"] > 0 and r["grad_norm"] > 0
+    assert lines[1]["num_tokens"] == 2 * lines[0]["num_tokens"] > 0  # fixed completions: same count per step
+    # Lengths 2, 2, 4, 4 (EOS counted, on the even members); 2 of 4 end without EOS.
+    assert lines[0]["completions/mean_length"] == pytest.approx(3.0)
+    assert lines[0]["completions/clipped_ratio"] == pytest.approx(0.5)
+    assert (out / "metrics.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------- 10. gradient accumulation
+class GradRecorder(torch.optim.SGD):
+    """SGD that keeps a copy of the gradients it was handed."""
+
+    def step(self, closure=None):
+        self.grads = [p.grad.detach().clone() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return super().step(closure)
+
+
+def one_step_grads(tmp_path, tok, name, loss_type, batch, accumulation):
+    model = tiny_model(tok)
+    optimizer = GradRecorder(model.parameters(), lr=0.0)
+    # fixed_rollout shifts: "1+1=" -> 1, "2+2=" -> 0: the two micro-batches differ in token count.
+    rows = [{"prompt": "1+1=", "ground_truth": "2"}, {"prompt": "2+2=", "ground_truth": "4"}]
+    trainer = trainer_for(tmp_path, tok, name=name, model=model, rows=rows, max_steps=1, loss_type=loss_type,
+                          per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                          max_grad_norm=0.0, trainer_kwargs=dict(rollout_func=fixed_rollout,
+                                                                 optimizers=(optimizer, None)))
+    trainer.train()
+    return optimizer.grads, trainer.state.log_history[0]["loss"]
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_gradient_accumulation_matches_the_full_batch(tmp_path, tok, loss_type):
+    # One generation batch of 8 completions (2 prompts) either way; completions are fixed.
+    full, full_loss = one_step_grads(tmp_path, tok, "full", loss_type, batch=8, accumulation=1)
+    accumulated, acc_loss = one_step_grads(tmp_path, tok, "accumulated", loss_type, batch=4, accumulation=2)
+    assert len(full) == len(accumulated) == len(list(tiny_model(tok).parameters()))
+    assert acc_loss == pytest.approx(full_loss, rel=1e-5, abs=1e-7)
+    assert any(g.abs().max() > 0 for g in full)
+    for a, b in zip(full, accumulated):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_accumulation_check_can_tell_normalisations_apart(tmp_path, tok):
+    # bnpo normalises each micro-batch by its own token count; the two groups here have different
+    # counts, so accumulation is not the full-batch gradient: the comparison above is not vacuous.
+    full, _ = one_step_grads(tmp_path, tok, "full", "bnpo", batch=8, accumulation=1)
+    accumulated, _ = one_step_grads(tmp_path, tok, "accumulated", "bnpo", batch=4, accumulation=2)
+    assert not all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(full, accumulated))
+
+
+# ---------------------------------------------------------------------- 11. rollout_func by name
+def test_rollout_func_from_config_string(tmp_path, tok, monkeypatch):
+    module = tmp_path / "my_rollouts.py"
+    module.write_text(
+        "def fours(prompts, trainer):\n"
+        "    ids = trainer.tokenizer('44', add_special_tokens=False)['input_ids']\n"
+        "    return {'completion_ids': [ids + [trainer.tokenizer.eos_token_id] for _ in prompts]}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+
+    def record(completions, **kwargs):
+        seen.extend(completions)
+        return [0.0] * len(completions)
+
+    trainer = trainer_for(tmp_path, tok, max_steps=1, reward_funcs=record, rollout_func="my_rollouts:fours")
+    trainer.train()
+    fours = tok("44", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert seen == [tok.decode(fours, skip_special_tokens=True)] * 8
+
+
+def test_rollout_func_string_that_does_not_import(tmp_path, tok):
+    with pytest.raises(ValueError, match="rollout_func 'no_such_module_xyz:f' could not be imported"):
+        trainer_for(tmp_path, tok, rollout_func="no_such_module_xyz:f")
+
+
+# ---------------------------------------------------------------------- 12. reference model sync
+def test_sync_ref_model_mixes_reference_toward_policy(tmp_path, tok):
+    snapshots = {}
+
+    class Snapshot(GRPOTrainer):
+        def on_step_end(self, args, state, control, **kwargs):
+            snapshots[state.global_step] = (params(self.ref_model), params(self.model))
+
+    trainer = trainer_for(tmp_path, tok, cls=Snapshot, max_steps=4, beta=0.1, sync_ref_model=True,
+                          ref_model_sync_steps=2, ref_model_mixup_alpha=0.25, learning_rate=5e-2,
+                          trainer_kwargs=dict(rollout_func=fixed_rollout))
+    initial = params(trainer.ref_model)
+    trainer.train()
+
+    ref1, _ = snapshots[1]
+    ref2, policy2 = snapshots[2]
+    ref3, _ = snapshots[3]
+    ref4, policy4 = snapshots[4]
+    for name in initial:
+        assert torch.equal(ref1[name], initial[name])  # step 1: no sync yet
+        torch.testing.assert_close(ref2[name], 0.75 * initial[name] + 0.25 * policy2[name])
+        assert torch.equal(ref3[name], ref2[name])
+        torch.testing.assert_close(ref4[name], 0.75 * ref3[name] + 0.25 * policy4[name])
+    moved = [n for n in initial if not torch.equal(policy4[n], initial[n])]
+    assert moved and any(not torch.equal(ref4[n], initial[n]) for n in moved)
