@@ -18,7 +18,7 @@ import contextlib
 import copy
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -30,36 +30,13 @@ import atlas_kernels
 from atlas_kernels import reference as kernels_reference
 
 from . import checkpoint as ckpt
+from .batch import MicroBatch, completion_logits, trim
 from .config import GRPOConfig
 from .data import PromptSampler, is_conversational, load_dataset_any, render_prompt
 from .memory import enable_gradient_checkpointing, on_device
 from .metrics import MetricsLogger, format_metrics, plot_metrics
 from .rewards import combine_rewards, compute_rewards, prepare_reward_funcs, reward_metrics
 from .rollout import HFGenerator, SamplingParams, left_pad, resolve_rollout_func, right_pad
-
-
-@dataclass
-class MicroBatch:
-    """Scored completions for one forward/backward. Shapes: B completions, P prompt, C completion."""
-
-    input_ids: torch.Tensor  # [B, P + C] prompt left-padded, completion right-padded
-    attention_mask: torch.Tensor  # [B, P + C]
-    completion_ids: torch.Tensor  # [B, C]
-    completion_mask: torch.Tensor  # [B, C] 1 up to and including the first EOS
-    advantages: torch.Tensor  # [B]
-    old_logps: torch.Tensor | None  # [B, C] sampling policy, when the batch is reused
-    ref_logps: torch.Tensor | None  # [B, C] reference policy, when beta > 0
-    num_items: float  # active completion tokens of the whole generation batch (dapo/cispo)
-
-    def slice(self, rows: slice) -> "MicroBatch":
-        parts = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            parts[f.name] = v[rows] if isinstance(v, torch.Tensor) else v
-        return MicroBatch(**parts)
-
-    def to_state(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass
@@ -545,34 +522,6 @@ class GRPOTrainer:
 
 
 # ---------------------------------------------------------------------- plain functions
-def completion_logits(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
-    """Logits that predict each completion token: [B, C, V], a view of the model's output."""
-    C = mb.completion_ids.shape[1]
-    # Left padding shifts where each prompt starts; positions follow the mask, as in generate().
-    position_ids = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=position_ids,
-                logits_to_keep=C + 1, use_cache=False)
-    return out.logits[:, -(C + 1) : -1]
-
-
-def trim(mb: MicroBatch) -> MicroBatch:
-    """Drop columns that are padding for every row of this micro-batch (left of prompts, right of completions)."""
-    keep_c = max(int(mb.completion_mask.sum(1).max()), 1)
-    C = mb.completion_ids.shape[1]
-    P = mb.input_ids.shape[1] - C
-    prompt_mask = mb.attention_mask[:, :P]
-    first = int((prompt_mask.sum(0) > 0).float().argmax()) if bool(prompt_mask.any()) else P - 1
-    cols = slice(first, P + keep_c)
-    return MicroBatch(
-        input_ids=mb.input_ids[:, cols], attention_mask=mb.attention_mask[:, cols],
-        completion_ids=mb.completion_ids[:, :keep_c], completion_mask=mb.completion_mask[:, :keep_c],
-        advantages=mb.advantages,
-        old_logps=None if mb.old_logps is None else mb.old_logps[:, :keep_c],
-        ref_logps=None if mb.ref_logps is None else mb.ref_logps[:, :keep_c],
-        num_items=mb.num_items,
-    )
-
-
 def _nanstd(x: torch.Tensor) -> torch.Tensor:
     x = x[~torch.isnan(x)]
     return x.std() if x.numel() > 1 else torch.zeros(())
