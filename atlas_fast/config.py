@@ -44,7 +44,7 @@ class GRPOConfig:
     shuffle_dataset: bool = True
     # -- sampling -------------------------------------------------------------------------
     max_prompt_length: int | None = 512
-    max_completion_length: int = 256
+    max_completion_length: int = 512
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 disables
@@ -98,16 +98,22 @@ class GRPOConfig:
         self.report_to = tuple(self.report_to)
         if self.steps_per_generation is not None and self.generation_batch_size is not None:
             raise ValueError("steps_per_generation and generation_batch_size are mutually exclusive: set one")
-        if self.generation_batch_size is not None:
-            if self.generation_batch_size % self.per_device_train_batch_size:
-                raise ValueError(
-                    f"generation_batch_size ({self.generation_batch_size}) must be a multiple of "
-                    f"per_device_train_batch_size ({self.per_device_train_batch_size})"
-                )
-            self.steps_per_generation = self.generation_batch_size // self.per_device_train_batch_size
-        if self.steps_per_generation is None:
-            self.steps_per_generation = self.gradient_accumulation_steps
+        if self.generation_batch_size is not None and self.generation_batch_size % self.per_device_train_batch_size:
+            raise ValueError(
+                f"generation_batch_size ({self.generation_batch_size}) must be a multiple of "
+                f"per_device_train_batch_size ({self.per_device_train_batch_size})"
+            )
         self.validate()
+
+    # The fields keep what the user wrote (a saved config reloads unchanged); this resolves them.
+    @property
+    def generation_steps(self) -> int:
+        """Micro-batches per generation batch."""
+        if self.generation_batch_size is not None:
+            return self.generation_batch_size // self.per_device_train_batch_size
+        if self.steps_per_generation is not None:
+            return self.steps_per_generation
+        return self.gradient_accumulation_steps
 
     # A single place that knows every rule; errors name the field and the value.
     def validate(self, world_size: int = 1) -> None:
@@ -116,15 +122,18 @@ class GRPOConfig:
                 raise ValueError(msg)
 
         need(self.num_generations >= 2, f"num_generations must be >= 2 (GRPO compares completions within a group), got {self.num_generations}")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation",
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps",
                      "num_iterations", "max_completion_length", "logging_steps", "per_device_eval_batch_size"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
-        gen_batch = self.per_device_train_batch_size * self.steps_per_generation * world_size
+        for name in ("steps_per_generation", "generation_batch_size"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, int) and value >= 1), f"{name} must be a positive integer or None, got {value!r}")
+        gen_batch = self.per_device_train_batch_size * self.generation_steps * world_size
         need(
             gen_batch % self.num_generations == 0,
             f"the generation batch (per_device_train_batch_size {self.per_device_train_batch_size} x "
-            f"steps_per_generation {self.steps_per_generation} x world size {world_size} = {gen_batch}) "
+            f"steps_per_generation {self.generation_steps} x world size {world_size} = {gen_batch}) "
             f"must be divisible by num_generations ({self.num_generations})",
         )
         need(self.max_prompt_length is None or self.max_prompt_length >= 1,
@@ -160,13 +169,13 @@ class GRPOConfig:
 
     @property
     def prompts_per_generation(self) -> int:
-        return self.per_device_train_batch_size * self.steps_per_generation // self.num_generations
+        return self.per_device_train_batch_size * self.generation_steps // self.num_generations
 
     @property
     def uses_old_logps(self) -> bool:
         # Once a generation batch feeds more than one optimizer step, the policy that sampled it
         # is no longer the one being trained, so its log-probs must be recorded at rollout time.
-        return self.num_iterations > 1 or self.steps_per_generation > self.gradient_accumulation_steps
+        return self.num_iterations > 1 or self.generation_steps > self.gradient_accumulation_steps
 
     @classmethod
     def from_dict(cls, values: dict) -> "GRPOConfig":

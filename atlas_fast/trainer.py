@@ -35,6 +35,7 @@ from .config import GRPOConfig
 from .data import PromptSampler, is_conversational, load_dataset_any, render_prompt
 from .memory import enable_gradient_checkpointing, on_device
 from .metrics import MetricsLogger, format_metrics, plot_metrics
+from .modeling import load_causal_lm, load_tokenizer
 from .rewards import combine_rewards, compute_rewards, prepare_reward_funcs, reward_metrics
 from .rollout import HFGenerator, SamplingParams, left_pad, resolve_rollout_func, right_pad
 
@@ -132,10 +133,7 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ construction helpers
     def _load_model(self, model, peft_config):
         if isinstance(model, (str, Path)):
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(
-                str(model), trust_remote_code=self.args.trust_remote_code, **self.args.model_init_kwargs)
+            model = load_causal_lm(model, self.args.trust_remote_code, **self.args.model_init_kwargs)
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -143,12 +141,10 @@ class GRPOTrainer:
         return model
 
     def _load_tokenizer(self, model):
-        from transformers import AutoTokenizer
-
         source = model if isinstance(model, (str, Path)) else getattr(model.config, "_name_or_path", None)
         if not source:
             raise ValueError("pass a tokenizer: it cannot be inferred from a model built in memory")
-        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=self.args.trust_remote_code)
+        return load_tokenizer(source, self.args.trust_remote_code)
 
     def _reference_model(self, ref_model):
         if self.args.beta == 0.0:
@@ -156,10 +152,7 @@ class GRPOTrainer:
         if is_peft(self.model):
             return None  # the policy with its adapter disabled is the reference
         if isinstance(ref_model, (str, Path)):
-            from transformers import AutoModelForCausalLM
-
-            ref_model = AutoModelForCausalLM.from_pretrained(
-                str(ref_model), trust_remote_code=self.args.trust_remote_code, **self.args.model_init_kwargs)
+            ref_model = load_causal_lm(ref_model, self.args.trust_remote_code, **self.args.model_init_kwargs)
         elif ref_model is None:
             ref_model = copy.deepcopy(self.model)
         ref_model.eval().requires_grad_(False)
@@ -172,7 +165,7 @@ class GRPOTrainer:
         if self.sampler.num_rows is None:
             raise ValueError("max_steps must be set when the train dataset is an IterableDataset (its length is unknown)")
         generations = self.sampler.num_batches(c.num_train_epochs)
-        return max(1, math.ceil(generations * c.steps_per_generation * c.num_iterations / c.gradient_accumulation_steps))
+        return max(1, math.ceil(generations * c.generation_steps * c.num_iterations / c.gradient_accumulation_steps))
 
     # ------------------------------------------------------------------ the loop
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainerState:
@@ -218,7 +211,6 @@ class GRPOTrainer:
             bar.update(1)
         bar.close()
         self._event("on_train_end")
-        self.logger.close()
         log_path = Path(c.output_dir) / "metrics.jsonl"
         if log_path.exists():
             plot_metrics(log_path, Path(c.output_dir) / "metrics.png")
@@ -268,7 +260,7 @@ class GRPOTrainer:
             max_completion_length=c.max_completion_length, use_bias_correction_kl=c.use_bias_correction_kl,
             # num_items counts the whole generation batch; one optimizer step sees
             # gradient_accumulation_steps / steps_per_generation of it (TRL's normaliser).
-            num_items=(mb.num_items * c.gradient_accumulation_steps / c.steps_per_generation
+            num_items=(mb.num_items * c.gradient_accumulation_steps / c.generation_steps
                        if c.loss_type in ("dapo", "cispo") else None),
         )
         if c.loss_type not in ("dapo", "cispo"):

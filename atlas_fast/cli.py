@@ -1,0 +1,484 @@
+"""The `atlas-fast` command line.
+
+    atlas-fast train [--config-dir DIR] [--print-config] [OVERRIDE ...]
+
+`train` composes the Hydra configs in `configs/` (train.yaml and its groups) with the given
+overrides, e.g. `trainer.max_steps=20 output_dir=/tmp/run model=qwen2_5_0_5b`. With no overrides
+it trains the embedded demo. The config is resolved once, here, into plain arguments (a
+GRPOConfig, paths, reward names); nothing below this module sees the config tree.
+
+Hydra's Compose API is used rather than `@hydra.main`, which would take over argv, the working
+directory and logging, and leave no room for other subcommands.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import math
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported where used: `atlas-fast --help` should not pay for torch and triton
+    from .config import GRPOConfig
+
+CONFIG_DIR_ENV = "ATLAS_FAST_CONFIG_DIR"
+CONFIG_NAME = "train"
+EXIT_CONFIG_ERROR = 2  # argparse's code for a bad command line; a bad config is the same kind of mistake
+
+# GRPOConfig fields that other config groups own, so each value is set in exactly one place.
+ROUTED_FIELDS = {
+    "output_dir": "output_dir",
+    "seed": "seed",
+    "trust_remote_code": "model.trust_remote_code",
+    "model_init_kwargs": "model.model_init_kwargs",
+    "reward_weights": "reward.weights",
+}
+TOP_LEVEL_KEYS = {"model", "data", "trainer", "reward", "output_dir", "seed", "resume_from_checkpoint",
+                  "evaluate_before_after"}
+MODEL_KEYS = {"name_or_path", "ref_name_or_path", "tokenizer_name_or_path", "trust_remote_code",
+              "model_init_kwargs", "peft"}
+PEFT_KEYS = {"r", "alpha", "dropout", "target_modules"}
+DATA_KEYS = {"train_file", "eval_file", "eval_fraction", "split_seed"}
+REWARD_KEYS = {"funcs", "weights", "reward_model"}
+DEMO = "demo"  # a path value that stands for the embedded demo's file
+ACCURACY_METRIC = "eval/rewards/accuracy_reward/mean"
+
+
+class ConfigError(ValueError):
+    """A config value the run cannot use; the message names the key."""
+
+
+# ---------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atlas-fast", description="A lean GRPO trainer.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train", help="train with GRPO (no overrides: the embedded demo)",
+        description="Compose configs/train.yaml with Hydra overrides and train.",
+        epilog="examples:\n  atlas-fast train\n  atlas-fast train trainer.max_steps=20 output_dir=/tmp/run\n"
+               "  atlas-fast train model=qwen2_5_0_5b data=jsonl data.train_file=train.jsonl recipe=default",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                       help="Hydra overrides: key=value, group=option, +new.key=value, ~key")
+    train.add_argument("--config-dir", type=Path, default=None,
+                       help=f"config folder holding {CONFIG_NAME}.yaml (default: ${CONFIG_DIR_ENV}, "
+                            "else the configs/ folder beside the package)")
+    train.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+    train.set_defaults(run=train_command)
+    return parser
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = compose_config(args.overrides, args.config_dir)
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+        if args.print_config:
+            print(text, end="")
+            return 0
+        values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # "???" left unset
+    except (HydraException, OmegaConfBaseException, ConfigError) as err:
+        return fail(err)
+    print(text, end="", flush=True)
+    try:
+        spec = resolve(values)
+    except ValueError as err:  # ConfigError, and GRPOConfig's own validation
+        return fail(err)
+
+    try:
+        trainer, final_eval = build_trainer(spec)
+    except ConfigError as err:  # missing files, unknown model ids, bad rewards
+        return fail(err)
+    # Written once the run is built, so a run that fails to start leaves no folder behind.
+    out = Path(spec.config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(text)
+    run(trainer, spec, final_eval)
+    return 0
+
+
+def fail(err: Exception) -> int:
+    print(f"error: {explain(err)}", file=sys.stderr)
+    return EXIT_CONFIG_ERROR
+
+
+def explain(err: Exception) -> str:
+    """One line naming the offending key. Hydra answers a mistyped key with "Could not override
+    'trainer.lerning_rate'. To append to your config use +trainer.lerning_rate=..." - advice
+    that would only move the typo along - so that case gets a did-you-mean instead."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    full_key = getattr(err.__cause__, "full_key", None)
+    if full_key and "not in struct" in str(err.__cause__):
+        parent, _, leaf = str(full_key).rpartition(".")
+        allowed = section_keys().get(parent)
+        if allowed is not None:
+            return unknown_key_message(leaf, allowed, f"{parent}." if parent else "")
+    if isinstance(err, MissingMandatoryValue):
+        return f"{err.full_key} is required: add {err.full_key}=..."
+    if getattr(err, "full_key", None):  # OmegaConf appends "full_key: ... object_type=..." lines
+        return f"{err.full_key}: {str(err).splitlines()[0]}"
+    message = str(err).split("Config search path:")[0]  # Hydra appends its search path: noise here
+    return " ".join(message.split())  # Hydra's messages span lines; keep one
+
+
+# ---------------------------------------------------------------------- composing
+def config_dir(explicit: Path | None = None) -> Path:
+    """The folder holding train.yaml: --config-dir, else $ATLAS_FAST_CONFIG_DIR, else the
+    repository's configs/ (the package is installed in editable mode from a checkout)."""
+    candidates = [("--config-dir", explicit), (CONFIG_DIR_ENV, os.environ.get(CONFIG_DIR_ENV) or None),
+                  ("the source checkout", Path(__file__).resolve().parent.parent / "configs")]
+    for origin, path in candidates:
+        if path is None:
+            continue
+        path = Path(path).expanduser().resolve()
+        if (path / f"{CONFIG_NAME}.yaml").is_file():
+            return path
+        if origin != "the source checkout":  # an explicit choice that is wrong must not fall through
+            raise ConfigError(f"{origin}: {path} holds no {CONFIG_NAME}.yaml")
+    raise ConfigError(f"cannot find the configs folder ({CONFIG_NAME}.yaml); pass --config-dir or set {CONFIG_DIR_ENV}")
+
+
+def compose_config(overrides: list[str] = (), directory: Path | None = None):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir(directory)), version_base=None, job_name="atlas-fast"):
+        return compose(CONFIG_NAME, overrides=list(overrides))
+
+
+# ---------------------------------------------------------------------- resolving
+@dataclass
+class RunSpec:
+    """Everything a run needs, as plain values: the single product of the config tree."""
+
+    config: GRPOConfig
+    model: str
+    ref_model: str | None
+    tokenizer: str
+    peft: dict | None
+    train_file: str
+    eval_file: str | None
+    eval_fraction: float
+    split_seed: int
+    reward_funcs: list
+    reward_model: str | None
+    evaluate_before_after: bool
+    resume_from_checkpoint: str | bool | None
+
+
+def resolve(cfg: dict) -> RunSpec:
+    """The composed config (a plain dict) -> RunSpec. Raises ConfigError / ValueError naming the key."""
+    keys = section_keys()
+    check_keys(cfg, keys[""], "")
+    model, data, reward, trainer = (section(cfg, name, keys[name]) for name in ("model", "data", "reward", "trainer"))
+
+    funcs = list(reward.get("funcs") or [])
+    reward_model = reward.get("reward_model")
+    weights = reward.get("weights")
+    n_funcs = len(funcs) + (reward_model is not None)
+    if n_funcs == 0:
+        raise ConfigError("reward.funcs is empty and reward.reward_model is null: nothing scores the completions")
+    if weights is not None and len(weights) != n_funcs:
+        raise ConfigError(f"reward.weights has {len(weights)} entries for {n_funcs} reward functions "
+                          "(reward.funcs, then reward.reward_model)")
+
+    values = {**trainer, "output_dir": str(cfg["output_dir"]), "seed": cfg["seed"],
+              "trust_remote_code": bool(model.get("trust_remote_code", False)),
+              "model_init_kwargs": dict(model.get("model_init_kwargs") or {}), "reward_weights": weights}
+    config = grpo_config(check_types(values))
+
+    peft = model.get("peft")
+    if peft is not None:
+        check_keys(peft, keys["model.peft"], "model.peft.")
+    model_path = demo_path(model.get("name_or_path"), "model.name_or_path", "MODEL_DIR", allow_null=True)
+    resume = cfg.get("resume_from_checkpoint")
+    if not isinstance(resume, (str, bool, type(None))):
+        raise ConfigError(f"resume_from_checkpoint must be null, true or a checkpoint path, got {resume!r}")
+    eval_fraction = float(data.get("eval_fraction", 0.0))
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction must be in [0, 1), got {eval_fraction}")
+    return RunSpec(
+        config=config,
+        model=model_path,
+        ref_model=model.get("ref_name_or_path"),
+        tokenizer=model.get("tokenizer_name_or_path") or model_path,
+        peft=peft,
+        train_file=demo_path(data.get("train_file"), "data.train_file", "TRAIN_FILE"),
+        eval_file=demo_path(data["eval_file"], "data.eval_file", "EVAL_FILE") if data.get("eval_file") else None,
+        eval_fraction=eval_fraction,
+        split_seed=int(data.get("split_seed", config.seed)),
+        reward_funcs=funcs,
+        reward_model=reward_model,
+        evaluate_before_after=bool(cfg.get("evaluate_before_after", True)),
+        resume_from_checkpoint=resume,
+    )
+
+
+def grpo_config(values: dict) -> GRPOConfig:
+    from .config import GRPOConfig
+
+    try:
+        return GRPOConfig(**values)
+    except ValueError as err:
+        # GRPOConfig's messages start with the field's bare name; give it the key users type.
+        first = str(err).split()[0]
+        key = ROUTED_FIELDS.get(first, f"trainer.{first}")
+        raise ConfigError(f"{key}{str(err)[len(first):]}" if first in values else f"trainer: {err}") from err
+
+
+def section(cfg: dict, name: str, allowed: set[str]) -> dict:
+    value = cfg.get(name)
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a mapping, got {value!r}")
+    check_keys(value, allowed, f"{name}.")
+    return value
+
+
+def check_keys(values: dict, allowed: set[str], prefix: str) -> None:
+    """Reject keys nothing reads: a typo in a recipe would otherwise be silently ignored."""
+    for key in values:
+        if key not in allowed:
+            raise ConfigError(unknown_key_message(key, allowed, prefix))
+
+
+def unknown_key_message(key: str, allowed: set[str], prefix: str) -> str:
+    if prefix == "trainer." and key in ROUTED_FIELDS:
+        return f"trainer.{key} is set through {ROUTED_FIELDS[key]}, not the trainer group"
+    close = difflib.get_close_matches(key, sorted(allowed), n=1)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+    kind = "GRPOConfig field" if prefix == "trainer." else "config key"
+    return f"unknown {kind} {prefix}{key}{hint}"
+
+
+def section_keys() -> dict[str, set[str]]:
+    """The keys each part of the config may hold ("" is the top level)."""
+    return {"": TOP_LEVEL_KEYS, "model": MODEL_KEYS, "model.peft": PEFT_KEYS, "data": DATA_KEYS,
+            "reward": REWARD_KEYS, "trainer": set(trainer_fields()) - set(ROUTED_FIELDS)}
+
+
+def trainer_fields() -> dict[str, Any]:
+    from .config import GRPOConfig
+
+    return typing.get_type_hints(GRPOConfig)
+
+
+def check_types(values: dict) -> dict:
+    """Check each value against GRPOConfig's annotation; GRPOConfig validates ranges, not types,
+    and Hydra passes `trainer.learning_rate=abc` through as a string."""
+    hints = trainer_fields()
+    out = {}
+    for name, value in values.items():
+        key = ROUTED_FIELDS.get(name, f"trainer.{name}")
+        ok, converted = conform(value, hints[name])
+        if not ok:
+            raise ConfigError(f"{key} must be {describe(hints[name])}, got {value!r}")
+        out[name] = converted
+    return out
+
+
+def conform(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(matches, value converted to the annotated type): ints widen to float, lists to tuples."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True, value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return type(None) in args, None
+        return next(((True, v) for ok, v in (conform(value, a) for a in args if a is not type(None)) if ok),
+                    (False, value))
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is str:
+        return isinstance(value, str), value
+    if hint is dict or origin is dict:
+        return isinstance(value, dict), value
+    if origin in (list, tuple):
+        items = [value] if isinstance(value, str) and origin is tuple else value  # report_to=jsonl
+        if not isinstance(items, (list, tuple)):
+            return False, value
+        results = [conform(v, args[0]) for v in items]
+        if not all(ok for ok, _ in results):
+            return False, value
+        return True, origin(v for _, v in results)
+    return True, value
+
+
+def describe(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return " or ".join([describe(a) for a in args if a is not type(None)] + ["null"])
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        return f"a list of {describe(args[0])}"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+    return names.get(hint, str(hint))
+
+
+def demo_path(value: Any, key: str, demo_attr: str, allow_null: bool = False) -> str:
+    """A path or hub id; `demo` (and null where allowed) stands for the embedded demo's asset."""
+    if value == DEMO or (value is None and allow_null):
+        from . import demo
+
+        path = Path(getattr(demo, demo_attr))
+        if not path.exists():
+            raise ConfigError(f"{key}=demo but the demo assets are missing ({path}); "
+                              "build them with: python -m atlas_fast.demo.build")
+        return str(path)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key} must be a path (or 'demo'), got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------- building
+def build_trainer(spec: RunSpec):
+    """Load data, tokenizer and rewards and construct the trainer (which loads the model).
+    Loading errors are re-raised as ConfigError naming the key whose value failed."""
+    from .data import load_dataset_any, train_eval_split
+    from .modeling import load_tokenizer
+    from .rewards import resolve_reward_func
+    from .trainer import GRPOTrainer
+
+    with blame("data.train_file", spec.train_file):
+        train = load_dataset_any(spec.train_file)
+    if spec.eval_file is not None:
+        with blame("data.eval_file", spec.eval_file):
+            evaluation = load_dataset_any(spec.eval_file)
+    else:
+        with blame("data.eval_fraction", spec.eval_fraction):
+            train, evaluation = train_eval_split(train, spec.eval_fraction, seed=spec.split_seed)
+    print(f"model: {spec.model}")
+    print(f"data: {len(train)} train prompts ({spec.train_file}), "
+          + (f"{len(evaluation)} eval prompts" if evaluation is not None else "no eval set"), flush=True)
+    if spec.ref_model is not None and spec.config.beta == 0.0:
+        print("note: model.ref_name_or_path is unused because trainer.beta is 0 (no KL term)")
+    if not spec.resume_from_checkpoint and (Path(spec.config.output_dir) / "metrics.jsonl").exists():
+        print(f"note: {spec.config.output_dir}/metrics.jsonl exists; this run's metrics are appended to it")
+
+    c = spec.config
+    tokenizer_key = "model.name_or_path" if spec.tokenizer == spec.model else "model.tokenizer_name_or_path"
+    with blame(tokenizer_key, spec.tokenizer):
+        tokenizer = load_tokenizer(spec.tokenizer, c.trust_remote_code)
+    rewards = []
+    for key, item in [(f"reward.funcs[{i}]", f) for i, f in enumerate(spec.reward_funcs)] + (
+            [("reward.reward_model", spec.reward_model)] if spec.reward_model is not None else []):
+        with blame(key, item):
+            rewards.append(resolve_reward_func(item)[1])
+
+    final_eval = FinalEvaluation() if evaluation is not None and spec.evaluate_before_after else None
+    with blame("model.name_or_path", spec.model):
+        trainer = GRPOTrainer(
+            c,
+            model=spec.model,
+            ref_model=spec.ref_model,
+            tokenizer=tokenizer,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            reward_funcs=rewards,
+            callbacks=[final_eval] if final_eval else None,
+            peft_config=lora_config(spec.peft) if spec.peft else None,
+        )
+    if final_eval:
+        final_eval.trainer = trainer
+    return trainer, final_eval
+
+
+@contextlib.contextmanager
+def blame(key: str, value: Any):
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"{key}={value}: {err}") from err
+
+
+def lora_config(peft: dict):
+    try:
+        from peft import LoraConfig
+    except ImportError as err:
+        raise ConfigError("model.peft needs the peft package (pip install peft)") from err
+    target = peft.get("target_modules", "all-linear")
+    return LoraConfig(r=peft.get("r", 16), lora_alpha=peft.get("alpha", 32), lora_dropout=peft.get("dropout", 0.0),
+                      target_modules=list(target) if isinstance(target, (list, tuple)) else target,
+                      task_type="CAUSAL_LM")
+
+
+class FinalEvaluation:
+    """Evaluates as training ends, before the trainer draws metrics.png, so the final numbers
+    are recorded and plotted like every other evaluation. An evaluation the
+    trainer already ran at the last step (eval_steps dividing max_steps) is reused."""
+
+    def __init__(self) -> None:
+        self.trainer = None
+        self.metrics: dict | None = None
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        last = state.log_history[-1] if state.log_history else {}
+        if last.get("step") == state.global_step and any(k.startswith("eval/") for k in last):
+            self.metrics = {k: v for k, v in last.items() if k.startswith("eval/")}
+        else:
+            self.metrics = self.trainer.evaluate()
+
+
+# ---------------------------------------------------------------------- running
+def run(trainer, spec: RunSpec, final_eval: FinalEvaluation | None) -> None:
+    out = Path(spec.config.output_dir)
+    metric = eval_metric([name for name, _ in trainer.reward_funcs])
+    # A resumed run's starting weights are not the base model's: skip the "before" number.
+    before = trainer.evaluate() if final_eval and not spec.resume_from_checkpoint else None
+    trainer.train(resume_from_checkpoint=spec.resume_from_checkpoint)
+    final = trainer.save_model(out / "final")
+
+    for label, path in (("metrics", out / "metrics.jsonl"), ("plot", out / "metrics.png"), ("config", out / "config.yaml")):
+        if path.exists():
+            print(f"{label}: {path}")
+    print(f"final model: {final}")
+    if final_eval is not None:
+        after = final_eval.metrics or trainer.evaluate()
+        print(summary_line(metric, before, after), flush=True)
+
+
+def eval_metric(reward_names: list[str]) -> str:
+    """The headline metric: held-out accuracy when the accuracy reward is used, else the first
+    reward's mean."""
+    if ACCURACY_METRIC in {f"eval/rewards/{n}/mean" for n in reward_names}:
+        return ACCURACY_METRIC
+    return f"eval/rewards/{reward_names[0]}/mean"
+
+
+def summary_line(metric: str, before: dict | None, after: dict) -> str:
+    if metric == ACCURACY_METRIC:
+        label, fmt = "accuracy", lambda v: f"{100 * v:.1f}%"
+    else:
+        label, fmt = metric.split("/")[2], lambda v: f"{v:.3f}"
+
+    def show(metrics: dict | None) -> str:
+        value = None if metrics is None else metrics.get(metric)
+        return "n/a" if value is None or not math.isfinite(value) else fmt(value)
+
+    return f"held-out {label}: {show(before)} -> {show(after)}"
