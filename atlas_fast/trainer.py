@@ -40,6 +40,10 @@ from .rewards import combine_rewards, compute_rewards, prepare_reward_funcs, rew
 from .rollout import HFGenerator, SamplingParams, left_pad, resolve_rollout_func, right_pad
 
 
+# Curves drawn into output_dir/metrics.png at the end of training (absent keys are skipped).
+PLOT_KEYS = ("reward", "eval/reward", "kl", "entropy", "completions/mean_length")
+
+
 @dataclass
 class EvalPrediction:
     """What `compute_metrics` receives: one greedy completion per evaluation prompt."""
@@ -213,7 +217,7 @@ class GRPOTrainer:
         self._event("on_train_end")
         log_path = Path(c.output_dir) / "metrics.jsonl"
         if log_path.exists():
-            plot_metrics(log_path, Path(c.output_dir) / "metrics.png")
+            plot_metrics(log_path, Path(c.output_dir) / "metrics.png", keys=PLOT_KEYS)
         return self.state
 
     def _optimizer_step(self) -> dict:
@@ -258,6 +262,7 @@ class GRPOTrainer:
             temperature=c.temperature, beta=c.beta, epsilon_low=c.epsilon, epsilon_high=c.epsilon_high,
             delta=c.delta, loss_type=c.loss_type, importance_sampling_level=c.importance_sampling_level,
             max_completion_length=c.max_completion_length, use_bias_correction_kl=c.use_bias_correction_kl,
+            return_entropy=c.log_entropy,
             # num_items counts the whole generation batch; one optimizer step sees
             # gradient_accumulation_steps / steps_per_generation of it (TRL's normaliser).
             num_items=(mb.num_items * c.gradient_accumulation_steps / c.generation_steps

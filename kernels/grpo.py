@@ -25,6 +25,7 @@ from . import reference
 from ._dispatch import TRITON_DTYPES, next_pow2, use_triton
 from ._validation import LossConfig, check_loss_inputs, check_selective_inputs, loss_config
 from .logprobs import logprobs_backward, logprobs_forward
+from .reference import masked_mean
 
 MAX_BLOCK_T = 1024
 NUM_WARPS = 4
@@ -330,22 +331,23 @@ class GRPOLossFromLogits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, index, old_logps, ref_logps, advantages, mask, temperature, inplace, cfg,
-                max_completion_length, num_items):
+                max_completion_length, num_items, with_entropy):
         inv_temp = 1.0 / temperature
         mask_v = _mask_view(mask)
-        logits3, index_flat, logp, lse, _ = logprobs_forward(
-            logits, index, inv_temp, False, row_mask=mask_v.reshape(-1)
+        logits3, index_flat, logp, lse, ent = logprobs_forward(
+            logits, index, inv_temp, with_entropy, row_mask=mask_v.reshape(-1)
         )
         launch = _LossLaunch(logp.view(index.shape), old_logps, ref_logps, advantages, mask_v, cfg,
                              max_completion_length, num_items)
         out = launch.forward()
         ctx.save_for_backward(logits3, index_flat, lse)
         ctx.launch, ctx.meta = launch, (inv_temp, inplace, logits.shape)
-        ctx.mark_non_differentiable(out)
-        return out[LOSS].clone(), out
+        ent = ent.view(index.shape) if with_entropy else None  # for logging only: no gradient
+        ctx.mark_non_differentiable(out, *([ent] if with_entropy else []))
+        return out[LOSS].clone(), out, ent
 
     @staticmethod
-    def backward(ctx, g_loss, _g_out):
+    def backward(ctx, g_loss, _g_out, _g_ent):
         logits3, index_flat, lse = ctx.saved_tensors
         inv_temp, inplace, shape = ctx.meta
         dlogp = ctx.launch.backward(g_loss.contiguous(), torch.float32)
@@ -353,7 +355,7 @@ class GRPOLossFromLogits(torch.autograd.Function):
         dlogits = logprobs_backward(logits3, index_flat, lse, None, dlogp, None, inv_temp, inplace)
         if inplace:
             torch.autograd.graph.increment_version(logits3)
-        return dlogits.view(shape).detach(), None, None, None, None, None, None, None, None, None, None
+        return dlogits.view(shape).detach(), None, None, None, None, None, None, None, None, None, None, None
 
 
 def _stats(out: torch.Tensor, has_ref: bool) -> dict:
@@ -424,12 +426,15 @@ def grpo_loss_from_logits(
     max_completion_length: int | None = None,
     num_items: float | torch.Tensor | None = None,
     use_bias_correction_kl: bool = False,
+    return_entropy: bool = False,
     validate: bool = True,
 ):
     """GRPO loss straight from logits [B, T, V] (a strided view such as `out.logits[:, :-1]` is fine).
 
     Same options and return value as `grpo_loss`. The backward writes d(logits) into the logits
     buffer when `inplace_backward` (the default): do not reuse the logits after backward.
+    `return_entropy` adds stats["entropy"], the mean entropy of the tempered distribution over
+    the unmasked tokens, computed in the same sweep (no gradient; about +20% on the forward).
     """
     if validate:
         check_selective_inputs(logits, index, temperature)
@@ -441,12 +446,16 @@ def grpo_loss_from_logits(
                    use_bias_correction_kl=use_bias_correction_kl)
     tensors = (logits, old_logps, ref_logps, advantages)
     if not use_triton(*tensors) or any(t is not None and t.dtype not in TRITON_DTYPES for t in tensors):
-        logps = reference.selective_logprobs(logits, index, temperature=temperature, validate=False)
-        return reference.grpo_loss(logps, old_logps, ref_logps, advantages, mask, **options)
+        return reference.grpo_loss_from_logits(logits, index, old_logps, ref_logps, advantages, mask,
+                                               temperature=temperature, return_entropy=return_entropy, **options)
     # The token tensors are checked against a shape-only stand-in for the log-probs.
     check_loss_inputs(torch.empty(index.shape, device="meta"), old_logps, ref_logps, advantages, mask, beta)
     cfg = loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level,
                       use_bias_correction_kl)
-    loss, out = GRPOLossFromLogits.apply(logits, index, old_logps, ref_logps, advantages, mask, float(temperature),
-                                         inplace_backward, cfg, max_completion_length, num_items)
-    return loss, _stats(out, ref_logps is not None)
+    loss, out, entropy = GRPOLossFromLogits.apply(logits, index, old_logps, ref_logps, advantages, mask,
+                                                  float(temperature), inplace_backward, cfg, max_completion_length,
+                                                  num_items, return_entropy)
+    stats = _stats(out, ref_logps is not None)
+    if return_entropy:
+        stats["entropy"] = masked_mean(entropy, mask)
+    return loss, stats

@@ -185,8 +185,20 @@ def grpo_loss_from_logits(
     *,
     temperature: float = 1.0,
     inplace_backward: bool = True,
+    return_entropy: bool = False,
+    validate: bool = True,
     **loss_options,
 ):
     """GRPO loss straight from logits [B, T, V]: selective_logprobs followed by grpo_loss."""
-    logps = selective_logprobs(logits, index, temperature=temperature, inplace_backward=inplace_backward)
-    return grpo_loss(logps, old_logps, ref_logps, advantages, mask, **loss_options)
+    out = selective_logprobs(logits, index, temperature=temperature, inplace_backward=inplace_backward,
+                             return_entropy=return_entropy, validate=validate)
+    logps, entropy = out if return_entropy else (out, None)
+    loss, stats = grpo_loss(logps, old_logps, ref_logps, advantages, mask, **loss_options)
+    if return_entropy:
+        stats["entropy"] = masked_mean(entropy.detach(), mask)
+    return loss, stats
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1)

@@ -514,7 +514,7 @@ def test_nan_loss_stops_with_a_loadable_checkpoint_of_the_last_good_state(tmp_pa
 # ---------------------------------------------------------------------- 9. metrics
 TRL_KEYS = {
     "reward", "reward_std", "rewards/digit_reward/mean", "frac_reward_zero_std", "clip_ratio/low_mean",
-    "clip_ratio/high_mean", "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio",
+    "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy", "completions/mean_length", "completions/clipped_ratio",
     "num_tokens", "step_time", "tokens_per_sec", "learning_rate", "grad_norm", "loss",
 }
 

@@ -126,7 +126,8 @@ def test_from_logits_matches_reference_and_is_in_place(dtype, loss_type, level):
         lp0 = reference.selective_logprobs(base[:, :-1].double(), index, temperature=0.8).float()
     _, old, ref, adv, mask = make_batch(B, T, gen)
     old, ref = lp0 + (old - old.mean()) * 0.1, lp0 + 0.2
-    opts = dict(temperature=0.8, beta=0.04, loss_type=loss_type, importance_sampling_level=level, epsilon_high=0.28)
+    opts = dict(temperature=0.8, beta=0.04, loss_type=loss_type, importance_sampling_level=level, epsilon_high=0.28,
+                return_entropy=True)
 
     leaf = base.clone().requires_grad_()
     logits = leaf * 1
@@ -142,6 +143,8 @@ def test_from_logits_matches_reference_and_is_in_place(dtype, loss_type, level):
     tol = 1e-6 if dtype == torch.float32 else 5e-3
     torch.testing.assert_close(leaf.grad.double(), r_leaf.grad, atol=tol, rtol=1e-2)
     torch.testing.assert_close(stats["kl"].double(), rstats["kl"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(stats["entropy"].double(), rstats["entropy"], atol=1e-4, rtol=1e-5)
+    assert stats["entropy"] > 0 and not stats["entropy"].requires_grad
     assert logits.data_ptr() == ptr  # gradient written into the logits buffer
     assert (leaf.grad[~torch.cat([mask, torch.zeros(B, 1, dtype=torch.bool)], 1)] == 0).all()
 
