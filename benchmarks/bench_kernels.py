@@ -522,12 +522,13 @@ def loss_from_logits_case(x: LogitsInputs, peers: Peers) -> Case:
 
         return fn, (x.restore if inplace else None)
 
-    def ours(inplace):
+    def ours(inplace, entropy=False):
         def build():
             f = peers.our("grpo_loss_from_logits")
+            extra = {"return_entropy": True} if entropy else {}
             return rows(
                 lambda t: f(t, index, old, ref, adv, mask, temperature=TEMPERATURE,
-                            inplace_backward=inplace, validate=False, **LOSS_OPTIONS)[0],
+                            inplace_backward=inplace, validate=False, **extra, **LOSS_OPTIONS)[0],
                 inplace=inplace,
             )
         return build
@@ -558,6 +559,7 @@ def loss_from_logits_case(x: LogitsInputs, peers: Peers) -> Case:
     impls = [
         make_impl("ours_inplace", "ours, in-place backward", ours(True), "ours"),
         make_impl("ours", "ours, out-of-place backward", ours(False)),
+        make_impl("ours_entropy", "ours, in-place, + entropy metric", ours(True, entropy=True)),
         make_impl("eager", "eager reference", eager, "ref"),
         make_impl("trl", f"TRL path: {peers.trl_label} + reference.grpo_loss", trl_path),
         make_impl("liger_inplace", "Liger triton_grpo_loss, inplace=True", liger(True)),
