@@ -1,19 +1,20 @@
 """The GRPO clipped-surrogate loss with k3 KL, on token log-probs or fused with the logits.
 
-Design: one program per sequence walks its T tokens and emits six per-sequence sums
-(masked loss, KL, low/high/region clip counts, token count); a one-program finish kernel folds
-them into the scalar loss and the statistics. Loss types (grpo, bnpo, dr_grpo, dapo, cispo)
-differ only in what a row's sum is divided by, so the backward gives each row its weight and
-writes d(logp) per token. Three launches forward, one backward, no host sync: at small shapes
-the eager version's dozens of launches, not bytes, are what costs.
+Design: one program per sequence walks its T tokens and writes its sums (masked loss, KL,
+low/high/region clip counts, token count); whichever program finishes last folds them into the
+scalar loss and the statistics. Loss types (grpo, bnpo, dr_grpo, dapo, cispo) differ only in
+what a row's sum is divided by, so the backward gives each row its weight and writes d(logp)
+per token. One launch each way, no host sync: at small shapes the eager version's dozens of
+launches, not bytes, are what costs, and on a slow host even a Triton launch (~40 us) counts.
 
 GSPO (sequence-level importance sampling) needs the sequence's mean log-ratio before any token's
 loss: a first sweep over the row computes it. Its gradient reduces to the token formula with the
 sequence ratio in place of the token ratio (the 1/n of the mean cancels the n identical terms).
 
-`grpo_loss_from_logits` chains the selective log-prob kernels around this one: the logits are
-read once forward (rows of padding are skipped outright), once backward, and d(logits) is
-written into the logits buffer, so peak memory stays at the logits plus O(B*T) floats.
+`grpo_loss_from_logits` runs the selective log-prob sweep first (rows of padding are skipped
+outright), then the loss; its backward is a single launch in which each token program recomputes
+its own d(logp) and writes its row of d(logits), into the logits buffer by default. The logits
+are read twice and written once in all, and peak memory stays at the logits plus O(B*T) floats.
 """
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ import triton.language as tl
 from . import reference
 from ._dispatch import TRITON_DTYPES, next_pow2, use_triton
 from ._validation import LossConfig, check_loss_inputs, check_selective_inputs, loss_config
-from .logprobs import logprobs_backward, logprobs_forward
+from .logprobs import BWD_BLOCK_V, BWD_WARPS, _dlogits_row, _launch_config, logprobs_forward
 from .reference import masked_mean
 
 MAX_BLOCK_T = 1024
 NUM_WARPS = 4
-N_STATS = 6  # loss, kl, clip low, clip high, clip region, tokens
-LOSS, KL, LOW, HIGH, REGION, TOKENS = range(N_STATS)
+N_OUT = 6  # the folded result: loss, kl, clip low, clip high, clip region, normaliser
+LOSS, KL, LOW, HIGH, REGION, NORM = range(N_OUT)
 
 
 @triton.jit
@@ -103,13 +104,63 @@ def _sequence_log_ratio(lp_ptr, old_ptr, mask_ptr, row, T, s_lp, s_old, s_mask, 
     return tl.sum(acc, axis=0) / tl.maximum(tl.sum(cnt, axis=0), 1.0)
 
 
+# Per-sequence partial results, [B, ROW] float32, read by the fold and the backward. Columns:
+# 0 masked loss sum, 1 KL sum, 2 / 3 / 4 clipped-low / high / region counts, 5 tokens,
+# 6 the sequence log-ratio (GSPO), 7 padding (rows of 32 bytes).
+ROW = 8
+
+
+@triton.jit
+def _fold(rows_ptr, out_ptr, B, fixed_norm, KIND: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Fold the [B, ROW] row sums into out = [loss, kl, low, high, region, normaliser]."""
+    offs = tl.arange(0, BLOCK_B)
+    tot = tl.zeros([BLOCK_B], tl.float32)
+    kl = tl.zeros([BLOCK_B], tl.float32)
+    low = tl.zeros([BLOCK_B], tl.float32)
+    high = tl.zeros([BLOCK_B], tl.float32)
+    tok = tl.zeros([BLOCK_B], tl.float32)
+    seq_means = tl.zeros([BLOCK_B], tl.float32)
+    for start in range(0, B, BLOCK_B):
+        r = start + offs
+        inb = r < B
+        base = rows_ptr + r.to(tl.int64) * 8
+        # .cg: other programs wrote these rows; read them from L2, never from a stale L1 line.
+        loss_b = tl.load(base + 0, mask=inb, other=0.0, cache_modifier=".cg")
+        n_b = tl.load(base + 5, mask=inb, other=0.0, cache_modifier=".cg")
+        tot += loss_b
+        kl += tl.load(base + 1, mask=inb, other=0.0, cache_modifier=".cg")
+        low += tl.load(base + 2, mask=inb, other=0.0, cache_modifier=".cg")
+        high += tl.load(base + 3, mask=inb, other=0.0, cache_modifier=".cg")
+        tok += n_b
+        seq_means += loss_b / tl.maximum(n_b, 1.0)
+    ntok = tl.maximum(tl.sum(tok, axis=0), 1.0)
+    if KIND == 0:
+        norm = B * 1.0
+        loss = tl.sum(seq_means, axis=0) / B
+    else:
+        if HAS_NORM:
+            norm = tl.maximum(fixed_norm, 1.0)
+        else:
+            norm = ntok
+        loss = tl.sum(tot, axis=0) / norm
+    lo = tl.sum(low, axis=0) / ntok
+    hi = tl.sum(high, axis=0) / ntok
+    tl.store(out_ptr + 0, loss)
+    tl.store(out_ptr + 1, tl.sum(kl, axis=0) / ntok)
+    tl.store(out_ptr + 2, lo)
+    tl.store(out_ptr + 3, hi)
+    tl.store(out_ptr + 4, lo + hi)  # a token cannot be clipped low and high at once
+    tl.store(out_ptr + 5, norm)
+
+
 @triton.jit
 def _grpo_fwd_kernel(
-    lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, out_ptr,
-    T, s_lp, s_old, s_ref, s_mask,
-    beta, eps_low, eps_high, delta,
+    lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, rows_ptr, out_ptr, ticket_ptr,
+    B, T, s_lp, s_old, s_ref, s_mask,
+    beta, eps_low, eps_high, delta, fixed_norm,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_DELTA: tl.constexpr,
-    CISPO: tl.constexpr, SEQ: tl.constexpr, KL_IS: tl.constexpr, BLOCK_T: tl.constexpr,
+    CISPO: tl.constexpr, SEQ: tl.constexpr, KL_IS: tl.constexpr,
+    KIND: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     a = tl.load(adv_ptr + row).to(tl.float32)
@@ -139,67 +190,37 @@ def _grpo_fwd_kernel(
         low_acc += tl.where(m & (ratio < 1.0 - eps_low), a_neg, 0.0)
         high_acc += tl.where(m & (ratio > 1.0 + eps_high), a_pos, 0.0)
         tok_acc += m.to(tl.float32)
-    out = out_ptr + row * 6
-    tl.store(out + 0, tl.sum(loss_acc, axis=0))
-    tl.store(out + 1, tl.sum(kl_acc, axis=0))
+    out = rows_ptr + row * 8
     low = tl.sum(low_acc, axis=0)
     high = tl.sum(high_acc, axis=0)
+    tl.store(out + 0, tl.sum(loss_acc, axis=0))
+    tl.store(out + 1, tl.sum(kl_acc, axis=0))
     tl.store(out + 2, low)
     tl.store(out + 3, high)
-    tl.store(out + 4, low + high)  # a token cannot be clipped low and high at once
+    tl.store(out + 4, low + high)
     tl.store(out + 5, tl.sum(tok_acc, axis=0))
+    tl.store(out + 6, seq_lr)
+    # The program that takes the last ticket folds every row: one launch instead of two. The
+    # atomic is acq_rel, so each program's row stores are visible to whoever takes the last one.
+    if tl.atomic_add(ticket_ptr, 1) == B - 1:
+        _fold(rows_ptr, out_ptr, B, fixed_norm, KIND, HAS_NORM, BLOCK_B)
 
 
 @triton.jit
-def _row_weight(rows_ptr, out_ptr, row, B, KIND: tl.constexpr):
-    """d(loss)/d(row sum) for sequence `row`: what each loss type divides a row's sum by."""
+def _row_scale(rows_ptr, out_ptr, g_ptr, row, B, beta,
+               HAS_REF: tl.constexpr, SEQ: tl.constexpr, KL_IS: tl.constexpr, KIND: tl.constexpr):
+    """Per sequence: (d loss / d row sum, the sequence log-ratio, GSPO's KL-weight gradient term)."""
+    base = rows_ptr + row * 8
     if KIND == 0:  # grpo: mean over sequences of per-sequence token means
-        n = tl.load(rows_ptr + row * 6 + 5)
-        return 1.0 / (B * tl.maximum(n, 1.0))
-    return 1.0 / tl.load(out_ptr + 5)  # bnpo/dapo/cispo: token count; dr_grpo: B * L
-
-
-@triton.jit
-def _grpo_finish_kernel(rows_ptr, out_ptr, B, fixed_norm,
-                        KIND: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_B: tl.constexpr):
-    """One program folds the [B, 6] row sums into [loss, kl, low, high, region, normaliser]."""
-    offs = tl.arange(0, BLOCK_B)
-    tot = tl.zeros([BLOCK_B], tl.float32)
-    kl = tl.zeros([BLOCK_B], tl.float32)
-    low = tl.zeros([BLOCK_B], tl.float32)
-    high = tl.zeros([BLOCK_B], tl.float32)
-    tok = tl.zeros([BLOCK_B], tl.float32)
-    seq_means = tl.zeros([BLOCK_B], tl.float32)
-    for start in range(0, B, BLOCK_B):
-        r = start + offs
-        inb = r < B
-        base = rows_ptr + r.to(tl.int64) * 6
-        loss_b = tl.load(base + 0, mask=inb, other=0.0)
-        n_b = tl.load(base + 5, mask=inb, other=0.0)
-        tot += loss_b
-        kl += tl.load(base + 1, mask=inb, other=0.0)
-        low += tl.load(base + 2, mask=inb, other=0.0)
-        high += tl.load(base + 3, mask=inb, other=0.0)
-        tok += n_b
-        seq_means += loss_b / tl.maximum(n_b, 1.0)
-    ntok = tl.maximum(tl.sum(tok, axis=0), 1.0)
-    if KIND == 0:
-        norm = B * 1.0
-        loss = tl.sum(seq_means, axis=0) / B
-    else:
-        if HAS_NORM:
-            norm = tl.maximum(fixed_norm, 1.0)
-        else:
-            norm = ntok
-        loss = tl.sum(tot, axis=0) / norm
-    lo = tl.sum(low, axis=0) / ntok
-    hi = tl.sum(high, axis=0) / ntok
-    tl.store(out_ptr + 0, loss)
-    tl.store(out_ptr + 1, tl.sum(kl, axis=0) / ntok)
-    tl.store(out_ptr + 2, lo)
-    tl.store(out_ptr + 3, hi)
-    tl.store(out_ptr + 4, lo + hi)  # a token cannot be clipped low and high at once
-    tl.store(out_ptr + 5, norm)
+        weight = 1.0 / (B * tl.maximum(tl.load(base + 5), 1.0))
+    else:  # bnpo/dapo/cispo: the token normaliser; dr_grpo: B * L
+        weight = 1.0 / tl.load(out_ptr + 5)
+    seq_kl_term = 0.0
+    if SEQ and KL_IS and HAS_REF:
+        # A sequence ratio r = exp(mean log-ratio) moves every token's weighted KL: d/dlogp_t of
+        # beta * r * sum(kl) is beta * r * sum(kl) / n, and the forward stored r * sum(kl).
+        seq_kl_term = beta * tl.load(base + 1) / tl.maximum(tl.load(base + 5), 1.0)
+    return tl.load(g_ptr).to(tl.float32) * weight, tl.load(base + 6), seq_kl_term
 
 
 @triton.jit
@@ -212,16 +233,8 @@ def _grpo_bwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     a = tl.load(adv_ptr + row).to(tl.float32)
-    g = tl.load(g_ptr).to(tl.float32) * _row_weight(rows_ptr, out_ptr, row, B, KIND)
+    g, seq_lr, seq_kl_term = _row_scale(rows_ptr, out_ptr, g_ptr, row, B, beta, HAS_REF, SEQ, KL_IS, KIND)
     offs = tl.arange(0, BLOCK_T)
-    seq_lr = 0.0
-    if SEQ and HAS_OLD:
-        seq_lr = _sequence_log_ratio(lp_ptr, old_ptr, mask_ptr, row, T, s_lp, s_old, s_mask, BLOCK_T)
-    seq_kl_term = 0.0
-    if SEQ and KL_IS and HAS_REF:
-        # A sequence ratio r = exp(mean log-ratio) moves every token's weighted KL: d/dlogp_t of
-        # beta * r * sum(kl) is beta * r * sum(kl) / n, and the forward stored r * sum(kl).
-        seq_kl_term = beta * tl.load(rows_ptr + row * 6 + 1) / tl.maximum(tl.load(rows_ptr + row * 6 + 5), 1.0)
     for start in range(0, T, BLOCK_T):
         cols = start + offs
         m, lp, old, ref = _load_row(lp_ptr, old_ptr, ref_ptr, mask_ptr, row, cols, T,
@@ -234,6 +247,40 @@ def _grpo_bwd_kernel(
                                  KL_IS, SEQ)
         dloss += seq_kl_term
         tl.store(dlp_ptr + row * s_dlp + cols, tl.where(m, g * dloss, 0.0).to(dlp_ptr.dtype.element_ty), mask=cols < T)
+
+
+@triton.jit
+def _grpo_logits_bwd_kernel(
+    logits_ptr, stride_b, stride_t, dlogits_ptr, dstride_b, dstride_t, V, index_ptr, lse_ptr,
+    lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, rows_ptr, out_ptr, g_ptr,
+    B, T, s_old, s_ref, s_mask,
+    beta, eps_low, eps_high, delta, inv_temp,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_DELTA: tl.constexpr, CISPO: tl.constexpr,
+    SEQ: tl.constexpr, KL_IS: tl.constexpr, KIND: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One token per program: its d(logp) from the loss, then its row of d(logits), in one launch."""
+    tok = tl.program_id(0).to(tl.int64)
+    b = tok // T
+    t = tok % T
+    m = tl.load(mask_ptr + b * s_mask + t) != 0
+    g, seq_lr, seq_kl_term = _row_scale(rows_ptr, out_ptr, g_ptr, b, B, beta, HAS_REF, SEQ, KL_IS, KIND)
+    lp = tl.load(lp_ptr + tok)
+    old = lp
+    if HAS_OLD:
+        old = tl.load(old_ptr + b * s_old + t).to(tl.float32)
+    ref = lp
+    if HAS_REF:
+        ref = tl.load(ref_ptr + b * s_ref + t).to(tl.float32)
+    if SEQ:
+        ratio = tl.exp(seq_lr + 0.0 * lp)
+    else:
+        ratio = tl.exp(lp - old)
+    a = tl.load(adv_ptr + b).to(tl.float32)
+    _, dloss, _ = _surrogate(ratio, lp, ref, a, beta, eps_low, eps_high, delta, HAS_REF, HAS_DELTA, CISPO,
+                             KL_IS, SEQ)
+    g_tok = tl.where(m, g * (dloss + seq_kl_term), 0.0)
+    _dlogits_row(logits_ptr + b * stride_b + t * stride_t, dlogits_ptr + b * dstride_b + t * dstride_t, V,
+                 tl.load(index_ptr + tok), tl.load(lse_ptr + tok), 0.0, g_tok, 0.0, inv_temp, BLOCK_V, False)
 
 
 def _rowwise(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -252,7 +299,7 @@ _KINDS = {"grpo": 0, "bnpo": 1, "dapo": 1, "cispo": 1, "dr_grpo": 2}
 
 
 class _LossLaunch:
-    """Arguments shared by the launches of one loss call: rows, finish, backward."""
+    """Arguments shared by the launches of one loss call: forward (+ fold) and a backward."""
 
     def __init__(self, logps, old_logps, ref_logps, advantages, mask, cfg: LossConfig,
                  max_completion_length, num_items):
@@ -273,43 +320,66 @@ class _LossLaunch:
             self.norm = None
         self.rows = self.out = None
 
-    def _common(self):
+    def _flags(self) -> dict:
         c = self.cfg
-        old = self.old if self.old is not None else self.lp
-        ref = self.ref if self.ref is not None else self.lp
-        tensors = (self.lp, old, ref, self.adv, self.mask)
-        strides = (self.lp.stride(0), old.stride(0), ref.stride(0), self.mask.stride(0))
-        scalars = (c.beta, c.epsilon_low, c.epsilon_high, c.delta if c.delta is not None else 0.0)
-        flags = dict(
-            HAS_OLD=self.old is not None, HAS_REF=self.ref is not None, HAS_DELTA=c.delta is not None,
-            CISPO=c.loss_type == "cispo", SEQ=c.sequence_level, KL_IS=c.kl_bias_correction,
-            BLOCK_T=self.block, num_warps=NUM_WARPS,
-        )
-        return tensors, strides, scalars, flags
+        return dict(HAS_OLD=self.old is not None, HAS_REF=self.ref is not None, HAS_DELTA=c.delta is not None,
+                    CISPO=c.loss_type == "cispo", SEQ=c.sequence_level, KL_IS=c.kl_bias_correction, KIND=self.kind)
+
+    def _scalars(self) -> tuple:
+        c = self.cfg
+        return c.beta, c.epsilon_low, c.epsilon_high, c.delta if c.delta is not None else 0.0
 
     def forward(self) -> torch.Tensor:
         """Returns [loss, kl, clip low, clip high, clip region, normaliser] as one float32 vector."""
         dev = self.lp.device
-        self.rows = torch.empty(self.B, N_STATS, device=dev, dtype=torch.float32)
-        self.out = torch.empty(N_STATS, device=dev, dtype=torch.float32)
-        tensors, strides, scalars, flags = self._common()
-        if self.B:
-            _grpo_fwd_kernel[(self.B,)](*tensors, self.rows, self.T, *strides, *scalars, **flags)
-        _grpo_finish_kernel[(1,)](self.rows, self.out, self.B, self.norm or 0.0, KIND=self.kind,
-                                  HAS_NORM=self.norm is not None, BLOCK_B=min(next_pow2(max(self.B, 1)), 1024))
+        self.rows = torch.empty(self.B, ROW, device=dev, dtype=torch.float32)
+        if not self.B:
+            self.out = torch.zeros(N_OUT, device=dev, dtype=torch.float32)
+            return self.out
+        self.out = torch.empty(N_OUT, device=dev, dtype=torch.float32)
+        ticket = torch.zeros(1, device=dev, dtype=torch.int32)
+        old = self.old if self.old is not None else self.lp
+        ref = self.ref if self.ref is not None else self.lp
+        _grpo_fwd_kernel[(self.B,)](
+            self.lp, old, ref, self.adv, self.mask, self.rows, self.out, ticket,
+            self.B, self.T, self.lp.stride(0), old.stride(0), ref.stride(0), self.mask.stride(0),
+            *self._scalars(), self.norm or 0.0, **self._flags(), HAS_NORM=self.norm is not None,
+            BLOCK_T=self.block, BLOCK_B=min(next_pow2(self.B), 1024), num_warps=NUM_WARPS,
+        )
         return self.out
 
     def backward(self, g_loss: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """d(logps) [B, T] in `out_dtype`."""
         dlp = torch.empty(self.B, self.T, device=self.lp.device, dtype=out_dtype)
-        tensors, strides, scalars, flags = self._common()
+        old = self.old if self.old is not None else self.lp
+        ref = self.ref if self.ref is not None else self.lp
         if self.B:
-            _grpo_bwd_kernel[(self.B,)](*tensors, self.rows, self.out, g_loss, dlp, self.B, self.T, *strides,
-                                        dlp.stride(0), *scalars, KIND=self.kind, **flags)
+            _grpo_bwd_kernel[(self.B,)](
+                self.lp, old, ref, self.adv, self.mask, self.rows, self.out, g_loss, dlp,
+                self.B, self.T, self.lp.stride(0), old.stride(0), ref.stride(0), self.mask.stride(0), dlp.stride(0),
+                *self._scalars(), **self._flags(), BLOCK_T=self.block, num_warps=NUM_WARPS,
+            )
         return dlp
+
+    def backward_to_logits(self, g_loss, logits3, index_flat, lse, inv_temp, inplace) -> torch.Tensor:
+        """d(logits) straight from d(loss): each token's d(logp) is recomputed where it is used."""
+        B, T, V = logits3.shape
+        dlogits = logits3 if inplace else torch.empty(logits3.shape, device=logits3.device, dtype=logits3.dtype)
+        old = self.old if self.old is not None else self.lp
+        ref = self.ref if self.ref is not None else self.lp
+        block, warps = _launch_config(V, BWD_BLOCK_V, BWD_WARPS)
+        if B * T:
+            _grpo_logits_bwd_kernel[(B * T,)](
+                logits3, logits3.stride(0), logits3.stride(1), dlogits, dlogits.stride(0), dlogits.stride(1), V,
+                index_flat, lse, self.lp, old, ref, self.adv, self.mask, self.rows, self.out, g_loss,
+                self.B, self.T, old.stride(0), ref.stride(0), self.mask.stride(0),
+                *self._scalars(), inv_temp, **self._flags(), BLOCK_V=block, num_warps=warps,
+            )
+        return dlogits
 
 
 class GRPOLoss(torch.autograd.Function):
-    """The scalar loss (differentiable in logps) and the statistics vector, in three launches."""
+    """The scalar loss (differentiable in logps) and the statistics vector: one launch each way."""
 
     @staticmethod
     def forward(ctx, logps, old_logps, ref_logps, advantages, mask, cfg, max_completion_length, num_items):
@@ -327,7 +397,7 @@ class GRPOLoss(torch.autograd.Function):
 
 
 class GRPOLossFromLogits(torch.autograd.Function):
-    """selective_logprobs -> GRPOLoss in one node, so the backward goes straight to d(logits)."""
+    """selective_logprobs and GRPOLoss in one node: two launches forward, one backward."""
 
     @staticmethod
     def forward(ctx, logits, index, old_logps, ref_logps, advantages, mask, temperature, inplace, cfg,
@@ -350,10 +420,11 @@ class GRPOLossFromLogits(torch.autograd.Function):
     def backward(ctx, g_loss, _g_out, _g_ent):
         logits3, index_flat, lse = ctx.saved_tensors
         inv_temp, inplace, shape = ctx.meta
-        dlogp = ctx.launch.backward(g_loss.contiguous(), torch.float32)
+        dlogits = ctx.launch.backward_to_logits(g_loss.contiguous(), logits3, index_flat, lse, inv_temp, inplace)
         ctx.launch = None
-        dlogits = logprobs_backward(logits3, index_flat, lse, None, dlogp, None, inv_temp, inplace)
         if inplace:
+            # The logits buffer now holds gradients; bump its version so any other op that saved
+            # it for backward fails loudly instead of reading gradients as logits.
             torch.autograd.graph.increment_version(logits3)
         return dlogits.view(shape).detach(), None, None, None, None, None, None, None, None, None, None, None
 

@@ -76,6 +76,28 @@ def _logprobs_fwd_kernel(
 
 
 @triton.jit
+def _dlogits_row(base, dbase, V, idx, lse, h, g, g_h, inv_temp, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
+    """Write one row of d(logits) = (g * (onehot - p) - g_h * p * (x - lse + H)) / T."""
+    offs = tl.arange(0, BLOCK_V)
+    if (g == 0.0) & (g_h == 0.0):
+        # Masked tokens get no gradient: write zeros without reading the row.
+        zeros = tl.zeros([BLOCK_V], tl.float32).to(dbase.dtype.element_ty)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            tl.store(dbase + cols, zeros, mask=cols < V)
+    else:
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            valid = cols < V
+            x = tl.load(base + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
+            p = tl.exp(x - lse)
+            d = g * (tl.where(cols == idx, 1.0, 0.0) - p)
+            if WITH_ENTROPY:
+                d -= g_h * p * tl.where(p > 0, x - lse + h, 0.0)
+            tl.store(dbase + cols, (d * inv_temp).to(dbase.dtype.element_ty), mask=valid)
+
+
+@triton.jit
 def _logprobs_bwd_kernel(
     logits_ptr, stride_b, stride_t,
     dlogits_ptr, dstride_b, dstride_t,
@@ -87,32 +109,14 @@ def _logprobs_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
     dbase = dlogits_ptr + (row // T) * dstride_b + (row % T) * dstride_t
-    offs = tl.arange(0, BLOCK_V)
     g = tl.load(g_logp_ptr + row).to(tl.float32)
     g_h = 0.0
-    if WITH_ENTROPY:
-        g_h = tl.load(g_ent_ptr + row).to(tl.float32)
-    if (g == 0.0) & (g_h == 0.0):
-        # Masked tokens get no gradient: write zeros without reading the row.
-        zeros = tl.zeros([BLOCK_V], tl.float32)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            tl.store(dbase + cols, zeros.to(dlogits_ptr.dtype.element_ty), mask=cols < V)
-        return
-    lse = tl.load(lse_ptr + row)
     h = 0.0
     if WITH_ENTROPY:
+        g_h = tl.load(g_ent_ptr + row).to(tl.float32)
         h = tl.load(ent_ptr + row)
-    idx = tl.load(index_ptr + row)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        valid = cols < V
-        x = tl.load(base + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
-        p = tl.exp(x - lse)
-        d = g * (tl.where(cols == idx, 1.0, 0.0) - p)
-        if WITH_ENTROPY:
-            d -= g_h * p * tl.where(p > 0, x - lse + h, 0.0)
-        tl.store(dbase + cols, (d * inv_temp).to(dlogits_ptr.dtype.element_ty), mask=valid)
+    _dlogits_row(base, dbase, V, tl.load(index_ptr + row), tl.load(lse_ptr + row), h, g, g_h, inv_temp,
+                 BLOCK_V, WITH_ENTROPY)
 
 
 def _as_rows(logits: torch.Tensor) -> torch.Tensor:
