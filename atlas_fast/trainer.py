@@ -262,7 +262,7 @@ class GRPOTrainer:
             temperature=c.temperature, beta=c.beta, epsilon_low=c.epsilon, epsilon_high=c.epsilon_high,
             delta=c.delta, loss_type=c.loss_type, importance_sampling_level=c.importance_sampling_level,
             max_completion_length=c.max_completion_length, use_bias_correction_kl=c.use_bias_correction_kl,
-            return_entropy=c.log_entropy,
+            return_entropy=c.log_entropy, validate=False,  # ids were range-checked at rollout
             # num_items counts the whole generation batch; one optimizer step sees
             # gradient_accumulation_steps / steps_per_generation of it (TRL's normaliser).
             num_items=(mb.num_items * c.gradient_accumulation_steps / c.generation_steps
@@ -358,10 +358,18 @@ class GRPOTrainer:
             out = out["completion_ids"] if isinstance(out, dict) else out
             if len(out) != len(prompts):
                 raise ValueError(f"rollout_func returned {len(out)} completions for {len(prompts)} prompts")
-            return [list(map(int, ids))[: c.max_completion_length] for ids in out]
-        sampling = SamplingParams(max_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
-                                  top_k=c.top_k, min_p=c.min_p, repetition_penalty=c.repetition_penalty)
-        return self.engine.generate(prompt_ids, sampling)
+            completion_ids = [list(map(int, ids))[: c.max_completion_length] for ids in out]
+        else:
+            sampling = SamplingParams(max_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
+                                      top_k=c.top_k, min_p=c.min_p, repetition_penalty=c.repetition_penalty)
+            completion_ids = self.engine.generate(prompt_ids, sampling)
+        # Checked here, on host lists, so the log-prob kernels can skip their range check (a
+        # device sync per micro-batch) and an id past the vocabulary never reaches a gather.
+        vocab = self.model.config.vocab_size
+        bad = sorted({i for ids in completion_ids for i in ids if not 0 <= i < vocab})
+        if bad:
+            raise ValueError(f"completion ids outside the model's vocabulary of {vocab}: {bad[:5]}")
+        return completion_ids
 
     @torch.no_grad()
     def _rollout_logps(self, batch: MicroBatch):
@@ -386,7 +394,8 @@ class GRPOTrainer:
             mb = batch.slice(slice(i, i + size))
             with self._autocast():
                 logits = completion_logits(model, mb)
-                out.append(self.kernels.selective_logprobs(logits, mb.completion_ids, temperature=self.args.temperature))
+                out.append(self.kernels.selective_logprobs(logits, mb.completion_ids, temperature=self.args.temperature,
+                                                           validate=False))
         return torch.cat(out)
 
     # ------------------------------------------------------------------ evaluation

@@ -480,6 +480,13 @@ def test_rollout_func_wrong_count(tmp_path, tok):
         trainer.train()
 
 
+def test_completion_ids_outside_the_vocabulary_are_named(tmp_path, tok):
+    too_big = len(tok) + 7  # tiny_model's vocabulary is the tokenizer's
+    trainer = trainer_for(tmp_path, tok, trainer_kwargs=dict(rollout_func=lambda prompts, trainer: [[5, too_big]] * 8))
+    with pytest.raises(ValueError, match=f"outside the model's vocabulary of {len(tok)}: \\[{too_big}\\]"):
+        trainer.train()
+
+
 def test_nan_loss_stops_with_a_loadable_checkpoint_of_the_last_good_state(tmp_path, tok):
     model = tiny_model(tok)
     poison = {"on": False}
