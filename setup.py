@@ -19,9 +19,10 @@ setup(
     python_requires=">=3.10",
     # `kernels/` installs as `atlas_kernels`: a top-level `kernels` module would shadow
     # Hugging Face's `kernels` distribution, which transformers probes on import.
-    packages=["atlas_fast", "atlas_fast.demo", "atlas_kernels"],
-    package_dir={"atlas_kernels": "kernels"},
-    package_data={"atlas_fast.demo": ["assets/*", "assets/*/*"]},
+    packages=["atlas_fast", "atlas_fast.demo", "atlas_fast.configs", "atlas_kernels"],
+    # The Hydra configs ship inside the package so a non-editable install finds them too.
+    package_dir={"atlas_kernels": "kernels", "atlas_fast.configs": "configs"},
+    package_data={"atlas_fast.demo": ["assets/*", "assets/*/*"], "atlas_fast.configs": ["*.yaml", "*/*.yaml"]},
     include_package_data=True,
     install_requires=requirements("base.txt"),
     extras_require={

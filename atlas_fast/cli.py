@@ -145,16 +145,18 @@ def explain(err: Exception) -> str:
 # ---------------------------------------------------------------------- composing
 def config_dir(explicit: Path | None = None) -> Path:
     """The folder holding train.yaml: --config-dir, else $ATLAS_FAST_CONFIG_DIR, else the
-    repository's configs/ (the package is installed in editable mode from a checkout)."""
+    repository's configs/ (editable install from a checkout), else the copy installed with the
+    package (setup.py ships configs/ as atlas_fast/configs)."""
+    here = Path(__file__).resolve().parent
     candidates = [("--config-dir", explicit), (CONFIG_DIR_ENV, os.environ.get(CONFIG_DIR_ENV) or None),
-                  ("the source checkout", Path(__file__).resolve().parent.parent / "configs")]
+                  ("the source checkout", here.parent / "configs"), ("the installed package", here / "configs")]
     for origin, path in candidates:
         if path is None:
             continue
         path = Path(path).expanduser().resolve()
         if (path / f"{CONFIG_NAME}.yaml").is_file():
             return path
-        if origin != "the source checkout":  # an explicit choice that is wrong must not fall through
+        if origin in ("--config-dir", CONFIG_DIR_ENV):  # an explicit choice that is wrong must not fall through
             raise ConfigError(f"{origin}: {path} holds no {CONFIG_NAME}.yaml")
     raise ConfigError(f"cannot find the configs folder ({CONFIG_NAME}.yaml); pass --config-dir or set {CONFIG_DIR_ENV}")
 
