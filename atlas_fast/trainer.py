@@ -106,10 +106,10 @@ class GRPOTrainer:
         self.max_steps = self._resolve_max_steps()
 
         self.optimizer, self.lr_scheduler = optimizers
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
         if self.optimizer is None:
-            params = [p for p in self.model.parameters() if p.requires_grad]
             self.optimizer = torch.optim.AdamW(
-                params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                self._trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                 eps=config.adam_epsilon, weight_decay=config.weight_decay,
                 fused=self.device.type == "cuda",  # one kernel for all parameters on GPU
             )
@@ -235,9 +235,8 @@ class GRPOTrainer:
             tokens += int(mb.attention_mask.sum())
             for k, v in {"loss": loss.detach(), **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)  # host sync, once per micro-batch, for logging
-        params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, max_norm)
         lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step uses, before the schedule advances
         self.optimizer.step()
         self.lr_scheduler.step()

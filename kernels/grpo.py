@@ -25,7 +25,7 @@ import triton.language as tl
 from . import reference
 from ._dispatch import TRITON_DTYPES, next_pow2, use_triton
 from ._validation import LossConfig, check_loss_inputs, check_selective_inputs, loss_config
-from .logprobs import BWD_BLOCK_V, BWD_WARPS, _dlogits_row, _launch_config, logprobs_forward
+from .logprobs import BWD_BLOCK_V, BWD_WARPS, _dlogits_row, _launch_config, logprobs_forward, mark_overwritten
 from .reference import masked_mean
 
 MAX_BLOCK_T = 1024
@@ -306,6 +306,9 @@ class _LossLaunch:
         self.lp = _rowwise(logps)
         self.old = _rowwise(old_logps)
         self.ref = _rowwise(ref_logps)
+        # Absent inputs pass the log-probs as a stand-in pointer; HAS_OLD / HAS_REF keep it unread.
+        self.old_arg = self.old if self.old is not None else self.lp
+        self.ref_arg = self.ref if self.ref is not None else self.lp
         self.adv = advantages.contiguous()
         self.mask = _mask_view(mask)
         self.cfg = cfg
@@ -338,8 +341,7 @@ class _LossLaunch:
             return self.out
         self.out = torch.empty(N_OUT, device=dev, dtype=torch.float32)
         ticket = torch.zeros(1, device=dev, dtype=torch.int32)
-        old = self.old if self.old is not None else self.lp
-        ref = self.ref if self.ref is not None else self.lp
+        old, ref = self.old_arg, self.ref_arg
         _grpo_fwd_kernel[(self.B,)](
             self.lp, old, ref, self.adv, self.mask, self.rows, self.out, ticket,
             self.B, self.T, self.lp.stride(0), old.stride(0), ref.stride(0), self.mask.stride(0),
@@ -351,8 +353,7 @@ class _LossLaunch:
     def backward(self, g_loss: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """d(logps) [B, T] in `out_dtype`."""
         dlp = torch.empty(self.B, self.T, device=self.lp.device, dtype=out_dtype)
-        old = self.old if self.old is not None else self.lp
-        ref = self.ref if self.ref is not None else self.lp
+        old, ref = self.old_arg, self.ref_arg
         if self.B:
             _grpo_bwd_kernel[(self.B,)](
                 self.lp, old, ref, self.adv, self.mask, self.rows, self.out, g_loss, dlp,
@@ -365,8 +366,7 @@ class _LossLaunch:
         """d(logits) straight from d(loss): each token's d(logp) is recomputed where it is used."""
         B, T, V = logits3.shape
         dlogits = logits3 if inplace else torch.empty(logits3.shape, device=logits3.device, dtype=logits3.dtype)
-        old = self.old if self.old is not None else self.lp
-        ref = self.ref if self.ref is not None else self.lp
+        old, ref = self.old_arg, self.ref_arg
         block, warps = _launch_config(V, BWD_BLOCK_V, BWD_WARPS)
         if B * T:
             _grpo_logits_bwd_kernel[(B * T,)](
@@ -423,9 +423,7 @@ class GRPOLossFromLogits(torch.autograd.Function):
         dlogits = ctx.launch.backward_to_logits(g_loss.contiguous(), logits3, index_flat, lse, inv_temp, inplace)
         ctx.launch = None
         if inplace:
-            # The logits buffer now holds gradients; bump its version so any other op that saved
-            # it for backward fails loudly instead of reading gradients as logits.
-            torch.autograd.graph.increment_version(logits3)
+            mark_overwritten(logits3)
         return dlogits.view(shape).detach(), None, None, None, None, None, None, None, None, None, None, None
 
 

@@ -177,6 +177,12 @@ def logprobs_backward(logits3, index_flat, lse, ent, g_logp, g_ent, inv_temp, in
     return dlogits
 
 
+def mark_overwritten(logits: torch.Tensor) -> None:
+    """The logits buffer now holds gradients: bump its version so any other op that saved it for
+    backward fails loudly instead of reading gradients as logits."""
+    torch.autograd.graph.increment_version(logits)
+
+
 class SelectiveLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, index, temperature, return_entropy, inplace_backward):
@@ -201,9 +207,7 @@ class SelectiveLogprobs(torch.autograd.Function):
             g_ent = torch.zeros_like(lse)
         dlogits = logprobs_backward(logits3, index_flat, lse, ent, g_logp, g_ent, inv_temp, inplace)
         if inplace:
-            # The logits buffer now holds gradients; bump its version so any other op that saved
-            # it for backward fails loudly instead of reading gradients as logits.
-            torch.autograd.graph.increment_version(logits3)
+            mark_overwritten(logits3)
         return dlogits.view(shape).detach(), None, None, None, None
 
 
