@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 here = Path(__file__).parent
 
@@ -8,6 +8,15 @@ here = Path(__file__).parent
 def requirements(name):
     lines = (here / "requirements" / name).read_text().splitlines()
     return [l.split("#")[0].strip() for l in lines if l.strip() and not l.startswith(("#", "-r"))]
+
+
+def config_packages():
+    root = here / "configs"
+    subdirs = sorted(str(p.relative_to(root)).replace("/", ".") for p in root.rglob("*") if p.is_dir())
+    return ["atlas_fast.configs"] + [f"atlas_fast.configs.{d}" for d in subdirs if "__pycache__" not in d]
+
+
+CONFIG_PACKAGES = config_packages()
 
 
 setup(
@@ -19,11 +28,13 @@ setup(
     python_requires=">=3.10",
     # `kernels/` installs as `atlas_kernels`: a top-level `kernels` module would shadow
     # Hugging Face's `kernels` distribution, which transformers probes on import.
-    packages=["atlas_fast", "atlas_fast.demo", "atlas_fast.configs", "atlas_kernels"],
-    # The Hydra configs ship inside the package so a non-editable install finds them too.
+    # The Hydra configs ship inside the package (atlas_fast.configs) so a non-editable install finds
+    # them too. Every folder that holds files is declared as a package, so setuptools neither warns
+    # about data folders nor drops them.
+    packages=find_packages(include=["atlas_fast", "atlas_fast.*"]) + ["atlas_kernels"] + CONFIG_PACKAGES,
     package_dir={"atlas_kernels": "kernels", "atlas_fast.configs": "configs"},
-    package_data={"atlas_fast.demo": ["assets/*", "assets/*/*"], "atlas_fast.configs": ["*.yaml", "*/*.yaml"]},
-    include_package_data=True,
+    package_data={"atlas_fast.demo": ["assets/*", "assets/*/*"], **{p: ["*.yaml"] for p in CONFIG_PACKAGES}},
+    include_package_data=False,
     install_requires=requirements("base.txt"),
     extras_require={
         "test": requirements("test.txt"),

@@ -20,8 +20,9 @@ from typing import Any
 
 from atlas_kernels._validation import IS_LEVELS, LOSS_TYPES, SCALES
 
+from .rollout import BACKENDS as ROLLOUT_BACKENDS
+
 LR_SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
-GENERATION_BACKENDS = ("hf",)
 
 
 @dataclass
@@ -50,7 +51,7 @@ class GRPOConfig:
     top_k: int = 0  # 0 disables
     min_p: float | None = None
     repetition_penalty: float = 1.0
-    generation_backend: str = "hf"
+    rollout_backend: str = "hf"  # atlas_fast.rollout: hf, engine, vllm_server, vllm
     rollout_func: Any = None  # callable or "module:function"; replaces generation
     # -- objective --------------------------------------------------------------------------
     beta: float = 0.0
@@ -160,8 +161,8 @@ class GRPOConfig:
         need(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         need(0 <= self.ref_model_mixup_alpha <= 1, f"ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}")
         need(self.ref_model_sync_steps >= 1, f"ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}")
-        need(self.generation_backend in GENERATION_BACKENDS,
-             f"generation_backend must be one of {GENERATION_BACKENDS}, got {self.generation_backend!r}")
+        need(self.rollout_backend in ROLLOUT_BACKENDS,
+             f"rollout_backend must be one of {ROLLOUT_BACKENDS}, got {self.rollout_backend!r}")
         for name in ("eval_steps", "save_steps", "save_total_limit", "eval_max_samples"):
             value = getattr(self, name)
             need(value is None or (isinstance(value, int) and value >= 1), f"{name} must be a positive integer or None, got {value!r}")

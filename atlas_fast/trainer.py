@@ -37,7 +37,7 @@ from .memory import enable_gradient_checkpointing, on_device
 from .metrics import MetricsLogger, format_metrics, plot_metrics
 from .modeling import load_causal_lm, load_tokenizer
 from .rewards import combine_rewards, compute_rewards, prepare_reward_funcs, reward_metrics
-from .rollout import HFGenerator, SamplingParams, left_pad, resolve_rollout_func, right_pad
+from .rollout import FINISH_STOP, SamplingParams, build_backend, left_pad, resolve_rollout_func, right_pad, stop_ids
 
 
 # Curves drawn into output_dir/metrics.png at the end of training (absent keys are skipped).
@@ -118,7 +118,7 @@ class GRPOTrainer:
                                                int(config.warmup_ratio * self.max_steps), self.max_steps)
 
         self.rollout_func = resolve_rollout_func(rollout_func if rollout_func is not None else config.rollout_func)
-        self.engine = HFGenerator(self.model, self.tokenizer, batch_size=None)
+        self.rollout = build_backend(config.rollout_backend, self.model, self.tokenizer, **self._rollout_options())
         self.kernels = atlas_kernels if config.use_kernels else kernels_reference
         self.compute_metrics = compute_metrics
         self.callbacks = list(callbacks or [])
@@ -149,6 +149,10 @@ class GRPOTrainer:
         if not source:
             raise ValueError("pass a tokenizer: it cannot be inferred from a model built in memory")
         return load_tokenizer(source, self.args.trust_remote_code)
+
+    def _rollout_options(self) -> dict:
+        """The chosen backend's keyword arguments, read from the config in this one place."""
+        return {}
 
     def _reference_model(self, ref_model):
         if self.args.beta == 0.0:
@@ -241,6 +245,7 @@ class GRPOTrainer:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.rollout.update_weights(self.model)  # free for in-place backends; a push for servers
         self._num_tokens += tokens
         metrics = {k: v / c.gradient_accumulation_steps for k, v in sums.items()}
         metrics["loss"] = sums["loss"]  # the accumulated objective, already scaled per micro-batch
@@ -295,10 +300,11 @@ class GRPOTrainer:
             self.on_epoch_begin()
             self._event("on_epoch_begin")
         self._epochs_ended += len(self.sampler.epochs_ended)
+        unique_ids = self._tokenize_prompts([row["prompt"] for row in rows])
         rows = [row for row in rows for _ in range(G)]  # each prompt G times, groups contiguous
         prompts = [row["prompt"] for row in rows]
-        prompt_ids = self._tokenize_prompts(prompts)
-        completion_ids = self._generate(prompts, prompt_ids)
+        prompt_ids = [ids for ids in unique_ids for _ in range(G)]
+        completion_ids, finished = self._generate(prompts, unique_ids)
 
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         completions = [[{"role": "assistant", "content": t}] if is_conversational(p) else t
@@ -311,8 +317,7 @@ class GRPOTrainer:
 
         p_ids, p_mask = left_pad(prompt_ids, self.tokenizer.pad_token_id)
         c_ids, c_mask = right_pad(completion_ids, self.tokenizer.pad_token_id)
-        eos = self.engine.eos_ids
-        finished = torch.tensor([bool(ids) and ids[-1] in eos for ids in completion_ids])
+        finished = torch.tensor(finished, dtype=torch.bool)
         if c.mask_truncated_completions:
             c_mask = c_mask * finished[:, None].long()
         batch = MicroBatch(
@@ -350,7 +355,8 @@ class GRPOTrainer:
         limit = self.args.max_prompt_length
         return [ids[-limit:] if limit else ids for ids in enc]  # keep the end: it holds the question
 
-    def _generate(self, prompts: list, prompt_ids: list[list[int]]) -> list[list[int]]:
+    def _generate(self, prompts: list, unique_prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[bool]]:
+        """G completions per prompt (`prompts` is already repeated G times) and whether each finished."""
         c = self.args
         if self.rollout_func is not None:
             out = self.rollout_func(prompts, self)
@@ -358,17 +364,26 @@ class GRPOTrainer:
             if len(out) != len(prompts):
                 raise ValueError(f"rollout_func returned {len(out)} completions for {len(prompts)} prompts")
             completion_ids = [list(map(int, ids))[: c.max_completion_length] for ids in out]
+            eos = self.rollout_stop_ids
+            finished = [bool(ids) and ids[-1] in eos for ids in completion_ids]
         else:
-            sampling = SamplingParams(max_tokens=c.max_completion_length, temperature=c.temperature, top_p=c.top_p,
-                                      top_k=c.top_k, min_p=c.min_p, repetition_penalty=c.repetition_penalty)
-            completion_ids = self.engine.generate(prompt_ids, sampling)
+            sampling = SamplingParams(max_tokens=c.max_completion_length, n=c.num_generations,
+                                      temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, min_p=c.min_p or 0.0,
+                                      repetition_penalty=c.repetition_penalty)
+            out = self.rollout.generate(unique_prompt_ids, sampling)
+            completion_ids = out.completion_ids
+            finished = [r == FINISH_STOP for r in out.finish_reasons]
         # Checked here, on host lists, so the log-prob kernels can skip their range check (a
         # device sync per micro-batch) and an id past the vocabulary never reaches a gather.
         vocab = self.model.config.vocab_size
         bad = sorted({i for ids in completion_ids for i in ids if not 0 <= i < vocab})
         if bad:
             raise ValueError(f"completion ids outside the model's vocabulary of {vocab}: {bad[:5]}")
-        return completion_ids
+        return completion_ids, finished
+
+    @property
+    def rollout_stop_ids(self) -> set[int]:
+        return stop_ids(self.tokenizer, self.model)
 
     @torch.no_grad()
     def _rollout_logps(self, batch: MicroBatch):
@@ -409,9 +424,10 @@ class GRPOTrainer:
             rows = rows[: c.eval_max_samples]
         prompts = [r["prompt"] for r in rows]
         prompt_ids = self._tokenize_prompts(prompts)
-        greedy = SamplingParams(max_tokens=c.max_completion_length, greedy=True)
-        engine = HFGenerator(self.model, self.tokenizer, batch_size=c.per_device_eval_batch_size)
-        completion_ids = engine.generate(prompt_ids, greedy)
+        greedy = SamplingParams(max_tokens=c.max_completion_length, temperature=0.0)
+        completion_ids = []
+        for i in range(0, len(prompt_ids), c.per_device_eval_batch_size):
+            completion_ids += self.rollout.generate(prompt_ids[i : i + c.per_device_eval_batch_size], greedy).completion_ids
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         completions = [[{"role": "assistant", "content": t}] if is_conversational(p) else t
                        for p, t in zip(prompts, texts)]
