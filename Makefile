@@ -4,7 +4,7 @@ VENV ?= $(HOME)/.cache/atlas-fast/venv-$(REQ_HASH)
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -q
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean wheels
 
 $(VENV)/.complete: requirements/base.txt requirements/test.txt
 	rm -rf $(VENV)
@@ -29,3 +29,11 @@ bench: setup
 
 clean:
 	rm -rf outputs build *.egg-info .pytest_cache
+
+# Pure-Python peers for a GPU machine without network (python 3.12 image): carried as .whl/.
+GPU_PEERS := trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 \
+	liger-kernel==0.8.5 cut-cross-entropy==25.1.1 hydra-core==1.3.8 omegaconf==2.3.0
+wheels:
+	mkdir -p .whl
+	pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl $(GPU_PEERS)
+	pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3

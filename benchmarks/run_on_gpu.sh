@@ -14,29 +14,8 @@ OUT="${OUT:-/tmp/bench_out}"
 PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
 
-# 1. The carried wheels (pure python) into a scratch site dir; no resolver, no network.
-SITE=/tmp/site
-rm -rf "$SITE" && mkdir -p "$SITE"
-shopt -s nullglob
-wheels=(.whl/*.whl)
-if ((${#wheels[@]})); then
-    if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "${wheels[@]}"; then
-        echo "pip unavailable or failed; unpacking the wheels instead" >&2
-        for w in "${wheels[@]}"; do "$PY" -m zipfile -e "$w" "$SITE"; done
-    fi
-else
-    echo "no wheels in .whl/: the TRL and Liger rows will read n/a" >&2
-fi
-
-# 2. The repo maps folder kernels/ to package atlas_kernels (setup.py package_dir). Link it under
-#    its package name instead of putting the repo root on the path: a top-level `kernels` module
-#    would shadow Hugging Face's `kernels` package, which transformers probes on import.
-PKGS=/tmp/pkgs
-mkdir -p "$PKGS"
-ln -sfn "$REPO/kernels" "$PKGS/atlas_kernels"
-ln -sfn "$REPO/atlas_fast" "$PKGS/atlas_fast"
-export PYTHONPATH="$PKGS:$SITE${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
+# 1-2. Carried peers and the two import packages.
+source benchmarks/gpu_env.sh
 
 # 3. What ran where (read-only queries).
 {
