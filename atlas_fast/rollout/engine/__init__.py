@@ -1,0 +1,255 @@
+"""The `engine` rollout backend: our own decoder over the policy's own parameters.
+
+    generate(prompts [P], n) = prefill each prompt once -> fan its KV out to its n cache rows
+                               -> sample token 0 -> decode steps (CUDA graphs) until done
+
+No weights are copied: the forward calls the model's modules (LoRA wrappers included), so an
+optimizer step is visible at the next `generate` and `update_weights` has nothing to do. Sampling
+runs on the device; the host looks at which sequences finished only every `check_every` steps,
+and then moves the live ones into a smaller batch bucket when they fit one.
+
+Modules: model.py (the forward over HF modules), attention.py (rope, SDPA prefill/decode),
+cache.py (the KV cache), batch.py (per-sequence decode state), sampling.py, graphs.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Sequence
+
+import torch
+
+from .. import FINISH_LENGTH, FINISH_STOP, RolloutOutput, SamplingParams, right_pad, stop_ids
+from .batch import DecodeBatch, compact, new_batch
+from .cache import KVCache
+from .graphs import DecodeGraphs, batch_bucket, round_up
+from .model import Decoder, decode_logits, prefill_logits, resolve_decoder, rope_table
+from .sampling import sample
+
+__all__ = ["EngineBackend"]
+
+
+class EngineBackend:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, dtype: torch.dtype | str | None = None,
+                 cuda_graphs: bool = True, check_every: int = 8, span_step: int = 256,
+                 prefill_tokens: int = 16384, max_rows: int = 0, max_length: int = 0):
+        """dtype: compute dtype (default bf16 on CUDA, the parameters' dtype elsewhere); float32
+        parameters then run under autocast. check_every: decode steps between looks at which
+        sequences finished (each look is a host sync). span_step: the attention span's rounding
+        under CUDA graphs (one graph per span; 256 wastes at most 255 positions of KV reads).
+        prefill_tokens: padded prompt tokens per prefill forward. max_rows / max_length: size the
+        KV cache up front (it grows on demand otherwise)."""
+        if check_every < 1 or span_step < 1 or prefill_tokens < 1:
+            raise ValueError("EngineBackend: check_every, span_step and prefill_tokens must be >= 1")
+        self.tokenizer = tokenizer
+        self.dtype_option = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.cuda_graphs = cuda_graphs
+        self.check_every = check_every
+        self.span_step = span_step
+        self.prefill_tokens = prefill_tokens
+        self.reserve = (max_rows, max_length)
+        self.cache: KVCache | None = None
+        self.graphs: DecodeGraphs | None = None
+        self.rope = None
+        self._bind(model)
+
+    # ------------------------------------------------------------------ weights and resources
+    def _bind(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.dec: Decoder = resolve_decoder(model)  # clear error for unsupported architectures
+        self.eos_ids = stop_ids(self.tokenizer, model)
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
+        self._param_ptrs = self._pointers()
+        self.graphs = None
+
+    def _pointers(self) -> tuple[int, ...]:
+        return tuple(p.data_ptr() for p in self.model.parameters())
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Free: the engine reads the parameters in place. Only a new model object, or parameters
+        moved to new storage (`.to()`, `load_state_dict(assign=True)`), drops the captured graphs."""
+        if model is not self.model:
+            self._bind(model)
+        elif self._pointers() != self._param_ptrs:
+            self._param_ptrs = self._pointers()
+            self.graphs = None
+
+    def close(self) -> None:
+        self.cache = self.graphs = self.rope = None
+
+    # ------------------------------------------------------------------ generate
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingParams) -> RolloutOutput:
+        prompts = [list(map(int, p)) for p in prompt_ids]
+        self._check_prompts(prompts)
+        if not prompts:
+            return RolloutOutput([], [], [] if sampling.logprobs else None)
+        model = self.model
+        was_training = model.training
+        model.eval()  # no dropout (LoRA's included) while sampling
+        start = time.perf_counter()
+        try:
+            with self._precision():
+                tokens, logps, steps, compactions = self._generate(prompts, sampling)
+        finally:
+            model.train(was_training)
+        out = self._collect(tokens, logps, sampling)
+        out.metrics.update({"engine/seconds": time.perf_counter() - start, "engine/decode_steps": float(steps),
+                            "engine/compactions": float(compactions)})
+        return out
+
+    def _generate(self, prompts: list[list[int]], sampling: SamplingParams):
+        dec, n, T = self.dec, sampling.n, sampling.max_tokens
+        P, N = len(prompts), len(prompts) * sampling.n
+        device = self._device()
+        lens = [len(p) for p in prompts]
+        size = batch_bucket(N)
+        self._ensure_cache(size, max(lens) + T, device)
+        stops = self._stops(sampling)
+        stop_mask = None
+        if stops:
+            stop_mask = torch.zeros(dec.vocab_size, dtype=torch.bool, device=device)
+            stop_mask[torch.tensor(sorted(stops), device=device)] = True
+        generator = torch.Generator(device).manual_seed(sampling.seed) if sampling.seed is not None else None
+        out_tokens = torch.full((N + 1, T), self.pad_id, dtype=torch.long, device=device)  # row N: padding slots
+        out_logps = torch.zeros((N + 1, T), dtype=torch.float32, device=device) if sampling.logprobs else None
+
+        first_logits = self._prefill(prompts, n, device)  # [N, V]
+        seen = self._seen(prompts, n, size, device) if sampling.repetition_penalty != 1.0 else None
+        batch = new_batch(lens, n, torch.zeros(N, dtype=torch.long, device=device), size, seen, self.pad_id)
+        pad_rows = size - N
+        logits = torch.cat([first_logits, first_logits[:1].expand(pad_rows, -1)]) if pad_rows else first_logits
+        self._sample_into(batch, logits, 0, sampling, stop_mask, generator, out_tokens, out_logps)
+
+        can_stop = stop_mask is not None
+        steps, compactions = 1, 0
+        for t in range(1, T):
+            if can_stop and t % self.check_every == 0:
+                finished = batch.finished.tolist()  # host sync, once every check_every steps
+                keep = [i for i, f in enumerate(finished) if not f]
+                if not keep:
+                    break
+                batch.live = [not f for f in finished]
+                if batch_bucket(len(keep)) < batch.size:
+                    batch = compact(batch, keep, batch_bucket(len(keep)), self.cache, batch.span_needed(t),
+                                    self.pad_id, N)
+                    compactions += 1
+            logits = self._decode(batch, batch.span_needed(t))  # [B, V]
+            batch.positions += 1
+            self._sample_into(batch, logits, t, sampling, stop_mask, generator, out_tokens, out_logps)
+            steps += 1
+        return out_tokens[:N], (out_logps[:N] if out_logps is not None else None), steps, compactions
+
+    def _prefill(self, prompts: list[list[int]], n: int, device: torch.device) -> torch.Tensor:
+        """Each prompt's forward once, in chunks of about `prefill_tokens` padded tokens -> [P*n, V]."""
+        out = []
+        start = 0
+        while start < len(prompts):
+            stop = start + 1
+            while stop < len(prompts) and (stop + 1 - start) * max(map(len, prompts[start : stop + 1])) <= self.prefill_tokens:
+                stop += 1
+            chunk = prompts[start:stop]
+            ids, mask = right_pad(chunk, self.pad_id, device)  # [c, Tc]
+            lengths = mask.sum(1)  # [c]
+            src = torch.arange(len(chunk), device=device).repeat_interleave(n)  # [c*n]: prompt of each row
+            dest = torch.arange(start * n, stop * n, device=device)  # [c*n]: their cache rows
+            logits = prefill_logits(self.dec, self.cache, self.rope, ids, lengths, dest, src)  # [c, V]
+            out.append(logits[src])
+            start = stop
+        return torch.cat(out)
+
+    def _decode(self, batch: DecodeBatch, needed: int) -> torch.Tensor:
+        if self.graphs is not None:
+            span = min(round_up(needed, self.span_step), self.cache.length)
+            return self.graphs(batch.tokens, batch.positions, span)
+        return decode_logits(self.dec, self.cache, self.rope, batch.tokens, batch.positions, needed)
+
+    def _sample_into(self, batch: DecodeBatch, logits: torch.Tensor, t: int, sampling: SamplingParams,
+                     stop_mask, generator, out_tokens: torch.Tensor, out_logps: torch.Tensor | None) -> None:
+        """Draw token t of every slot and record it, all on the device."""
+        seen = batch.seen[:, :-1] if batch.seen is not None else None
+        tokens, logps = sample(logits, sampling, t, seen, stop_mask, generator, out_logps is not None)  # [B]
+        tokens = torch.where(batch.finished, self.pad_id, tokens)
+        out_tokens[batch.rows, t] = tokens
+        if out_logps is not None:
+            out_logps[batch.rows, t] = torch.where(batch.finished, 0.0, logps)
+        if batch.seen is not None:
+            batch.seen.scatter_(1, tokens[:, None], True)
+        if stop_mask is not None:
+            batch.finished |= stop_mask[tokens]
+        batch.tokens = tokens
+
+    # ------------------------------------------------------------------ helpers
+    def _collect(self, tokens: torch.Tensor, logps: torch.Tensor | None, sampling: SamplingParams) -> RolloutOutput:
+        stops = self._stops(sampling)
+        rows = tokens.tolist()  # host sync: the ids are needed on the host next
+        lp_rows = logps.tolist() if logps is not None else None
+        ids, reasons, lps = [], [], []
+        for r, row in enumerate(rows):
+            end = next((i + 1 for i, tok in enumerate(row) if tok in stops), None)
+            ids.append(row[:end] if end else row)
+            reasons.append(FINISH_STOP if end else FINISH_LENGTH)
+            if lp_rows is not None:
+                lps.append(lp_rows[r][: len(ids[-1])])
+        # Completions of prompt i are rows i*n .. i*n+n-1, as the interface asks.
+        return RolloutOutput(ids, reasons, lps if lp_rows is not None else None)
+
+    def _stops(self, sampling: SamplingParams) -> set[int]:
+        # vLLM's meaning: ignore_eos drops the model's EOS ids, explicit stop ids still stop.
+        return (set() if sampling.ignore_eos else set(self.eos_ids)) | set(sampling.stop_token_ids)
+
+    def _seen(self, prompts: list[list[int]], n: int, size: int, device: torch.device) -> torch.Tensor:
+        V = self.dec.vocab_size
+        ids, mask = right_pad([p for p in prompts for _ in range(n)], V, device)  # padding -> column V
+        seen = torch.zeros((size, V + 1), dtype=torch.bool, device=device)
+        seen[: ids.shape[0]].scatter_(1, ids, True)
+        return seen
+
+    def _check_prompts(self, prompts: list[list[int]]) -> None:
+        V = self.dec.vocab_size
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"engine: prompt {i} is empty; every prompt needs at least one token")
+            bad = [t for t in p if not 0 <= t < V]
+            if bad:
+                raise ValueError(f"engine: prompt {i} has token ids outside the vocabulary of {V}: {bad[:5]}")
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _compute_dtype(self) -> torch.dtype:
+        if self.dtype_option is not None:
+            return self.dtype_option
+        param_dtype = next(self.model.parameters()).dtype
+        return torch.bfloat16 if self._device().type == "cuda" and param_dtype == torch.float32 else param_dtype
+
+    def _precision(self):
+        device, dtype = self._device(), self._compute_dtype()
+        param_dtype = next(self.model.parameters()).dtype
+        if dtype == param_dtype:
+            return contextlib.nullcontext()
+        # cache_enabled=False: a captured graph must re-cast the live float32 weights every replay.
+        return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
+
+    def _ensure_cache(self, rows: int, length: int, device: torch.device) -> None:
+        dtype = self._compute_dtype()
+        if self.cache is not None and self.cache.fits(rows, length, dtype, device):
+            if self.graphs is None:
+                self._make_graphs(device)
+            return
+        dec = self.dec
+        rows = max(rows, self.reserve[0], self.cache.rows if self.cache is not None else 0)
+        length = round_up(max(length, self.reserve[1], self.cache.length if self.cache is not None else 0), 64)
+        self.cache = self.graphs = None  # release the old buffer before the new one is allocated
+        self.cache = KVCache.allocate(dec.num_layers, rows, dec.num_kv_heads, length, dec.head_dim, dtype, device)
+        self.rope = rope_table(dec, length, dtype, device)
+        self._make_graphs(device)
+
+    def _make_graphs(self, device: torch.device) -> None:
+        if device.type != "cuda" or not self.cuda_graphs:
+            self.graphs = None
+            return
+        dec, cache, rope = self.dec, self.cache, self.rope
+        self.graphs = DecodeGraphs(lambda tok, pos, span: decode_logits(dec, cache, rope, tok, pos, span),
+                                   cache.rows, device)
