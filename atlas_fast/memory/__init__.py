@@ -1,9 +1,12 @@
-"""Memory placement: activation checkpointing and keeping frozen models off the GPU.
+"""Memory placement: where activations, frozen models, optimizer state and pad tokens go.
 
-Frozen models (the reference, reward models, later the student) are only needed for one
-forward per generation batch. With `offload_untrained_models` they live on the CPU and visit
-the GPU for that forward: a host round trip per generation, in exchange for a full model's
-worth of GPU memory during the update, which is where activations need it.
+- `checkpointing`: per-decoder-layer activation checkpointing, saved layer inputs optionally
+  offloaded to pinned CPU memory between forward and backward;
+- `offload`: frozen models (reference, reward models) kept in CPU memory, streamed to the GPU
+  layer by layer or moved wholesale for a forward;
+- `optimizer`: AdamW with fp32 master weights and moments on the CPU, stepped there;
+- `packing`: padding-free micro-batches (one packed row per micro-batch) and token balancing;
+- `report`: peak device memory per phase of a step.
 """
 from __future__ import annotations
 
@@ -12,16 +15,25 @@ from typing import Iterator
 
 import torch
 
+from .checkpointing import (ActivationOffload, decoder_layers, disable_activation_checkpointing,
+                            enable_activation_checkpointing)
+from .offload import FrozenOffload, frozen_offload, offload_frozen
+from .optimizer import OffloadedAdamW
+from .packing import (PackedBatch, balance_rows, pack, packed_completion_logits, prepare_packing,
+                      split_micro_batches, supports_packing)
+from .report import MemoryReport
 
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    # Non-reentrant checkpointing works with frozen inputs (PEFT) and with autocast; the
-    # reentrant variant silently drops gradients when no input requires grad.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = getattr(model, "config", None)
-    if config is not None:
-        config.use_cache = False  # a KV cache is pointless when activations are recomputed
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
+__all__ = [
+    "ActivationOffload", "FrozenOffload", "MemoryReport", "OffloadedAdamW", "PackedBatch", "balance_rows",
+    "decoder_layers", "disable_activation_checkpointing", "enable_activation_checkpointing",
+    "enable_gradient_checkpointing", "frozen_offload", "module_device", "offload_frozen", "on_device", "pack",
+    "packed_completion_logits", "prepare_packing", "split_micro_batches", "supports_packing",
+]
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module, offload: bool = False) -> ActivationOffload | None:
+    """Checkpoint each decoder layer (non-reentrant); `offload` keeps the saved inputs in CPU memory."""
+    return enable_activation_checkpointing(model, offload=offload)
 
 
 def module_device(model: torch.nn.Module) -> torch.device:
@@ -32,7 +44,16 @@ def module_device(model: torch.nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def on_device(model: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
-    """Run a block with `model` on `device`, then put it back where it was."""
+    """Run a block of forwards of `model` on `device`, then leave it where it was.
+
+    An offloaded frozen model (`offload_frozen`) already runs every forward on its device; the
+    block lets it stay resident for all of them when it fits (one upload, not one per forward).
+    """
+    offload = frozen_offload(model)
+    if offload is not None:
+        with offload.visit():
+            yield model
+        return
     home = module_device(model)
     if home == device:
         yield model

@@ -1,0 +1,247 @@
+"""Padding-free micro-batches: every prompt+completion of a micro-batch in one row, no pad tokens.
+
+A padded micro-batch of GRPO completions wastes the gap between each sequence and the longest one
+(left of the prompts, right of the completions): with completions uniform in [0.5C, C] a quarter
+of the tokens are padding, each paying the full layer cost. Packed, the row holds only real
+tokens; position ids restart at 0 for each sequence and attention stays inside each sequence:
+- `flash_attention_2/3` and `flex_attention` models: transformers reads the sequence boundaries
+  from the restarting position ids (flash: varlen kernels; flex: a block mask).
+- `sdpa` / `eager` on CUDA: we register one more attention implementation, `atlas_varlen`, that
+  calls PyTorch's own varlen flash attention (`torch.nn.attention.varlen`, torch >= 2.10) with the
+  cumulative sequence lengths, and is plain SDPA for every unpacked call (generation included).
+- otherwise (`sdpa` / `eager` on the CPU, an older torch): transformers builds a dense
+  block-diagonal causal mask, [N, N] booleans: exact, and fine for short rows.
+Models whose attention cannot be restricted this way (remote code, unknown implementations) keep
+padded batches: `supports_packing` says which.
+
+The output is the padded path's: logits [B, C, V] (or hidden states [B, C, H]) at the positions
+that predict each completion token, so the loss code does not change. Pad positions of the
+completion read row 0 of the packed output: they are masked by `completion_mask` like before.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from ..batch import MicroBatch
+
+VARLEN_ATTENTION = "atlas_varlen"
+# Implementations that transformers itself restricts to each packed sequence.
+NATIVE_PACKED = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+DENSE_MASK = ("sdpa", "eager")
+
+
+@dataclass
+class PackedBatch:
+    """One micro-batch as a single row. N packed tokens, S non-empty sequences, B rows, C completion."""
+
+    input_ids: torch.Tensor  # [1, N]
+    position_ids: torch.Tensor  # [1, N] restart at 0 per sequence
+    cu_seqlens: torch.Tensor  # [S + 1] int32: where each sequence starts in the row, then N
+    max_seqlen: int
+    index: torch.Tensor  # [B, C] packed position whose output predicts completion token j of row b
+
+    def model_kwargs(self) -> dict:
+        """Keyword arguments for a transformers model (or its body) on this row."""
+        return dict(input_ids=self.input_ids, position_ids=self.position_ids, attention_mask=None,
+                    use_cache=False, cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
+                    max_length_q=self.max_seqlen, max_length_k=self.max_seqlen)
+
+    def gather(self, states: torch.Tensor) -> torch.Tensor:
+        """[1, N, D] outputs of the packed row -> [B, C, D] at the completion-predicting positions."""
+        B, C = self.index.shape
+        return states[0, self.index.reshape(-1)].view(B, C, -1)
+
+
+def pack(mb: MicroBatch) -> PackedBatch:
+    """Lay the real tokens of `mb` (those with attention_mask 1) end to end."""
+    mask = mb.attention_mask.bool()  # [B, P + C]
+    B, C = mb.completion_ids.shape
+    P = mask.shape[1] - C
+    lengths = mask.sum(1)  # [B]
+    prompt_lengths = mask[:, :P].sum(1)
+    completion_lengths = lengths - prompt_lengths
+    starts = lengths.cumsum(0) - lengths
+    input_ids = mb.input_ids[mask][None]  # one host sync: N is data dependent
+    N = input_ids.shape[1]
+    device = input_ids.device
+    position_ids = torch.arange(N, device=device) - torch.repeat_interleave(starts, lengths, output_size=N)
+    j = torch.arange(C, device=device)
+    # Token j of row b's completion is predicted by the token before it: its prompt's last token for j = 0.
+    index = starts[:, None] + prompt_lengths[:, None] - 1 + j[None]
+    index = torch.where(j[None] < completion_lengths[:, None], index, 0).clamp(min=0)
+    nonempty = lengths[lengths > 0]
+    cu_seqlens = torch.nn.functional.pad(nonempty.cumsum(0), (1, 0)).to(torch.int32)
+    max_seqlen = int(nonempty.max()) if len(nonempty) else 0
+    return PackedBatch(input_ids=input_ids, position_ids=position_ids[None], cu_seqlens=cu_seqlens,
+                       max_seqlen=max_seqlen, index=index)
+
+
+def packed_completion_logits(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
+    """`batch.completion_logits` on a packed row: logits [B, C, V] predicting each completion token.
+    Only the B*C gathered positions go through the head (`logits_to_keep` as an index tensor)."""
+    packed = pack(mb)
+    B, C = packed.index.shape
+    out = model(**packed.model_kwargs(), logits_to_keep=packed.index.reshape(-1))
+    return out.logits[0].view(B, C, -1)
+
+
+# ---------------------------------------------------------------------- which models can pack
+def attention_implementation(model: torch.nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) if config is not None else None
+
+
+def supports_packing(model: torch.nn.Module) -> bool:
+    """A transformers model whose attention transformers (or we) can restrict to packed sequences."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not type(base).__module__.startswith("transformers."):
+        return False  # remote code: we cannot know how it reads position ids
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        return False
+    impl = attention_implementation(base)
+    return impl in NATIVE_PACKED or impl in DENSE_MASK or impl == VARLEN_ATTENTION
+
+
+def prepare_packing(model: torch.nn.Module, *, varlen: bool | None = None) -> bool:
+    """Get `model` ready for packed rows; False when it must keep padded batches.
+
+    `varlen=None` switches sdpa/eager models to `atlas_varlen` when PyTorch's varlen attention can
+    run (CUDA, torch >= 2.10) and the model has no sliding-window layers; True forces it (on the
+    CPU it then builds its own block-diagonal mask, which the tests use to check the plumbing).
+    """
+    if not supports_packing(model):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    impl = attention_implementation(base)
+    if impl in DENSE_MASK:
+        if varlen is None:
+            varlen = _varlen_attn() is not None and torch.cuda.is_available() and not _has_sliding_window(base.config)
+        if varlen:
+            _register_varlen_attention()
+            base.set_attn_implementation(VARLEN_ATTENTION)
+    return True
+
+
+def _has_sliding_window(config) -> bool:
+    types = getattr(config, "layer_types", None) or ()
+    return bool(getattr(config, "use_sliding_window", False)) or "sliding_attention" in types
+
+
+# ---------------------------------------------------------------------- the varlen attention
+def _varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _register_varlen_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_mask)
+
+
+def _varlen_mask(*args, **kwargs):
+    from transformers.masking_utils import sdpa_mask
+
+    # Without a padding mask the call is either one causal sequence or a packed row: the attention
+    # function handles both from the position ids, so no [N, N] mask is ever built.
+    if kwargs.get("attention_mask") is None:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs):
+    """HF attention function: varlen flash attention on packed rows, SDPA otherwise.
+    query [1, Hq, N, D], key/value [1, Hkv, N, D]; returns ([1, N, Hq, D], None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu, max_len = kwargs.pop("cu_seq_lens_q", None), kwargs.pop("max_length_q", None)
+    kwargs.pop("cu_seq_lens_k", None), kwargs.pop("max_length_k", None)
+    position_ids = kwargs.get("position_ids")
+    if cu is None and attention_mask is None and position_ids is not None and query.shape[0] == 1 and query.shape[2] > 1:
+        cu, max_len = _cu_seqlens_from_positions(position_ids[0])  # a packed call that did not say so
+    if cu is None or len(cu) <= 2:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"packed attention expects one row, got a batch of {query.shape[0]}")
+    varlen_attn = _varlen_attn()
+    usable = (varlen_attn is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+              and not (module.training and dropout > 0))
+    if not usable:  # exact fallback: SDPA with the block-diagonal causal mask
+        mask = _block_causal_mask(cu, query.shape[2])
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                      is_causal=False, **kwargs)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, H, D]
+    options = inspect.signature(varlen_attn).parameters
+    extra = {}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in options:
+            extra["enable_gqa"] = True
+        else:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if "window_size" in options:  # torch >= 2.11 spells causal as a window
+        extra["window_size"] = (-1, 0)
+    else:
+        extra["is_causal"] = True
+    max_len = int(max_len)
+    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **extra)
+    return out[None], None
+
+
+def _cu_seqlens_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    starts = torch.nonzero(position_ids == 0).flatten()  # host sync: only for callers without cu_seq_lens
+    cu = torch.cat([starts, starts.new_tensor([position_ids.shape[0]])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def _block_causal_mask(cu: torch.Tensor, n: int) -> torch.Tensor:
+    seq = torch.repeat_interleave(torch.arange(len(cu) - 1, device=cu.device), (cu[1:] - cu[:-1]).long(), output_size=n)
+    pos = torch.arange(n, device=cu.device)
+    return ((seq[:, None] == seq[None, :]) & (pos[:, None] >= pos[None, :]))[None, None]  # [1, 1, N, N]
+
+
+# ---------------------------------------------------------------------- balancing micro-batches
+def balance_rows(lengths: list[int], num_micro_batches: int) -> list[list[int]]:
+    """Split rows into equal-count micro-batches with near-equal token totals.
+
+    Longest first, each to the lightest micro-batch that still has room (LPT with a capacity):
+    every micro-batch keeps the same number of rows, so per-sequence normalisers (grpo, dr_grpo)
+    and the dapo token count give the same objective as any other equal-count split.
+    """
+    n = len(lengths)
+    if num_micro_batches < 1 or n % num_micro_batches:
+        raise ValueError(f"cannot split {n} rows into {num_micro_batches} micro-batches of equal size")
+    size = n // num_micro_batches
+    bins: list[list[int]] = [[] for _ in range(num_micro_batches)]
+    totals = [0] * num_micro_batches
+    for row in sorted(range(n), key=lambda r: (-lengths[r], r)):
+        k = min((k for k in range(num_micro_batches) if len(bins[k]) < size), key=lambda k: (totals[k], k))
+        bins[k].append(row)
+        totals[k] += lengths[row]
+    return [sorted(b) for b in bins]
+
+
+def split_micro_batches(batch: MicroBatch, size: int, *, balance: bool) -> list[MicroBatch]:
+    """Consecutive slices of `size` rows, or with `balance` rows regrouped by token count."""
+    n = len(batch.advantages)
+    if not balance or n <= size:
+        return [batch.slice(slice(i, i + size)) for i in range(0, n, size)]
+    if n % size:
+        raise ValueError(f"cannot balance {n} rows into micro-batches of {size}")
+    lengths = batch.attention_mask.sum(1).tolist()  # host sync, once per generation batch
+    groups = balance_rows(lengths, n // size)
+    return [_rows(batch, torch.tensor(g, device=batch.advantages.device)) for g in groups]
+
+
+def _rows(batch: MicroBatch, rows: torch.Tensor) -> MicroBatch:
+    parts = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in batch.to_state().items()}
+    return MicroBatch(**parts)
