@@ -11,6 +11,7 @@ _EXPORTS = {
     "GRPOConfig": "atlas_fast.config",
     "GRPOTrainer": "atlas_fast.trainer",
     "EvalPrediction": "atlas_fast.trainer",
+    "RIMReward": "atlas_fast.rewards.rim",
 }
 __all__ = list(_EXPORTS)
 

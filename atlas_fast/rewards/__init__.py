@@ -9,7 +9,7 @@ on one background event loop.
 
 Modules: `builtin` (the `accuracy` / `format` rewards), `answers` (answer extraction and
 normalisation), `runner` (resolution, sync/async calling, weights, metrics), `reward_model`
-(a sequence-classification model as a reward).
+(a sequence-classification model as a reward), `rim` (`RIMReward`: a panel of LLM judges).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from atlas_fast.rewards.runner import (
 
 __all__ = [
     "BUILTIN_REWARDS",
+    "RIMReward",
     "RewardFunc",
     "RewardModel",
     "accuracy_reward",
@@ -58,3 +59,11 @@ __all__ = [
     "reward_metrics",
 ]
 
+
+def __getattr__(name: str):
+    # The judge panel (HTTP clients, YAML configs) loads on first use, not with every reward.
+    if name == "RIMReward":
+        from atlas_fast.rewards.rim import RIMReward
+
+        return RIMReward
+    raise AttributeError(f"module 'atlas_fast.rewards' has no attribute {name!r}")
