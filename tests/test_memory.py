@@ -1,0 +1,336 @@
+"""atlas_fast.memory on CPU: every memory option leaves losses and gradients as they were.
+
+Checkpointing, activation offload, frozen-model offload, optimizer offload and packing are each
+compared with the plain path on a tiny Qwen2 (tests/tiny.py), then all together through the
+trainer. Without CUDA, "pinned CPU memory" is plain CPU memory and the device copies are fresh
+CPU tensors: the bookkeeping (what is where between uses) is what these tests check; the
+transfers themselves run on the GPU benchmark (benchmarks/bench_e2e.py).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from atlas_kernels import reference as ref_kernels
+from atlas_fast.batch import MicroBatch, completion_logits
+from atlas_fast.memory import (OffloadedAdamW, balance_rows, decoder_layers, enable_activation_checkpointing,
+                               offload_frozen, on_device, pack, packed_completion_logits, prepare_packing,
+                               split_micro_batches, supports_packing)
+from atlas_fast.memory.report import MemoryReport
+from tiny import char_tokenizer, tiny_model
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: a second thread only adds synchronisation
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+def micro_batch(seed=0, prompt_lengths=(6, 3, 4, 1), completion_lengths=(7, 2, 0, 5), vocab=40) -> MicroBatch:
+    """Left-padded prompts, right-padded completions of the given lengths (0: fully masked)."""
+    g = torch.Generator().manual_seed(seed)
+    B, P, C = len(prompt_lengths), max(prompt_lengths), max(completion_lengths)
+    ids = torch.zeros(B, P + C, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, (p, c) in enumerate(zip(prompt_lengths, completion_lengths)):
+        ids[b, P - p : P + c] = torch.randint(3, vocab, (p + c,), generator=g)
+        mask[b, P - p : P + c] = 1
+    old = -torch.rand(B, C, generator=g)
+    return MicroBatch(input_ids=ids, attention_mask=mask, completion_ids=ids[:, P:], completion_mask=mask[:, P:].bool(),
+                      advantages=torch.randn(B, generator=g), old_logps=old, ref_logps=old - 0.1,
+                      num_items=float(mask[:, P:].sum()))
+
+
+def loss_and_grads(model, mb, logits_fn=completion_logits):
+    model.zero_grad(set_to_none=True)
+    logits = logits_fn(model, mb)
+    loss, _ = ref_kernels.grpo_loss_from_logits(logits, mb.completion_ids, mb.old_logps, mb.ref_logps, mb.advantages,
+                                                mb.completion_mask, beta=0.1, loss_type="dapo", num_items=mb.num_items)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(a, b):
+    (la, ga), (lb, gb) = a, b
+    torch.testing.assert_close(la, lb, **TOL)
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], **TOL, msg=name)
+
+
+# ---------------------------------------------------------------------- checkpointing
+@pytest.mark.parametrize("offload", [False, True], ids=["checkpoint", "checkpoint+offload"])
+def test_checkpointing_keeps_loss_and_gradients(tok, offload):
+    model = tiny_model(tok, layers=2)
+    mb = micro_batch()
+    expected = loss_and_grads(model, mb)
+    enable_activation_checkpointing(model, offload=offload)
+    assert_same(loss_and_grads(model, mb), expected)
+
+
+def test_checkpointing_saves_only_layer_inputs_and_offload_keeps_them_on_cpu(tok):
+    model = tiny_model(tok, layers=3)
+    mb = micro_batch()
+    offloader = enable_activation_checkpointing(model, offload=True)
+    calls = []
+    for layer in decoder_layers(model):  # inside the layer: runs in the forward and in the recompute
+        layer.mlp.register_forward_pre_hook(lambda m, a: calls.append(torch.is_grad_enabled()))
+    logits = completion_logits(model, mb)
+    stashed = offloader.stashed()
+    # One hidden state per layer, held as a CPU copy that shares no memory with the live activations.
+    assert len(stashed) == 3
+    hidden = model.config.hidden_size
+    assert all(t.device.type == "cpu" and t.shape == (*mb.input_ids.shape, hidden) for t in stashed)
+    logits.float().sum().backward()
+    assert offloader.stashed() == []  # each consumed by its layer's recompute
+    assert len(calls) == 6  # forward, then the recompute in backward
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_checkpointing_is_skipped_without_grad_and_generation_still_works(tok):
+    model = tiny_model(tok, layers=2)
+    prompt = torch.tensor([[5, 6, 7]])
+    expected = model.generate(prompt, max_new_tokens=5, do_sample=False)
+    offloader = enable_activation_checkpointing(model, offload=True)
+    with torch.no_grad():
+        assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False), expected)
+    assert offloader.stashed() == []
+
+
+def test_deepcopy_of_a_checkpointed_model_runs_its_own_weights(tok):
+    model = tiny_model(tok, layers=2)
+    enable_activation_checkpointing(model, offload=True)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    ids = torch.tensor([[4, 5, 6, 7]])
+    assert not torch.allclose(model(input_ids=ids).logits, twin(input_ids=ids).logits)
+    layer = decoder_layers(twin)[0]
+    assert layer._atlas_inner_forward.__self__ is layer
+
+
+def test_checkpointing_finds_layers_under_peft(tok):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_model(tok, layers=2), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"))
+    mb = micro_batch()
+    expected = loss_and_grads(model, mb)
+    assert len(decoder_layers(model)) == 2
+    enable_activation_checkpointing(model, offload=True)
+    assert_same(loss_and_grads(model, mb), expected)
+
+
+def test_model_without_a_layer_list_is_a_clear_error():
+    with pytest.raises(ValueError, match="cannot find the decoder layers of Linear"):
+        enable_activation_checkpointing(torch.nn.Linear(3, 3))
+
+
+# ---------------------------------------------------------------------- frozen-model offload
+@pytest.mark.parametrize("mode", ["layer", "model", "auto"])
+def test_offloaded_frozen_model_gives_the_same_outputs_and_stays_on_cpu(tok, mode):
+    model = tiny_model(tok, layers=3)
+    twin = copy.deepcopy(model)
+    mb = micro_batch()
+    with torch.no_grad():
+        expected = completion_logits(model, mb)
+    offload = offload_frozen(twin, "cpu", mode=mode)
+    resident = []  # device tensors while the middle layer runs
+    decoder_layers(twin)[1].register_forward_pre_hook(lambda m, a: resident.append(offload.on_device_tensors()))
+    total = sum(1 for _ in twin.parameters()) + sum(1 for _ in twin.buffers())
+    with torch.no_grad():
+        torch.testing.assert_close(completion_logits(twin, mb), expected, rtol=0, atol=0)
+        assert offload.on_device_tensors() == 0  # between uses everything is back in CPU memory
+        with on_device(twin, torch.device("cpu")):
+            torch.testing.assert_close(completion_logits(twin, mb), expected, rtol=0, atol=0)
+        assert offload.on_device_tensors() == 0
+    per_layer = sum(1 for _ in decoder_layers(twin)[0].parameters())
+    if mode == "layer":
+        # Only that layer and the non-layer weights (embeddings, norm, rotary) are in: not layer 0 or 2.
+        assert resident[0] == resident[1] == total - 2 * per_layer
+    elif mode == "model":
+        assert resident == [total, total]
+    else:  # auto: streamed per call, wholesale inside a visit (no CUDA: the model always fits)
+        assert resident == [total - 2 * per_layer, total]
+    assert all(not p.requires_grad for p in twin.parameters())
+
+
+def test_offloaded_home_copy_takes_in_place_updates(tok):
+    # The reference model's EMA sync writes into the weights between forwards.
+    model = tiny_model(tok, layers=2)
+    offload_frozen(model, "cpu", mode="layer")
+    ids = torch.tensor([[4, 5, 6]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        for p in model.parameters():
+            p.mul_(0.5)
+        after = model(input_ids=ids).logits
+    assert not torch.allclose(before, after)
+
+
+def test_impossible_offload_is_a_clear_error(tok):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            offload_frozen(tiny_model(tok), "cuda")
+    with pytest.raises(ValueError, match="cannot find the decoder layers"):
+        offload_frozen(torch.nn.Sequential(torch.nn.Linear(2, 2)), "cpu", mode="layer")
+    with pytest.raises(ValueError, match="offload mode must be one of"):
+        offload_frozen(tiny_model(tok), "cpu", mode="sometimes")
+    with pytest.raises(TypeError, match="not a torch.nn.Module"):
+        offload_frozen(object(), "cpu")
+    # A model without a layer list can still move wholesale.
+    small = offload_frozen(torch.nn.Sequential(torch.nn.Linear(2, 2)), "cpu", mode="auto")
+    assert small.mode == "model"
+
+
+# ---------------------------------------------------------------------- optimizer offload
+def _train(model, optimizer, steps, g):
+    for _ in range(steps):
+        ids = torch.randint(3, 40, (3, 7), generator=g)
+        model(input_ids=ids).logits.float().log_softmax(-1)[..., 5].mean().neg().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def test_optimizer_offload_gives_the_same_parameters(tok):
+    plain, offloaded = tiny_model(tok, layers=2), tiny_model(tok, layers=2)
+    hyper = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    # The same CPU kernel as the offloaded step: Adam divides by sqrt(v), so a parameter whose
+    # gradient is rounding noise (k_proj's bias: softmax ignores it) differs by up to lr between
+    # two kernels that round differently, which would hide a real difference.
+    _train(plain, torch.optim.AdamW(plain.parameters(), **hyper, fused=True), 3, torch.Generator().manual_seed(0))
+    opt = OffloadedAdamW(offloaded.parameters(), **hyper, chunk_bytes=4096)  # several pipelined chunks
+    assert len(opt._chunks) > 1
+    _train(offloaded, opt, 3, torch.Generator().manual_seed(0))
+    for (name, a), b in zip(plain.named_parameters(), offloaded.parameters()):
+        assert torch.equal(a, b), name
+    # The moments and master weights are CPU fp32 tensors, separate from the model's.
+    state = opt.state[opt.masters[0]]
+    assert state["exp_avg"].device.type == "cpu" and state["exp_avg"].dtype == torch.float32
+    assert opt.masters[0].data_ptr() != next(offloaded.parameters()).data_ptr()
+
+
+def test_optimizer_offload_resume_is_exact(tok, tmp_path):
+    hyper = dict(lr=1e-2, weight_decay=0.1, chunk_bytes=4096)
+    straight = tiny_model(tok, layers=2)
+    _train(straight, OffloadedAdamW(straight.parameters(), **hyper), 4, torch.Generator().manual_seed(0))
+
+    first = tiny_model(tok, layers=2)
+    opt = OffloadedAdamW(first.parameters(), **hyper)
+    batches = torch.Generator().manual_seed(0)
+    _train(first, opt, 2, batches)
+    torch.save({"model": first.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    second = tiny_model(tok, seed=1, layers=2)  # other weights: everything must come from the checkpoint
+    second.load_state_dict(saved["model"])
+    opt2 = OffloadedAdamW(second.parameters(), **hyper)
+    opt2.load_state_dict(saved["optimizer"])
+    _train(second, opt2, 2, batches)  # the remaining two steps of the same stream of batches
+    for (name, a), b in zip(straight.named_parameters(), second.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_optimizer_offload_keeps_bf16_weights_and_fp32_masters(tok):
+    model = tiny_model(tok, layers=1)
+    fp32 = [p.detach().clone() for p in model.parameters()]
+    opt = OffloadedAdamW(model.parameters(), lr=1e-3, weight_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(torch.equal(m, w) for m, w in zip(opt.masters, fp32))  # no precision lost in the masters
+    with pytest.raises(ValueError, match="no parameters that require grad"):
+        OffloadedAdamW(model.requires_grad_(False).parameters())
+
+
+# ---------------------------------------------------------------------- packing
+def test_pack_layout():
+    mb = micro_batch(prompt_lengths=(2, 1), completion_lengths=(2, 3))
+    packed = pack(mb)
+    assert packed.input_ids.shape == (1, 8)
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3]]
+    assert packed.cu_seqlens.tolist() == [0, 4, 8] and packed.max_seqlen == 4
+    # Completion token j of row b is predicted by the packed position before it; padding reads 0.
+    assert packed.index.tolist() == [[1, 2, 0], [4, 5, 6]]
+    assert torch.equal(packed.input_ids[0, 2:4], mb.completion_ids[0, :2])
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["transformers-mask", "atlas_varlen"])
+def test_packing_keeps_loss_and_gradients(tok, varlen):
+    model = tiny_model(tok, layers=2)
+    mb = micro_batch()
+    expected = loss_and_grads(model, mb)
+    assert prepare_packing(model, varlen=varlen)
+    assert model.config._attn_implementation == ("atlas_varlen" if varlen else "sdpa")
+    assert_same(loss_and_grads(model, mb, packed_completion_logits), expected)
+    with torch.no_grad():
+        padded, packed = completion_logits(model, mb), packed_completion_logits(model, mb)
+    torch.testing.assert_close(packed[mb.completion_mask], padded[mb.completion_mask], **TOL)
+
+
+def test_packing_with_checkpointing_and_offload(tok):
+    model = tiny_model(tok, layers=2)
+    mb = micro_batch(seed=3)
+    expected = loss_and_grads(model, mb)
+    prepare_packing(model, varlen=True)
+    enable_activation_checkpointing(model, offload=True)
+    assert_same(loss_and_grads(model, mb, packed_completion_logits), expected)
+
+
+def test_varlen_model_still_generates_padded_batches(tok):
+    model = tiny_model(tok, layers=2)
+    prompts = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    mask = (prompts != 0).long()
+    expected = model.generate(prompts, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    prepare_packing(model, varlen=True)
+    assert torch.equal(model.generate(prompts, attention_mask=mask, max_new_tokens=4, do_sample=False), expected)
+
+
+def test_models_that_cannot_pack_are_reported():
+    class Custom(torch.nn.Module):  # not a transformers model: how it reads position ids is unknown
+        def forward(self, input_ids):
+            return input_ids
+
+    assert not supports_packing(Custom())
+    assert not prepare_packing(Custom())
+
+
+def test_balance_rows_by_tokens():
+    lengths = [100, 10, 90, 20, 80, 30, 70, 40]
+    groups = balance_rows(lengths, 4)
+    assert sorted(r for g in groups for r in g) == list(range(8))
+    assert all(len(g) == 2 for g in groups)
+    totals = [sum(lengths[r] for r in g) for g in groups]
+    assert max(totals) - min(totals) <= 20  # consecutive slices would give 110, 110, 110, 110 here too,
+    skewed = [100, 90, 80, 70, 10, 10, 10, 10]  # but here they give 190, 150, 20, 20
+    totals = [sum(skewed[r] for r in g) for g in balance_rows(skewed, 4)]
+    assert max(totals) == 110 and min(totals) == 80
+    with pytest.raises(ValueError, match="equal size"):
+        balance_rows([1, 2, 3], 2)
+
+
+def test_balanced_split_keeps_every_row_once():
+    mb = micro_batch(prompt_lengths=(5, 4, 1, 2), completion_lengths=(7, 6, 1, 2))
+    parts = split_micro_batches(mb, 2, balance=True)
+    assert [len(p.advantages) for p in parts] == [2, 2]
+    assert sorted(torch.cat([p.advantages for p in parts]).tolist()) == sorted(mb.advantages.tolist())
+    assert [int(p.attention_mask.sum()) for p in parts] == [14, 14]  # consecutive: 22 and 6
+    plain = split_micro_batches(mb, 2, balance=False)
+    assert torch.equal(plain[0].input_ids, mb.input_ids[:2])
+
+
+# ---------------------------------------------------------------------- memory report
+def test_memory_report_is_silent_on_cpu():
+    report = MemoryReport("cpu")
+    with report.phase("update"):
+        torch.ones(4)
+    assert report.metrics() == {}
