@@ -36,7 +36,8 @@ from .data import PromptSampler, is_conversational, load_dataset_any, render_pro
 from .memory import enable_gradient_checkpointing, on_device
 from .metrics import MetricsLogger, format_metrics, plot_metrics
 from .modeling import load_causal_lm, load_tokenizer
-from .rewards import combine_rewards, compute_rewards, prepare_reward_funcs, reward_metrics
+from .rewards import (append_reward_tables, combine_rewards, compute_rewards, prepare_reward_funcs,
+                      reward_metrics, reward_reports)
 from .rollout import FINISH_STOP, SamplingParams, build_backend, left_pad, resolve_rollout_func, right_pad, stop_ids
 
 
@@ -343,6 +344,11 @@ class GRPOTrainer:
             "completions/max_length": float(lengths.max()),
             "completions/clipped_ratio": float(1 - finished.float().mean()),
         }
+        # What reward functions report on their call (e.g. RIM: rim_rewards/<judge>, rationales).
+        extra_metrics, tables = reward_reports(self.reward_funcs)
+        self._generation_metrics.update(extra_metrics)
+        if self.logger is not None and self.logger.enabled:
+            append_reward_tables(c.output_dir, self.state.global_step, tables)
         if c.log_completions:
             self.logger.log_completions(self.state.global_step, [
                 {"prompt": p, "completion": t, "reward": float(r), "advantage": float(a)}

@@ -30,12 +30,14 @@ from atlas_fast.rewards.builtin import (
 from atlas_fast.rewards.reward_model import RewardModel
 from atlas_fast.rewards.runner import (
     RewardFunc,
+    append_reward_tables,
     combine_rewards,
     compute_rewards,
     prepare_reward_funcs,
     resolve_reward_func,
     reward_func_name,
     reward_metrics,
+    reward_reports,
 )
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "RIMReward",
     "RewardFunc",
     "RewardModel",
+    "append_reward_tables",
     "accuracy_reward",
     "answers_match",
     "combine_rewards",
@@ -57,6 +60,7 @@ __all__ = [
     "resolve_reward_func",
     "reward_func_name",
     "reward_metrics",
+    "reward_reports",
 ]
 
 

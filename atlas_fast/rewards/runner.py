@@ -12,6 +12,7 @@ import asyncio
 import functools
 import importlib
 import inspect
+import json
 import math
 import numbers
 import threading
@@ -28,12 +29,14 @@ from atlas_fast.rewards.reward_model import RewardModel
 
 __all__ = [
     "RewardFunc",
+    "append_reward_tables",
     "combine_rewards",
     "compute_rewards",
     "prepare_reward_funcs",
     "resolve_reward_func",
     "reward_func_name",
     "reward_metrics",
+    "reward_reports",
 ]
 
 RewardFunc = Callable[..., "Sequence[float | None] | Awaitable[Sequence[float | None]]"]
@@ -408,3 +411,36 @@ def reward_metrics(per_func: torch.Tensor, names: Sequence[str]) -> dict[str, fl
         metrics[f"rewards/{name}/mean"] = m
         metrics[f"rewards/{name}/std"] = s
     return metrics
+
+
+def reward_reports(
+    funcs: Sequence[tuple[str, RewardFunc]],
+) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
+    """What reward functions expose about their last call, for the trainer to log: step metrics
+    (`last_metrics`, e.g. RIM's `rim_rewards/<judge>`) and per-sample tables
+    (`last_table = (name, rows)`, e.g. RIM's judge rationales as `rim_explanations`)."""
+    metrics: dict[str, float] = {}
+    tables: dict[str, list[dict[str, Any]]] = {}
+    for _, func in funcs:
+        metrics.update(getattr(func, "last_metrics", None) or {})
+        table = getattr(func, "last_table", None)
+        if table:
+            name, rows = table
+            tables.setdefault(name, []).extend(rows)
+    return metrics, tables
+
+
+def append_reward_tables(
+    output_dir: str | Path, step: int, tables: Mapping[str, Sequence[Mapping[str, Any]]]
+) -> None:
+    """Append each table's rows, stamped with the step, to `output_dir/<name>.jsonl`."""
+    from atlas_fast.metrics import to_jsonable
+
+    for name, rows in tables.items():
+        if not rows:
+            continue
+        path = Path(output_dir) / f"{name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps(to_jsonable({"step": int(step), **row}), ensure_ascii=False) for row in rows]
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write("".join(line + "\n" for line in lines))
