@@ -128,6 +128,7 @@ def test_identical_calls_are_served_from_the_cache():
         again = reward(["2+2?"], ["4"])
         assert len(server.calls) == sent and again == first[:1]
         assert all(s["cached"] for s in reward.last_info[0]["samples"]["process"])
+        assert reward.last_metrics["rim/requests"] == 0 and reward.last_metrics["rim/cache_hits"] == 6
         reward(["2+2?"], ["5"])  # a different completion is a different call
         assert len(server.calls) == sent + 2 * 3
 

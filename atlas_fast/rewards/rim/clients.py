@@ -202,6 +202,8 @@ class HFClient:
         return f"HFClient(model={type(self.model).__name__})"
 
     def complete(self, request: JudgeRequest, timeout: float) -> str:
+        # `timeout` does not apply: generation in this process cannot be interrupted; it is
+        # bounded by max_tokens instead.
         import torch
 
         messages = [{"role": r, "content": c} for r, c in request.messages]

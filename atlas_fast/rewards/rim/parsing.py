@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["Judgement", "JudgementError", "Principle", "parse_judgement", "repair_json"]
@@ -44,7 +44,6 @@ class Judgement:
     principles: tuple[Principle, ...]
     repaired: bool = False  # the raw reply needed a syntax repair
     renormalised: bool = False  # the principle weights did not sum to 1 and were rescaled
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {

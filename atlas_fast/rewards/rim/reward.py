@@ -88,6 +88,7 @@ class RIMReward:
             if values is not None and len(values) != n:
                 raise ValueError(f"RIMReward: column '{key}' has {len(values)} entries for {n} completions.")
         fields = [self._fields(i, prompts, completions, columns) for i in range(n)]
+        sent_before = self._sent()
         judge_prompts = {(i, j): self.templates[j].render(fields[i]) for i in range(n) for j in c.judges}
 
         # Tier 1: every (sample, judge, temperature) at once.
@@ -120,7 +121,7 @@ class RIMReward:
             info["completion"] = fields[i]["response"]
         rewards = [info["reward"] for info in infos]
         self.last_info = infos
-        self.last_metrics = self._metrics(infos, tier1_requests, tier2_requests)
+        self.last_metrics = self._metrics(infos, sent_before)
         self.last_table = ("rim_explanations", [_table_row(i, info) for i, info in enumerate(infos)]) \
             if c.log_explanations else None
         return (rewards, infos) if return_info else rewards
@@ -132,8 +133,9 @@ class RIMReward:
         c = self.config
         raw: dict[str, float] = {}
         info: dict[str, Any] = {
-            "explanations": {}, "principles": {}, "uncertainty": {}, "tier": {}, "samples": {},
-            "large_sample": {}, "escalation_reasons": {}, "failed": {},
+            "reward": 0.0, "rewards": {}, "raw_rewards": raw, "explanations": {}, "principles": {},
+            "uncertainty": {}, "escalated": False, "escalation_reasons": {}, "failed": {},
+            "consistency": [], "tier": {}, "samples": {}, "large_sample": {},
         }
         for judge in c.judges:
             key = (i, judge)
@@ -163,7 +165,6 @@ class RIMReward:
         info.update(
             reward=sum(final.values()) / len(final),
             rewards=final,
-            raw_rewards=raw,
             consistency=notes,
             escalated=bool(info["escalation_reasons"]),
         )
@@ -197,8 +198,11 @@ class RIMReward:
             max_tokens=model.max_tokens,
         )
 
-    def _metrics(self, infos: list[dict[str, Any]], tier1: list[JudgeRequest],
-                 tier2: list[JudgeRequest]) -> dict[str, float]:
+    def _sent(self) -> dict[str, int]:
+        callers = {id(self.small): self.small, id(self.large): self.large}.values()
+        return {k: sum(c.stats[k] for c in callers) for k in ("requests", "cache_hits")}
+
+    def _metrics(self, infos: list[dict[str, Any]], sent_before: Mapping[str, int]) -> dict[str, float]:
         judges = self.config.judges
         n = max(len(infos), 1)
         metrics = {f"rim_rewards/{j}": sum(info["rewards"][j] for info in infos) / n for j in judges}
@@ -208,7 +212,9 @@ class RIMReward:
         samples = [s for info in infos for j in judges for s in info["samples"][j]]
         metrics["rim/tier1_parse_rate"] = (
             sum("score" in s for s in samples) / len(samples) if samples else float("nan"))
-        metrics["rim/judge_calls"] = float(len(tier1) + len(tier2))
+        sent = self._sent()
+        metrics["rim/requests"] = float(sent["requests"] - sent_before["requests"])
+        metrics["rim/cache_hits"] = float(sent["cache_hits"] - sent_before["cache_hits"])
         return metrics
 
 
