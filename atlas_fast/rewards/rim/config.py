@@ -92,7 +92,7 @@ class RIMConfig:
     # `completion` name the prompt and the completion being scored.
     fields: dict[str, list[str]] = field(
         default_factory=lambda: {
-            "question": ["prompt"],
+            "question": ["question", "problem", "prompt"],
             "response": ["completion"],
             "ground_truth": ["ground_truth", "answer", "solution"],
             "student_answer": ["student_answer", "guided_answer", "completion"],
