@@ -69,10 +69,12 @@ VALID = {"principles": [{"name": "a", "weight": 0.5}, {"name": "b", "weight": 0.
 @pytest.mark.parametrize("text", [
     "```json\n" + json.dumps(VALID) + "\n```",
     "Here is my evaluation:\n" + json.dumps(VALID) + "\nThanks!",
+    'Scores lie in {0, 1}. Context: {"note": "draft"}. Final: ' + json.dumps(VALID),  # braces in prose
+    '{"evaluation": ' + json.dumps(VALID) + "}",  # wrapped in another object
     json.dumps(VALID)[:-1] + ",}",  # trailing comma
     "{'principles': [{'name': 'a', 'weight': 0.5}, {'name': 'b', 'weight': 0.5},], "
     "'score': 0.8, 'rationale': 'fine', 'uncertainty': 0.2, 'final': True}",  # Python-style
-], ids=["fence", "prose", "trailing-comma", "single-quotes"])
+], ids=["fence", "prose", "prose-braces", "wrapped", "trailing-comma", "single-quotes"])
 def test_malformed_json_is_repaired_where_safe(text):
     j = parse_judgement(text)
     assert (j.score, j.uncertainty, j.rationale, j.repaired) == (0.8, 0.2, "fine", True)

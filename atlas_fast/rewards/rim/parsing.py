@@ -13,6 +13,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["Judgement", "JudgementError", "Principle", "parse_judgement", "repair_json"]
@@ -58,8 +59,24 @@ class Judgement:
 
 
 def parse_judgement(text: str) -> Judgement:
-    """Parse and validate one judge reply."""
-    obj, repaired = repair_json(text)
+    """Parse and validate one judge reply: the first JSON object in it that is a valid judgement."""
+    first_error: JudgementError | None = None
+    for obj, repaired in _json_values(text):
+        try:
+            return _judgement(obj, repaired)
+        except JudgementError as err:
+            first_error = first_error or err
+    raise first_error or JudgementError(f"no parsable JSON object in the reply ({_preview(text)})")
+
+
+def repair_json(text: str) -> tuple[Any, bool]:
+    """The first JSON value in `text` and whether a repair was needed; raises JudgementError."""
+    for value in _json_values(text):
+        return value
+    raise JudgementError(f"no parsable JSON object in the reply ({_preview(text)})")
+
+
+def _judgement(obj: Any, repaired: bool) -> Judgement:
     if not isinstance(obj, dict):
         raise JudgementError(f"expected a JSON object, got {type(obj).__name__}")
     score = _unit_number(obj, "score")
@@ -68,64 +85,71 @@ def parse_judgement(text: str) -> Judgement:
     if not isinstance(rationale, str):
         rationale = json.dumps(rationale)
     principles, renormalised = _principles(obj.get("principles"))
-    return Judgement(
-        score=score,
-        uncertainty=uncertainty,
-        rationale=rationale.strip(),
-        principles=principles,
-        repaired=repaired,
-        renormalised=renormalised,
-    )
+    return Judgement(score=score, uncertainty=uncertainty, rationale=rationale.strip(),
+                     principles=principles, repaired=repaired, renormalised=renormalised)
 
 
-def repair_json(text: str) -> tuple[Any, bool]:
-    """The JSON value in `text` and whether a repair was needed; raises JudgementError."""
+def _json_values(text: str) -> Iterator[tuple[Any, bool]]:
+    """JSON values found in `text`, each with whether it needed a repair: the whole text, then
+    code-fenced blocks, then balanced {...} groups, each as written and then syntax-normalised."""
     if not isinstance(text, str) or not text.strip():
-        raise JudgementError("empty reply")
+        return
     try:
-        return json.loads(text), False
+        yield json.loads(text), False
     except ValueError:
         pass
-    candidates = [m.group(1) for m in _FENCE.finditer(text)]
-    obj_text = _first_object(text)
-    if obj_text is not None:
-        candidates.append(obj_text)
+    candidates = [m.group(1) for m in _FENCE.finditer(text)] + list(_objects(text))
     for candidate in candidates:
         for attempt in (candidate, _normalise_syntax(candidate)):
             try:
-                return json.loads(attempt), True
+                value = json.loads(attempt)
             except ValueError:
                 continue
-    raise JudgementError(f"no parsable JSON object in the reply ({_preview(text)})")
+            yield value, True
+            break
 
 
-def _first_object(text: str) -> str | None:
-    """The first balanced {...} in `text`, skipping braces inside quoted strings."""
-    start = text.find("{")
-    while start != -1:
-        depth, quote, escaped = 0, None, False
-        for i in range(start, len(text)):
-            ch = text[i]
-            if quote:
-                if escaped:
-                    escaped = False
-                elif ch == "\\":
-                    escaped = True
-                elif ch == quote:
-                    quote = None
-            elif ch in "\"'":
-                # An apostrophe inside prose ("student's") is not a quote: only one that opens a
-                # value or key (after { [ , : or whitespace) starts a string.
-                prev = text[start:i].rstrip()[-1:] if i > start else ""
-                if ch == '"' or prev in ("{", "[", ",", ":"):
-                    quote = ch
-            elif ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start : i + 1]
+# Judges wrap their object in prose that may hold braces of its own ("a score in {0, 1}"); the
+# balanced groups are tried in order of their opening brace, outermost first, up to this many.
+_MAX_OBJECT_CANDIDATES = 16
+
+
+def _objects(text: str) -> Iterator[str]:
+    """Balanced {...} groups of `text` (braces inside quoted strings skipped), nested ones too."""
+    start, found = text.find("{"), 0
+    while start != -1 and found < _MAX_OBJECT_CANDIDATES:
+        group = _balanced_from(text, start)
+        if group is not None:
+            found += 1
+            yield group
         start = text.find("{", start + 1)
+
+
+def _balanced_from(text: str, start: int) -> str | None:
+    """The balanced group opening at `text[start] == '{'`, or None when it never closes."""
+    depth, quote, escaped, prev = 0, None, False, ""
+    for i in range(start, len(text)):
+        ch = text[i]
+        if quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = None
+        elif ch in "\"'":
+            # An apostrophe in prose ("student's") is not a quote: only one that opens a key or
+            # a value (after { [ , or :) starts a string.
+            if ch == '"' or prev in ("{", "[", ",", ":"):
+                quote = ch
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start : i + 1]
+        if not ch.isspace():
+            prev = ch
     return None
 
 
