@@ -1,0 +1,558 @@
+#!/usr/bin/env python
+"""End-to-end GRPO steps: atlas-fast against TRL 1.16 (with and without Liger), through each
+trainer's own `train()`, on one GPU, in one run.
+
+Models: Qwen2.5-0.5B and -1.5B shapes, random weights, bf16, saved once to a scratch folder so
+both trainers load the same checkpoint (TRL builds its reference model from the policy's path).
+Tokenizer: word-level, `tok0 ... tokN` over the model's vocabulary, plus an EOS id *outside* the
+model's vocabulary: no system can sample it, so every completion has exactly the requested length
+and every system does the same work (pad is `tok0`, fed to the model but masked).
+
+Cases
+  update   the update phase: fixed completions from a rollout function (random ids, same for
+           every system), so a step is reference log-probs + policy forward + loss + backward +
+           optimizer step. 8 generations of one prompt (256 tokens) per step, completions of
+           1k-8k tokens, beta = 0.04.
+  fit      the longest completion that fits at 8 generations: the update step at doubling lengths
+           until the first out-of-memory.
+  step     the whole GRPO step with generation (issue 7's workload: 0.5B shape, 8 prompts x 8
+           generations x 512 tokens, prompts of 30-256 tokens): atlas-fast with its default GPU
+           rollout backend against TRL with HF `generate`, both at their default settings
+           otherwise (beta = 0, micro-batches of 8, one generation batch per optimizer step).
+Systems
+  atlas-fast       gradient checkpointing (TRL's default) + padding-free micro-batches
+  atlas-fast lean  the above + activation offload, frozen reference in CPU memory, optimizer offload
+  TRL / TRL+Liger  TRL 1.16 GRPOTrainer at its defaults (gradient checkpointing on), use_liger_kernel
+                   off / on
+
+Timing: a callback marks the end of every optimizer step (CUDA-synchronised); a step's time is
+the interval since the previous step's end, so it holds everything the trainer does for that step
+(generation or the rollout function, scoring, log-probs, update, logging) whatever the order of
+its hooks. Peak memory is `torch.cuda.max_memory_allocated` over the same interval (reset at each
+step end). One warm-up step, then the median of the timed steps.
+
+    source benchmarks/gpu_env.sh && python benchmarks/bench_e2e.py --quick   # ~5 min on an H200
+    python benchmarks/bench_e2e.py                                            # everything
+    python benchmarks/bench_e2e.py --device cpu                               # harness smoke, tiny shapes
+
+The tables are printed and written into --out (default benchmarks/RESULTS.md on CUDA) between
+the markers below, leaving the rest of that file alone.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import gc
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_kernels import _git_commit  # noqa: E402
+
+DEFAULT_OUT = HERE / "RESULTS.md"
+MARK_START = "<!-- e2e:start -->"
+MARK_END = "<!-- e2e:end -->"
+G = 8  # generations per prompt, every case
+PROMPT_TOKENS = 256  # update and fit cases (benchmarking.md)
+BETA = 0.04  # update and fit: the reference model takes part
+STEP_PROMPTS, STEP_TOKENS, STEP_PROMPT_LENS = 8, 512, (30, 256)  # issue 7's workload
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+
+
+SHAPES = {
+    "0.5b": Shape("Qwen2.5-0.5B", 896, 24, 14, 2, 4864, 151936),
+    "1.5b": Shape("Qwen2.5-1.5B", 1536, 28, 12, 2, 8960, 151936),
+    "tiny": Shape("tiny (CPU smoke)", 64, 2, 4, 2, 128, 500),
+}
+
+SYSTEMS = ("atlas-fast", "atlas-fast lean", "TRL", "TRL+Liger")
+
+
+@dataclass
+class Result:
+    case: str
+    shape: str
+    system: str
+    completion: int
+    step_s: float | None = None
+    peak_gib: float | None = None
+    tokens: int | None = None  # completion tokens per step
+    error: str | None = None
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.step_s is not None
+
+
+# ---------------------------------------------------------------------- model and tokenizer
+def save_model(shape: Shape, folder: Path, device: str) -> Path:
+    """Random-weight bf16 model + word-level tokenizer, saved where both trainers can load them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    path = folder / shape.name.replace(" ", "_")
+    if (path / "config.json").exists():
+        return path
+    vocab = {f"tok{i}": i for i in range(shape.vocab)}
+    vocab["<eos>"] = shape.vocab  # outside the model's logits: never sampled, so lengths are fixed
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="tok1"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="tok0", eos_token="<eos>", unk_token="tok1")
+    cfg = Qwen2Config(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                      num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                      num_key_value_heads=shape.kv_heads, max_position_embeddings=65536, rope_theta=1e6,
+                      rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=0, eos_token_id=shape.vocab,
+                      bos_token_id=None)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = shape.vocab
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    del model
+    return path
+
+
+def load_tok(path: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(path))  # as saved (not rebuilt as Qwen2Tokenizer)
+
+
+def prompt_texts(n: int, vocab: int, lens: tuple[int, int], seed: int) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lens[0], lens[1] + 1, (n,), generator=g).tolist()
+    return [" ".join(f"tok{i}" for i in torch.randint(2, vocab, (k,), generator=g).tolist()) for k in lengths]
+
+
+def fixed_completions(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, vocab, (n, length), generator=g).tolist()
+
+
+def reward(completion_ids, **kwargs) -> list[float]:
+    """Cheap and varied, so advantages are not all zero: the share of even ids among the first 64."""
+    return [sum(t % 2 == 0 for t in ids[:64]) / max(len(ids[:64]), 1) for ids in completion_ids]
+
+
+# ---------------------------------------------------------------------- measuring inside train()
+class StepClock:
+    """HF-style callback: time and peak memory between consecutive optimizer-step ends."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.times: list[float] = []
+        self.peaks: list[int] = []
+        self.lengths: list[float] = []
+        self._last: float | None = None
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def start(self) -> None:
+        self._sync()
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self._last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._sync()
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times.append(now - self._last)
+        if self.device == "cuda":
+            self.peaks.append(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+        self._last = now
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("completions/mean_length", "completion_length"):
+            if logs and key in logs:
+                self.lengths.append(float(logs[key]))
+
+    def __getattr__(self, name):  # every other callback event: nothing to do
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def summary(self, warmup: int) -> tuple[float | None, int | None]:
+        times, peaks = self.times[warmup:], self.peaks[warmup:]
+        return (statistics.median(times) if times else None), (max(peaks) if peaks else None)
+
+
+# ---------------------------------------------------------------------- the two trainers
+@dataclass
+class Workload:
+    prompts: list[str]  # one row per prompt (each trainer repeats it G times)
+    completion: int
+    per_device: int  # completions per micro-batch
+    accumulation: int  # micro-batches per optimizer step (= one generation batch)
+    beta: float
+    fixed: list[list[int]] | None  # None: generate
+
+
+def run_atlas(path: Path, work: Workload, steps: int, device: str, lean: bool, scratch: Path) -> StepClock:
+    from atlas_fast import GRPOConfig, GRPOTrainer
+    from atlas_fast.rollout import BACKENDS
+
+    clock = StepClock(device)
+    fixed = work.fixed
+
+    def rollout(prompts, trainer):
+        return [fixed[i % len(fixed)] for i in range(len(prompts))]
+
+    options = dict(gradient_checkpointing=True, padding_free=True)
+    if lean:
+        options.update(activation_offload=True, offload_untrained_models=True, optimizer_offload=True)
+    backend = "engine" if device == "cuda" and "engine" in BACKENDS else "hf"
+    config = GRPOConfig(
+        output_dir=str(scratch / "atlas"), max_steps=steps, num_generations=G, per_device_train_batch_size=work.per_device,
+        gradient_accumulation_steps=work.accumulation, max_completion_length=work.completion,
+        max_prompt_length=None, learning_rate=1e-6, beta=work.beta, temperature=1.0, seed=0, disable_tqdm=True,
+        report_to="none", rollout_backend=backend, model_init_kwargs={"dtype": torch.bfloat16},
+        bf16=device == "cuda", **options,
+    )
+    trainer = GRPOTrainer(config, model=str(path), tokenizer=load_tok(path), train_dataset=[{"prompt": p} for p in work.prompts],
+                          reward_funcs=[reward], callbacks=[clock], rollout_func=rollout if fixed is not None else None)
+    clock.notes = {"rollout_backend": backend if fixed is None else "fixed"}
+    clock.start()
+    trainer.train()
+    del trainer
+    return clock
+
+
+def run_trl(path: Path, work: Workload, steps: int, device: str, liger: bool, scratch: Path) -> StepClock:
+    import datasets
+    from trl import GRPOConfig, GRPOTrainer
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    clock = StepClock(device)
+    fixed = work.fixed
+    tok = load_tok(path)
+
+    def rollout(prompts, trainer):
+        prompt_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+        return {"prompt_ids": prompt_ids, "completion_ids": [fixed[i % len(fixed)] for i in range(len(prompts))],
+                "logprobs": None}
+
+    config = GRPOConfig(
+        output_dir=str(scratch / "trl"), max_steps=steps, num_generations=G, per_device_train_batch_size=work.per_device,
+        gradient_accumulation_steps=work.accumulation, max_completion_length=work.completion, learning_rate=1e-6,
+        beta=work.beta, temperature=1.0, seed=0, disable_tqdm=True, report_to="none", save_strategy="no",
+        logging_steps=1, use_liger_kernel=liger, bf16=device == "cuda", use_cpu=device != "cuda",
+        model_init_kwargs={"dtype": torch.bfloat16},
+    )
+    trainer = GRPOTrainer(model=str(path), reward_funcs=[reward], args=config, processing_class=tok,
+                          train_dataset=datasets.Dataset.from_dict({"prompt": work.prompts}), callbacks=[clock],
+                          rollout_func=rollout if fixed is not None else None)
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # no per-step log dicts on stdout
+    clock.start()
+    trainer.train()
+    del trainer
+    return clock
+
+
+def run_case(case: str, shape: Shape, path: Path, system: str, work: Workload, steps: int, warmup: int,
+             device: str) -> Result:
+    result = Result(case=case, shape=shape.name, system=system, completion=work.completion,
+                    tokens=work.per_device * work.accumulation * work.completion)
+    scratch = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
+    clock = None
+    try:
+        if system.startswith("atlas"):
+            clock = run_atlas(path, work, steps, device, lean=system.endswith("lean"), scratch=scratch)
+        else:
+            clock = run_trl(path, work, steps, device, liger=system.endswith("Liger"), scratch=scratch)
+        result.step_s, peak = clock.summary(warmup)
+        result.peak_gib = None if peak is None else peak / 2**30
+        if clock.lengths:
+            result.notes["mean_length"] = clock.lengths[-1]
+        result.notes.update(getattr(clock, "notes", {}) or {})
+    except torch.cuda.OutOfMemoryError:
+        result.error = "OOM"
+    except Exception as exc:  # a peer that fails is reported, and the run goes on
+        result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        traceback.print_exc()
+    finally:
+        del clock
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"  {case:6s} {shape.name:14s} C={work.completion:<6d} {system:16s} "
+          + (f"{result.step_s:8.3f} s  {fmt(result.peak_gib, '.2f')} GiB" if result.ok else str(result.error)),
+          flush=True)
+    return result
+
+
+def update_workload(shape: Shape, completion: int) -> Workload:
+    return Workload(prompts=prompt_texts(4, shape.vocab, (PROMPT_TOKENS, PROMPT_TOKENS), seed=1), completion=completion,
+                    per_device=G, accumulation=1, beta=BETA,
+                    fixed=fixed_completions(G, completion, shape.vocab, seed=2))
+
+
+def step_workload(shape: Shape, completion: int, prompts: int, prompt_lens: tuple[int, int]) -> Workload:
+    return Workload(prompts=prompt_texts(prompts * 3, shape.vocab, prompt_lens, seed=3), completion=completion,
+                    per_device=G, accumulation=prompts, beta=0.0, fixed=None)
+
+
+# ---------------------------------------------------------------------- tables
+def fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def ratio(a: Result, b: Result | None, attr: str) -> str:
+    if b is None or not a.ok or not b.ok or not getattr(b, attr):
+        return "-"
+    return f"{getattr(a, attr) / getattr(b, attr):.2f}x"
+
+
+def result_table(rows: list[Result], title: str) -> str:
+    lines = [f"**{title}**", "", "| shape | completion | system | step time | peak memory | time vs TRL | memory vs TRL | memory vs TRL+Liger |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        key = (r.case, r.shape, r.completion)
+        trl = next((x for x in rows if (x.case, x.shape, x.completion) == key and x.system == "TRL"), None)
+        liger = next((x for x in rows if (x.case, x.shape, x.completion) == key and x.system == "TRL+Liger"), None)
+        shown_time = f"{r.step_s:.3f} s" if r.ok else (r.error or "-")
+        lines.append(f"| {r.shape} | {r.completion} | {r.system} | {shown_time} | {fmt(r.peak_gib, '.2f')} GiB | "
+                     f"{ratio(r, trl, 'step_s') if r.system != 'TRL' else '1.00x'} | "
+                     f"{ratio(r, trl, 'peak_gib') if r.system != 'TRL' else '1.00x'} | "
+                     f"{ratio(r, liger, 'peak_gib') if r.system != 'TRL+Liger' else '1.00x'} |")
+    return "\n".join(lines)
+
+
+def fit_table(rows: list[Result]) -> str:
+    lines = ["**Longest completion that fits, 8 generations, update step** (doubling lengths until the first OOM)", "",
+             "| shape | system | longest that fits | first that failed | vs TRL |", "|---|---|---|---|---|"]
+    fits: dict[tuple[str, str], tuple[int | None, str]] = {}
+    for r in rows:  # in the order tried: ascending lengths, stopping at the first failure
+        fits_at, failed = fits.get((r.shape, r.system), (None, "-"))
+        if r.ok:
+            fits_at = r.completion
+        else:
+            failed = f"{r.completion}" + ("" if r.error == "OOM" else f" ({r.error})")
+        fits[(r.shape, r.system)] = (fits_at, failed)
+    for (shape, system), (fits_at, failed) in fits.items():
+        trl = fits.get((shape, "TRL"), (None,))[0]
+        vs = f"{fits_at / trl:.1f}x" if fits_at and trl else "-"
+        lines.append(f"| {shape} | {system} | {fits_at or 'none'} | {failed} | {vs} |")
+    return "\n".join(lines)
+
+
+def step_table(rows: list[Result]) -> str:
+    lines = [f"**Whole GRPO step, issue 7's workload** ({STEP_PROMPTS} prompts x {G} generations x {STEP_TOKENS} tokens, "
+             f"prompts of {STEP_PROMPT_LENS[0]}-{STEP_PROMPT_LENS[1]} tokens, beta 0)", "",
+             "| shape | system | generation | step time | completion tokens/s | peak memory | speed-up vs TRL |",
+             "|---|---|---|---|---|---|---|"]
+    trl = next((r for r in rows if r.system == "TRL"), None)
+    for r in rows:
+        speed = "-" if not (r.ok and trl is not None and trl.ok) else f"{trl.step_s / r.step_s:.2f}x"
+        gen = r.notes.get("rollout_backend", "HF generate") if r.system.startswith("atlas") else "HF generate"
+        lines.append(f"| {r.shape} | {r.system} | {gen} | {f'{r.step_s:.3f} s' if r.ok else r.error} | "
+                     f"{fmt(r.tokens / r.step_s if r.ok else None, ',.0f')} | {fmt(r.peak_gib, '.2f')} GiB | {speed} |")
+    return "\n".join(lines)
+
+
+def header(device: str, mode: str, steps: int, warmup: int) -> str:
+    if device == "cuda":
+        card = torch.cuda.get_device_name()
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        card = f"{card} ({total:.0f} GiB)"
+    else:
+        card = f"CPU ({platform.processor() or platform.machine()}): harness smoke run, numbers mean nothing"
+    versions = []
+    for dist in ("torch", "transformers", "trl", "liger-kernel", "accelerate"):
+        try:
+            versions.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{dist} not installed")
+    return (f"## End to end: GRPO steps against TRL ({mode})\n\n"
+            f"{card}, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {_git_commit()}; "
+            f"{', '.join(versions)}. Produced by `benchmarks/bench_e2e.py"
+            f"{' --quick' if mode == 'quick' else ''}`: each trainer's own `train()`, one warm-up step then the median "
+            f"of {steps - warmup} timed steps; peak = max allocated over a step. Random-weight bf16 models, an EOS "
+            "outside the vocabulary (fixed lengths). atlas-fast = gradient checkpointing + padding-free; "
+            "lean = + activation offload, frozen reference in CPU memory, optimizer offload. TRL at its defaults "
+            "(gradient checkpointing on).\n")
+
+
+def write_section(path: Path, body: str) -> None:
+    block = f"{MARK_START}\n{body.rstrip()}\n{MARK_END}\n"
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    start, end = text.find(MARK_START), text.find(MARK_END)
+    if start != -1 and end > start:
+        text = text[:start] + block + text[end + len(MARK_END):].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
+
+
+# ---------------------------------------------------------------------- main
+@dataclass
+class Plan:
+    mode: str
+    shapes: list[str]
+    lengths: list[int]
+    fit_shapes: list[str]
+    fit_systems: tuple[str, ...]
+    fit_lengths: list[int]
+    step_shapes: list[str]
+    steps: int
+    warmup: int
+    step_tokens: int
+    step_prompts: int
+    step_prompt_lens: tuple[int, int]
+
+
+def make_plan(device: str, quick: bool) -> Plan:
+    if device != "cuda":  # smoke: the harness end to end at toy sizes
+        return Plan("cpu smoke", ["tiny"], [16], ["tiny"], SYSTEMS, [16, 32], ["tiny"], 2, 1, 8, 2, (4, 12))
+    if quick:
+        return Plan("quick", ["0.5b", "1.5b"], [1024], ["1.5b"], ("atlas-fast lean", "TRL"), [2048, 4096, 8192, 16384],
+                    ["0.5b"], 3, 1, STEP_TOKENS, STEP_PROMPTS, STEP_PROMPT_LENS)
+    return Plan("full", ["0.5b", "1.5b"], [1024, 2048, 4096, 8192], ["0.5b", "1.5b"], SYSTEMS,
+                [1024, 2048, 4096, 8192, 16384, 32768, 65536], ["0.5b", "1.5b"], 4, 1, STEP_TOKENS, STEP_PROMPTS,
+                STEP_PROMPT_LENS)
+
+
+def collect(plan: Plan, cases: set[str], systems: list[str], models: Path, device: str) -> list[Result]:
+    rows: list[Result] = []
+    if "update" in cases:
+        for key in plan.shapes:
+            shape = SHAPES[key]
+            path = save_model(shape, models, device)
+            for C in plan.lengths:
+                for system in systems:
+                    rows.append(run_case("update", shape, path, system, update_workload(shape, C), plan.steps,
+                                         plan.warmup, device))
+    if "fit" in cases:
+        for key in plan.fit_shapes:
+            shape = SHAPES[key]
+            path = save_model(shape, models, device)
+            for system in [s for s in systems if s in plan.fit_systems]:
+                for C in plan.fit_lengths:
+                    r = run_case("fit", shape, path, system, update_workload(shape, C), 1, 0, device)
+                    rows.append(r)
+                    if not r.ok:
+                        break
+    if "step" in cases:
+        for key in plan.step_shapes:
+            shape = SHAPES[key]
+            path = save_model(shape, models, device)
+            work = step_workload(shape, plan.step_tokens, plan.step_prompts, plan.step_prompt_lens)
+            for system in [s for s in systems if s in ("atlas-fast", "TRL")]:
+                rows.append(run_case("step", shape, path, system, work, plan.steps, plan.warmup, device))
+    return rows
+
+
+def run_isolated(argv: list[str], systems: list[str], models: Path) -> list[Result]:
+    """Run some systems in a child process. Liger patches transformers' Qwen2 module functions
+    (rotary embedding, norms) process-wide, so anything after it in the same process would run
+    Liger's kernels: TRL+Liger gets a process of its own."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dump = Path(tmp) / "rows.json"
+        cmd = [sys.executable, __file__, *argv, "--systems", ",".join(systems), "--models", str(models),
+               "--child-json", str(dump)]
+        done = subprocess.run(cmd)
+        if done.returncode != 0 or not dump.exists():
+            return [Result("update", "-", s, 0, error=f"child process failed (exit {done.returncode})") for s in systems]
+        return [Result(**row) for row in json.loads(dump.read_text())]
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="~5 min on an H200: update at 1k, fit on 1.5B, the step case")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=None, help="markdown file to update (default: benchmarks/RESULTS.md on CUDA)")
+    ap.add_argument("--cases", default="update,fit,step", help="comma list of update, fit, step")
+    ap.add_argument("--systems", default=None, help=f"comma list of {', '.join(SYSTEMS)} (default: all; "
+                    "on the CPU all but TRL+Liger, whose kernels need a GPU)")
+    ap.add_argument("--models", default=None, help="folder for the saved random models (default: a temp folder)")
+    ap.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    device = args.device
+    plan = make_plan(device, args.quick)
+    cases = set(args.cases.split(","))
+    default = [s for s in SYSTEMS if device == "cuda" or s != "TRL+Liger"]
+    systems = [s for s in SYSTEMS if s in (args.systems.split(",") if args.systems else default)]
+    models = Path(args.models) if args.models else Path(tempfile.mkdtemp(prefix="bench_e2e_models_"))
+    models.mkdir(parents=True, exist_ok=True)
+    if args.child_json:
+        rows = collect(plan, cases, systems, models, device)
+        Path(args.child_json).write_text(json.dumps([r.__dict__ for r in rows]))
+        return 0
+
+    print(f"bench_e2e: {plan.mode} on {device}; models in {models}", flush=True)
+    isolated = [s for s in systems if s == "TRL+Liger"]
+    rows = collect(plan, cases, [s for s in systems if s not in isolated], models, device)
+    if isolated:
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the child needs the memory this process cached
+        parent_argv = [a for a in argv if a not in ("--systems",)]
+        if "--systems" in argv:
+            i = argv.index("--systems")
+            parent_argv = argv[:i] + argv[i + 2:]
+        rows += run_isolated(parent_argv, isolated, models)
+    order = {s: i for i, s in enumerate(SYSTEMS)}
+    def of(case):
+        return sorted((r for r in rows if r.case == case), key=lambda r: (r.shape, r.completion, order.get(r.system, 9)))
+
+    sections = [header(device, plan.mode, plan.steps, plan.warmup)]
+    if "update" in cases:
+        sections.append(result_table(of("update"), "Update phase (reference log-probs, policy forward, loss, backward, "
+                                     f"optimizer step; 8 generations of a {PROMPT_TOKENS}-token prompt, fixed completions, "
+                                     f"beta {BETA})"))
+    if "fit" in cases:
+        fit_rows = sorted((r for r in rows if r.case == "fit"), key=lambda r: (r.shape, order.get(r.system, 9), r.completion))
+        sections.append(fit_table(fit_rows))
+    if "step" in cases:
+        sections.append(step_table(of("step")))
+    body = "\n\n".join(sections)
+    print("\n" + body)
+    out = args.out if args.out is not None else (None if device != "cuda" else DEFAULT_OUT)
+    if out is not None:
+        write_section(out, body)
+        print(f"\nwritten to {out}")
+    if not args.models:
+        shutil.rmtree(models, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
