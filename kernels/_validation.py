@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + FLOAT_DTYPES
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 IS_LEVELS = ("token", "sequence")
 SCALES = ("group", "batch", "none")
@@ -23,16 +24,28 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be a floating tensor (bf16/fp16/fp32/fp64), got {t.dtype}")
 
 
+def is_shifted(logits: torch.Tensor, index: torch.Tensor) -> bool:
+    """True when logits carry one more position than index: a causal LM's [B, C+1, V] head output
+    for C completion tokens, whose last position predicts past the completion and is skipped."""
+    return (
+        index.dim() >= 1
+        and logits.dim() == index.dim() + 1
+        and logits.shape[-2] == index.shape[-1] + 1
+        and logits.shape[:-2] == index.shape[:-1]
+    )
+
+
 def check_selective_inputs(logits: torch.Tensor, index: torch.Tensor, temperature: float) -> None:
     _check_float("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty vocabulary dimension, got shape {tuple(logits.shape)}")
     if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"index must be an int64 (or int32) tensor, got {getattr(index, 'dtype', type(index))}")
-    if index.shape != logits.shape[:-1]:
+    if index.shape != logits.shape[:-1] and not is_shifted(logits, index):
         raise ValueError(
             f"index shape {tuple(index.shape)} must equal logits shape without the vocabulary "
-            f"dimension {tuple(logits.shape[:-1])}"
+            f"dimension {tuple(logits.shape[:-1])}, or have one position fewer (unshifted logits "
+            f"[B, C+1, V] for index [B, C])"
         )
     if index.device != logits.device:
         raise ValueError(f"index is on {index.device} but logits are on {logits.device}")
@@ -61,7 +74,7 @@ def check_advantage_inputs(rewards: torch.Tensor, group_size: int, scale: str, e
         raise ValueError(f"eps must be >= 0, got {eps!r}")
 
 
-def check_loss_inputs(logps, old_logps, ref_logps, advantages, mask, beta) -> None:
+def check_loss_inputs(logps, old_logps, ref_logps, advantages, mask, beta, check_values: bool = True) -> None:
     _check_float("logps", logps)
     if logps.dim() != 2:
         raise ValueError(f"logps must be 2-D [B, T], got shape {tuple(logps.shape)}")
@@ -76,10 +89,25 @@ def check_loss_inputs(logps, old_logps, ref_logps, advantages, mask, beta) -> No
         raise ValueError(f"advantages shape {tuple(advantages.shape)} must be [B] = {tuple(logps.shape[:1])}")
     if not isinstance(mask, torch.Tensor) or mask.shape != logps.shape:
         raise ValueError(f"mask shape {tuple(getattr(mask, 'shape', ()))} must equal logps shape {tuple(logps.shape)}")
+    check_mask(mask, check_values)
     if beta != 0.0 and ref_logps is None:
         raise ValueError(f"beta={beta} needs ref_logps (pass beta=0.0 to train without a reference model)")
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
+
+
+def check_mask(mask: torch.Tensor, check_values: bool = True) -> None:
+    """A mask selects tokens: bool, or numbers that are all 0 or 1.
+
+    The kernels keep a token where mask != 0 and the reference weights by the value, so a mask of
+    0.5s or 2s would make the two disagree silently. Non-bool masks cost one host sync to check.
+    """
+    if mask.dtype not in MASK_DTYPES:
+        raise ValueError(f"mask must be a bool or 0/1 numeric tensor, got {mask.dtype}")
+    if check_values and mask.dtype != torch.bool and mask.numel():
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            raise ValueError(f"mask must be boolean or hold only 0 and 1, found {mask[bad].flatten()[0].item()!r}")
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,18 @@ sequence ratio in place of the token ratio (the 1/n of the mean cancels the n id
 
 `grpo_loss_from_logits` runs the selective log-prob sweep first (rows of padding are skipped
 outright), then the loss; its backward is a single launch in which each token program recomputes
-its own d(logp) and writes its row of d(logits), into the logits buffer by default. The logits
-are read twice and written once in all, and peak memory stays at the logits plus O(B*T) floats.
+its own d(logp) and writes its row of d(logits), into the logits buffer when that is safe (see
+`grpo_loss_from_logits`). The logits are read twice and written once in all. Given a model head's
+unshifted [B, C+1, V] output, the last position is skipped forward and zeroed backward, so the
+gradient lands in the very tensor the head's backward consumes: peak memory stays at the logits
+plus O(B*T) floats, with no slice for autograd to zero-fill.
+
+Every tensor the backward reads goes through save_for_backward: editing advantages, mask, old or
+reference log-probs, index or logits in place between forward and backward raises.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -25,7 +33,8 @@ import triton.language as tl
 from . import reference
 from ._dispatch import TRITON_DTYPES, next_pow2, use_triton
 from ._validation import LossConfig, check_loss_inputs, check_selective_inputs, loss_config
-from .logprobs import BWD_BLOCK_V, BWD_WARPS, _dlogits_row, _launch_config, logprobs_forward, mark_overwritten
+from .logprobs import (BWD_BLOCK_V, BWD_WARPS, Rows, _dlogits_row, _launch_config, as_rows, gradient_buffer,
+                       logprobs_forward, mark_overwritten, resolve_inplace)
 from .reference import masked_mean
 
 MAX_BLOCK_T = 1024
@@ -253,16 +262,19 @@ def _grpo_bwd_kernel(
 def _grpo_logits_bwd_kernel(
     logits_ptr, stride_b, stride_t, dlogits_ptr, dstride_b, dstride_t, V, index_ptr, lse_ptr,
     lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, rows_ptr, out_ptr, g_ptr,
-    B, T, s_old, s_ref, s_mask,
+    B, T, T_LOGITS, s_old, s_ref, s_mask,
     beta, eps_low, eps_high, delta, inv_temp,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_DELTA: tl.constexpr, CISPO: tl.constexpr,
     SEQ: tl.constexpr, KL_IS: tl.constexpr, KIND: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """One token per program: its d(logp) from the loss, then its row of d(logits), in one launch."""
-    tok = tl.program_id(0).to(tl.int64)
-    b = tok // T
-    t = tok % T
-    m = tl.load(mask_ptr + b * s_mask + t) != 0
+    """One row of logits per program: its token's d(logp) from the loss, then its row of
+    d(logits), in one launch. T_LOGITS = T + 1 for unshifted logits: that last row gets zeros."""
+    prog = tl.program_id(0).to(tl.int64)
+    b = prog // T_LOGITS
+    t_row = prog % T_LOGITS
+    t = tl.minimum(t_row, T - 1)
+    tok = b * T + t
+    m = (tl.load(mask_ptr + b * s_mask + t) != 0) & (t_row < T)
     g, seq_lr, seq_kl_term = _row_scale(rows_ptr, out_ptr, g_ptr, b, B, beta, HAS_REF, SEQ, KL_IS, KIND)
     lp = tl.load(lp_ptr + tok)
     old = lp
@@ -279,7 +291,7 @@ def _grpo_logits_bwd_kernel(
     _, dloss, _ = _surrogate(ratio, lp, ref, a, beta, eps_low, eps_high, delta, HAS_REF, HAS_DELTA, CISPO,
                              KL_IS, SEQ)
     g_tok = tl.where(m, g * (dloss + seq_kl_term), 0.0)
-    _dlogits_row(logits_ptr + b * stride_b + t * stride_t, dlogits_ptr + b * dstride_b + t * dstride_t, V,
+    _dlogits_row(logits_ptr + b * stride_b + t_row * stride_t, dlogits_ptr + b * dstride_b + t_row * dstride_t, V,
                  tl.load(index_ptr + tok), tl.load(lse_ptr + tok), 0.0, g_tok, 0.0, inv_temp, BLOCK_V, False)
 
 
@@ -298,21 +310,39 @@ def _mask_view(mask: torch.Tensor) -> torch.Tensor:
 _KINDS = {"grpo": 0, "bnpo": 1, "dapo": 1, "cispo": 1, "dr_grpo": 2}
 
 
-class _LossLaunch:
-    """Arguments shared by the launches of one loss call: forward (+ fold) and a backward."""
+class _LossTensors(NamedTuple):
+    """The token tensors of one loss call as the kernels read them (row-contiguous). Each is the
+    caller's tensor or a view of it unless a copy was unavoidable, so saving these for backward
+    ties them to the caller's version counters."""
 
-    def __init__(self, logps, old_logps, ref_logps, advantages, mask, cfg: LossConfig,
-                 max_completion_length, num_items):
-        self.lp = _rowwise(logps)
-        self.old = _rowwise(old_logps)
-        self.ref = _rowwise(ref_logps)
-        # Absent inputs pass the log-probs as a stand-in pointer; HAS_OLD / HAS_REF keep it unread.
-        self.old_arg = self.old if self.old is not None else self.lp
-        self.ref_arg = self.ref if self.ref is not None else self.lp
-        self.adv = advantages.contiguous()
-        self.mask = _mask_view(mask)
+    lp: torch.Tensor
+    old: torch.Tensor | None
+    ref: torch.Tensor | None
+    adv: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def of(cls, logps, old_logps, ref_logps, advantages, mask) -> "_LossTensors":
+        return cls(_rowwise(logps), _rowwise(old_logps), _rowwise(ref_logps), advantages.contiguous(),
+                   _mask_view(mask))
+
+    def pointers(self) -> tuple:
+        """(lp, old, ref, adv, mask) with the log-probs standing in for absent old / ref
+        (HAS_OLD / HAS_REF keep them unread)."""
+        return (self.lp, self.old if self.old is not None else self.lp,
+                self.ref if self.ref is not None else self.lp, self.adv, self.mask)
+
+
+class _LossLaunch:
+    """What the launches of one loss call share beyond tensors: shapes, options, normaliser.
+
+    Holds no tensor: everything the backward reads comes back through ctx.saved_tensors.
+    """
+
+    def __init__(self, t: _LossTensors, cfg: LossConfig, max_completion_length, num_items):
         self.cfg = cfg
-        self.B, self.T = logps.shape
+        self.has_old, self.has_ref = t.old is not None, t.ref is not None
+        self.B, self.T = t.lp.shape
         self.block = min(next_pow2(max(self.T, 1)), MAX_BLOCK_T)
         self.kind = _KINDS[cfg.loss_type]
         if self.kind == 2:
@@ -321,58 +351,58 @@ class _LossLaunch:
             self.norm = float(num_items)  # a tensor here costs one host sync
         else:
             self.norm = None
-        self.rows = self.out = None
 
     def _flags(self) -> dict:
         c = self.cfg
-        return dict(HAS_OLD=self.old is not None, HAS_REF=self.ref is not None, HAS_DELTA=c.delta is not None,
+        return dict(HAS_OLD=self.has_old, HAS_REF=self.has_ref, HAS_DELTA=c.delta is not None,
                     CISPO=c.loss_type == "cispo", SEQ=c.sequence_level, KL_IS=c.kl_bias_correction, KIND=self.kind)
 
     def _scalars(self) -> tuple:
         c = self.cfg
         return c.beta, c.epsilon_low, c.epsilon_high, c.delta if c.delta is not None else 0.0
 
-    def forward(self) -> torch.Tensor:
-        """Returns [loss, kl, clip low, clip high, clip region, normaliser] as one float32 vector."""
-        dev = self.lp.device
-        self.rows = torch.empty(self.B, ROW, device=dev, dtype=torch.float32)
+    def forward(self, t: _LossTensors) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (row sums [B, ROW], out = [loss, kl, clip low, clip high, clip region, normaliser])."""
+        dev = t.lp.device
+        rows = torch.empty(self.B, ROW, device=dev, dtype=torch.float32)
         if not self.B:
-            self.out = torch.zeros(N_OUT, device=dev, dtype=torch.float32)
-            return self.out
-        self.out = torch.empty(N_OUT, device=dev, dtype=torch.float32)
+            return rows, torch.zeros(N_OUT, device=dev, dtype=torch.float32)
+        out = torch.empty(N_OUT, device=dev, dtype=torch.float32)
         ticket = torch.zeros(1, device=dev, dtype=torch.int32)
-        old, ref = self.old_arg, self.ref_arg
+        lp, old, ref, adv, mask = t.pointers()
         _grpo_fwd_kernel[(self.B,)](
-            self.lp, old, ref, self.adv, self.mask, self.rows, self.out, ticket,
-            self.B, self.T, self.lp.stride(0), old.stride(0), ref.stride(0), self.mask.stride(0),
+            lp, old, ref, adv, mask, rows, out, ticket,
+            self.B, self.T, lp.stride(0), old.stride(0), ref.stride(0), mask.stride(0),
             *self._scalars(), self.norm or 0.0, **self._flags(), HAS_NORM=self.norm is not None,
             BLOCK_T=self.block, BLOCK_B=min(next_pow2(self.B), 1024), num_warps=NUM_WARPS,
         )
-        return self.out
+        return rows, out
 
-    def backward(self, g_loss: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def backward(self, t: _LossTensors, rows, out, g_loss: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """d(logps) [B, T] in `out_dtype`."""
-        dlp = torch.empty(self.B, self.T, device=self.lp.device, dtype=out_dtype)
-        old, ref = self.old_arg, self.ref_arg
+        dlp = torch.empty(self.B, self.T, device=t.lp.device, dtype=out_dtype)
+        lp, old, ref, adv, mask = t.pointers()
         if self.B:
             _grpo_bwd_kernel[(self.B,)](
-                self.lp, old, ref, self.adv, self.mask, self.rows, self.out, g_loss, dlp,
-                self.B, self.T, self.lp.stride(0), old.stride(0), ref.stride(0), self.mask.stride(0), dlp.stride(0),
+                lp, old, ref, adv, mask, rows, out, g_loss, dlp,
+                self.B, self.T, lp.stride(0), old.stride(0), ref.stride(0), mask.stride(0), dlp.stride(0),
                 *self._scalars(), **self._flags(), BLOCK_T=self.block, num_warps=NUM_WARPS,
             )
         return dlp
 
-    def backward_to_logits(self, g_loss, logits3, index_flat, lse, inv_temp, inplace) -> torch.Tensor:
+    def backward_to_logits(self, t: _LossTensors, rows, out, g_loss, logit_rows: Rows, lse, inv_temp,
+                           inplace) -> torch.Tensor:
         """d(logits) straight from d(loss): each token's d(logp) is recomputed where it is used."""
-        B, T, V = logits3.shape
-        dlogits = logits3 if inplace else torch.empty(logits3.shape, device=logits3.device, dtype=logits3.dtype)
-        old, ref = self.old_arg, self.ref_arg
+        logits3 = logit_rows.logits3
+        B, T_logits, V = logits3.shape
+        dlogits = gradient_buffer(logits3, inplace, logit_rows.tokens)
+        lp, old, ref, adv, mask = t.pointers()
         block, warps = _launch_config(V, BWD_BLOCK_V, BWD_WARPS)
-        if B * T:
-            _grpo_logits_bwd_kernel[(B * T,)](
+        if logit_rows.tokens:
+            _grpo_logits_bwd_kernel[(B * T_logits,)](
                 logits3, logits3.stride(0), logits3.stride(1), dlogits, dlogits.stride(0), dlogits.stride(1), V,
-                index_flat, lse, self.lp, old, ref, self.adv, self.mask, self.rows, self.out, g_loss,
-                self.B, self.T, old.stride(0), ref.stride(0), self.mask.stride(0),
+                logit_rows.index_flat, lse, lp, old, ref, adv, mask, rows, out, g_loss,
+                self.B, self.T, T_logits, old.stride(0), ref.stride(0), mask.stride(0),
                 *self._scalars(), inv_temp, **self._flags(), BLOCK_V=block, num_warps=warps,
             )
         return dlogits
@@ -383,16 +413,18 @@ class GRPOLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logps, old_logps, ref_logps, advantages, mask, cfg, max_completion_length, num_items):
-        launch = _LossLaunch(logps, old_logps, ref_logps, advantages, mask, cfg, max_completion_length, num_items)
-        out = launch.forward()
+        t = _LossTensors.of(logps, old_logps, ref_logps, advantages, mask)
+        launch = _LossLaunch(t, cfg, max_completion_length, num_items)
+        rows, out = launch.forward(t)
+        ctx.save_for_backward(*t, rows, out)
         ctx.launch, ctx.dtype = launch, logps.dtype
         ctx.mark_non_differentiable(out)
         return out[LOSS].clone(), out
 
     @staticmethod
     def backward(ctx, g_loss, _g_out):
-        dlp = ctx.launch.backward(g_loss.contiguous(), ctx.dtype)
-        ctx.launch = None
+        *t, rows, out = ctx.saved_tensors
+        dlp = ctx.launch.backward(_LossTensors(*t), rows, out, g_loss.contiguous(), ctx.dtype)
         return dlp, None, None, None, None, None, None, None
 
 
@@ -404,24 +436,23 @@ class GRPOLossFromLogits(torch.autograd.Function):
                 max_completion_length, num_items, with_entropy):
         inv_temp = 1.0 / temperature
         mask_v = _mask_view(mask)
-        logits3, index_flat, logp, lse, ent = logprobs_forward(
-            logits, index, inv_temp, with_entropy, row_mask=mask_v.reshape(-1)
-        )
-        launch = _LossLaunch(logp.view(index.shape), old_logps, ref_logps, advantages, mask_v, cfg,
-                             max_completion_length, num_items)
-        out = launch.forward()
-        ctx.save_for_backward(logits3, index_flat, lse)
-        ctx.launch, ctx.meta = launch, (inv_temp, inplace, logits.shape)
+        logit_rows = as_rows(logits, index)
+        logp, lse, ent = logprobs_forward(logit_rows, inv_temp, with_entropy, row_mask=mask_v.reshape(-1))
+        t = _LossTensors.of(logp.view(index.shape), old_logps, ref_logps, advantages, mask_v)
+        launch = _LossLaunch(t, cfg, max_completion_length, num_items)
+        rows, out = launch.forward(t)
+        ctx.save_for_backward(logit_rows.logits3, logit_rows.index_flat, lse, *t, rows, out)
+        ctx.launch, ctx.meta = launch, (inv_temp, inplace, logits.shape, logit_rows.T)
         ent = ent.view(index.shape) if with_entropy else None  # for logging only: no gradient
         ctx.mark_non_differentiable(out, *([ent] if with_entropy else []))
         return out[LOSS].clone(), out, ent
 
     @staticmethod
     def backward(ctx, g_loss, _g_out, _g_ent):
-        logits3, index_flat, lse = ctx.saved_tensors
-        inv_temp, inplace, shape = ctx.meta
-        dlogits = ctx.launch.backward_to_logits(g_loss.contiguous(), logits3, index_flat, lse, inv_temp, inplace)
-        ctx.launch = None
+        logits3, index_flat, lse, *t, rows, out = ctx.saved_tensors
+        inv_temp, inplace, shape, T = ctx.meta
+        dlogits = ctx.launch.backward_to_logits(_LossTensors(*t), rows, out, g_loss.contiguous(),
+                                                Rows(logits3, index_flat, T), lse, inv_temp, inplace)
         if inplace:
             mark_overwritten(logits3)
         return dlogits.view(shape).detach(), None, None, None, None, None, None, None, None, None, None, None
@@ -450,17 +481,21 @@ def grpo_loss(
     max_completion_length: int | None = None,
     num_items: float | torch.Tensor | None = None,
     use_bias_correction_kl: bool = False,
+    validate: bool = True,
 ):
     """GRPO loss on token log-probs [B, T]; returns (scalar loss, stats).
 
     `old_logps=None` is the on-policy case (ratio exp(logp - logp.detach()) = 1 with gradient);
-    `ref_logps=None` requires beta == 0. Loss types: grpo (mean of per-sequence means), bnpo
-    (token mean over the batch), dr_grpo (sum / (B * max_completion_length)), dapo and cispo
-    (sum / num_items, the global active-token count, default the local one). Stats: `kl` (when
-    ref_logps is given) and `clip_ratio/{low,high,region}_mean`, as 0-dim tensors (no host sync).
+    `ref_logps=None` requires beta == 0. `mask` [B, T] is bool, or numeric holding only 0 and 1
+    (anything else raises ValueError; `validate=False` skips that value check, one host sync for
+    a non-bool mask). Loss types: grpo (mean of per-sequence means), bnpo (token mean over the
+    batch), dr_grpo (sum / (B * max_completion_length)), dapo and cispo (sum / num_items, the
+    global active-token count, default the local one). Stats: `kl` (when ref_logps is given) and
+    `clip_ratio/{low,high,region}_mean`, as 0-dim tensors (no host sync).
     `use_bias_correction_kl` weights the KL by the importance ratio (TRL 1.16's option of that name).
+    The inputs are saved for backward: editing one in place before backward raises.
     """
-    check_loss_inputs(logps, old_logps, ref_logps, advantages, mask, beta)
+    check_loss_inputs(logps, old_logps, ref_logps, advantages, mask, beta, check_values=validate)
     cfg = loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level,
                       use_bias_correction_kl)
     tensors = (logps, old_logps, ref_logps, advantages)
@@ -470,7 +505,7 @@ def grpo_loss(
             epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
             importance_sampling_level=importance_sampling_level,
             max_completion_length=max_completion_length, num_items=num_items,
-            use_bias_correction_kl=use_bias_correction_kl,
+            use_bias_correction_kl=use_bias_correction_kl, validate=False,
         )
     loss, out = GRPOLoss.apply(logps, old_logps, ref_logps, advantages, mask, cfg, max_completion_length, num_items)
     return loss, _stats(out, ref_logps is not None)
@@ -485,7 +520,7 @@ def grpo_loss_from_logits(
     mask: torch.Tensor,
     *,
     temperature: float = 1.0,
-    inplace_backward: bool = True,
+    inplace_backward: bool | None = None,
     beta: float = 0.0,
     epsilon_low: float = 0.2,
     epsilon_high: float | None = None,
@@ -498,31 +533,46 @@ def grpo_loss_from_logits(
     return_entropy: bool = False,
     validate: bool = True,
 ):
-    """GRPO loss straight from logits [B, T, V] (a strided view such as `out.logits[:, :-1]` is fine).
+    """GRPO loss straight from logits; same options and return value as `grpo_loss`.
 
-    Same options and return value as `grpo_loss`. The backward writes d(logits) into the logits
-    buffer when `inplace_backward` (the default): do not reuse the logits after backward.
-    `return_entropy` adds stats["entropy"], the mean entropy of the tempered distribution over
-    the unmasked tokens, computed in the same sweep (no gradient; about +20% on the forward).
+    `logits` is [B, C+1, V], a causal LM head's output as is (`model(...).logits`, with
+    `logits_to_keep=C+1`): position t scores index[:, t] and the last position is skipped, its
+    gradient zero. [B, C, V] works too, a strided view such as `out.logits[:, :-1]` included,
+    but autograd then zero-fills a full-size copy for the slice's backward.
+
+    `inplace_backward`: None (default) writes d(logits) into the logits buffer only where that
+    is safe, when autograd produced the logits (a non-leaf such as the head's output, or a view
+    of one: its backward needs d(logits), not the logits), and into a new tensor for a leaf, a
+    view of a leaf, or anything else the caller owns. True forces the in-place write (the logits
+    hold gradients after backward); False never writes into them. In place, the logits' version
+    is bumped, so another op that saved them for its own backward raises rather than misreads.
+
+    `validate=False` skips the index range and mask value checks (host syncs). `return_entropy`
+    adds stats["entropy"], the mean entropy of the tempered distribution over the unmasked
+    tokens, computed in the same sweep (no gradient; about +20% on the forward). Every tensor the
+    backward reads is saved for it: editing one in place before backward raises.
     """
     if validate:
         check_selective_inputs(logits, index, temperature)
     if logits.dim() != 3:
-        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+        raise ValueError(f"logits must be [B, T, V] or [B, T+1, V], got shape {tuple(logits.shape)}")
     options = dict(beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
                    importance_sampling_level=importance_sampling_level,
                    max_completion_length=max_completion_length, num_items=num_items,
                    use_bias_correction_kl=use_bias_correction_kl)
+    # The token tensors are checked against a shape-only stand-in for the log-probs.
+    check_loss_inputs(torch.empty(index.shape, device="meta"), old_logps, ref_logps, advantages, mask, beta,
+                      check_values=validate)
     tensors = (logits, old_logps, ref_logps, advantages)
     if not use_triton(*tensors) or any(t is not None and t.dtype not in TRITON_DTYPES for t in tensors):
         return reference.grpo_loss_from_logits(logits, index, old_logps, ref_logps, advantages, mask,
-                                               temperature=temperature, return_entropy=return_entropy, **options)
-    # The token tensors are checked against a shape-only stand-in for the log-probs.
-    check_loss_inputs(torch.empty(index.shape, device="meta"), old_logps, ref_logps, advantages, mask, beta)
+                                               temperature=temperature, return_entropy=return_entropy,
+                                               validate=False, **options)
     cfg = loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level,
                       use_bias_correction_kl)
+    inplace = resolve_inplace(logits, inplace_backward)
     loss, out, entropy = GRPOLossFromLogits.apply(logits, index, old_logps, ref_logps, advantages, mask,
-                                                  float(temperature), inplace_backward, cfg, max_completion_length,
+                                                  float(temperature), inplace, cfg, max_completion_length,
                                                   num_items, return_entropy)
     stats = _stats(out, ref_logps is not None)
     if return_entropy:

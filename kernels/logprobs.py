@@ -9,8 +9,15 @@ exp; a per-lane max needs two, which at H100 bandwidth would saturate the SFU.
 Backward: recompute p = exp(x - lse) from the saved lse and write
 d(logits) = (g * (onehot - p) - g_H * p * (x - lse + H)) / T, in the logits dtype, optionally
 straight into the logits buffer so no second [N, V] tensor ever exists.
+
+Unshifted logits: a causal LM's head returns [B, C+1, V] for C completion tokens, the last
+position predicting past the end. Slicing it off in autograd costs a zero-filled copy of the
+whole tensor in backward, so the kernels take the head output as is: the forward reads
+positions 0..C-1 only and the backward writes zeros into the last one, in the same launch.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -18,7 +25,7 @@ import triton.language as tl
 
 from . import reference
 from ._dispatch import TRITON_DTYPES, next_pow2, use_triton
-from ._validation import check_selective_inputs
+from ._validation import check_selective_inputs, is_shifted
 
 # Chunk width and warps per program, swept on an H200 at N=8192, V=151936, bf16 (RESULTS.md):
 # forward 8192 lanes x 4 warps reached 96% of copy bandwidth; 4096 x 4: 94%, 4096 x 8: 78%,
@@ -101,19 +108,25 @@ def _dlogits_row(base, dbase, V, idx, lse, h, g, g_h, inv_temp, BLOCK_V: tl.cons
 def _logprobs_bwd_kernel(
     logits_ptr, stride_b, stride_t,
     dlogits_ptr, dstride_b, dstride_t,
-    T, V,
+    T, T_LOGITS, V,
     index_ptr, lse_ptr, ent_ptr, g_logp_ptr, g_ent_ptr,
     inv_temp,
     BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
-    dbase = dlogits_ptr + (row // T) * dstride_b + (row % T) * dstride_t
-    g = tl.load(g_logp_ptr + row).to(tl.float32)
+    # One program per row of logits: T_LOGITS is T, or T + 1 for unshifted logits, whose last
+    # position gets a zero gradient (g = 0 writes zeros without reading the row).
+    prog = tl.program_id(0).to(tl.int64)
+    b = prog // T_LOGITS
+    t = prog % T_LOGITS
+    is_token = t < T
+    row = b * T + tl.minimum(t, T - 1)
+    base = logits_ptr + b * stride_b + t * stride_t
+    dbase = dlogits_ptr + b * dstride_b + t * dstride_t
+    g = tl.where(is_token, tl.load(g_logp_ptr + row).to(tl.float32), 0.0)
     g_h = 0.0
     h = 0.0
     if WITH_ENTROPY:
-        g_h = tl.load(g_ent_ptr + row).to(tl.float32)
+        g_h = tl.where(is_token, tl.load(g_ent_ptr + row).to(tl.float32), 0.0)
         h = tl.load(ent_ptr + row)
     _dlogits_row(base, dbase, V, tl.load(index_ptr + row), tl.load(lse_ptr + row), h, g, g_h, inv_temp,
                  BLOCK_V, WITH_ENTROPY)
@@ -139,42 +152,89 @@ def _launch_config(vocab: int, block: int, warps: int) -> tuple[int, int]:
     return min(next_pow2(vocab), block), warps
 
 
-def logprobs_forward(logits, index, inv_temp, with_entropy, row_mask=None):
-    """Launch the forward; returns (logits3, index_flat, logp, lse, entropy-or-None), flat [N]."""
+@dataclass(frozen=True)
+class Rows:
+    """How [..., V] logits map onto the kernels' rows: logits3 is [B, T_logits, V] (T_logits = T,
+    or T + 1 for unshifted logits), index_flat is [B * T]."""
+
+    logits3: torch.Tensor
+    index_flat: torch.Tensor
+    T: int
+
+    @property
+    def tokens(self) -> int:
+        return self.index_flat.numel()
+
+
+def as_rows(logits: torch.Tensor, index: torch.Tensor) -> Rows:
     logits3 = _as_rows(logits)
-    B, T, V = logits3.shape
-    n = B * T
-    index_flat = index.reshape(-1).contiguous()
-    logp = torch.empty(n, device=logits.device, dtype=torch.float32)
+    T = logits3.shape[1] - (1 if is_shifted(logits, index) else 0)
+    return Rows(logits3, index.reshape(-1).contiguous(), T)
+
+
+def logprobs_forward(rows: Rows, inv_temp, with_entropy, row_mask=None):
+    """Launch the forward; returns (logp, lse, entropy-or-None), each flat [B * T]."""
+    logits3 = rows.logits3
+    n = rows.tokens
+    logp = torch.empty(n, device=logits3.device, dtype=torch.float32)
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp) if with_entropy else lse  # dummy pointer when unused
-    block, warps = _launch_config(V, FWD_BLOCK_V, FWD_WARPS)
+    block, warps = _launch_config(logits3.shape[2], FWD_BLOCK_V, FWD_WARPS)
     if n:
         _logprobs_fwd_kernel[(n,)](
-            logits3, logits3.stride(0), logits3.stride(1), T, V,
-            index_flat, row_mask if row_mask is not None else index_flat,
+            logits3, logits3.stride(0), logits3.stride(1), rows.T, logits3.shape[2],
+            rows.index_flat, row_mask if row_mask is not None else rows.index_flat,
             logp, lse, ent, inv_temp,
             BLOCK_V=block, HAS_ROW_MASK=row_mask is not None, WITH_ENTROPY=with_entropy, num_warps=warps,
         )
-    return logits3, index_flat, logp, lse, (ent if with_entropy else None)
+    return logp, lse, (ent if with_entropy else None)
 
 
-def logprobs_backward(logits3, index_flat, lse, ent, g_logp, g_ent, inv_temp, inplace):
-    """Launch the backward; returns d(logits) shaped like logits3 (the logits buffer if inplace)."""
-    B, T, V = logits3.shape
-    dlogits = logits3 if inplace else torch.empty(logits3.shape, device=logits3.device, dtype=logits3.dtype)
+def gradient_buffer(logits3: torch.Tensor, inplace: bool, tokens: int) -> torch.Tensor:
+    """Where d(logits) goes: the logits themselves, or a new tensor. With no token at all no
+    kernel runs, so the buffer is zero-filled here instead."""
+    if inplace:
+        return logits3.zero_() if not tokens else logits3
+    if not tokens:
+        return torch.zeros(logits3.shape, device=logits3.device, dtype=logits3.dtype)
+    return torch.empty(logits3.shape, device=logits3.device, dtype=logits3.dtype)
+
+
+def logprobs_backward(rows: Rows, lse, ent, g_logp, g_ent, inv_temp, inplace):
+    """Launch the backward; returns d(logits) shaped like rows.logits3 (that buffer if inplace)."""
+    logits3 = rows.logits3
+    B, T_logits, V = logits3.shape
+    dlogits = gradient_buffer(logits3, inplace, rows.tokens)
     with_entropy = g_ent is not None
     block, warps = _launch_config(V, BWD_BLOCK_V, BWD_WARPS)
-    if B * T:
-        _logprobs_bwd_kernel[(B * T,)](
+    if rows.tokens:
+        _logprobs_bwd_kernel[(B * T_logits,)](
             logits3, logits3.stride(0), logits3.stride(1),
             dlogits, dlogits.stride(0), dlogits.stride(1),
-            T, V, index_flat, lse, ent if with_entropy else lse,
+            rows.T, T_logits, V, rows.index_flat, lse, ent if with_entropy else lse,
             g_logp.reshape(-1).contiguous(), g_ent.reshape(-1).contiguous() if with_entropy else lse,
             inv_temp,
             BLOCK_V=block, WITH_ENTROPY=with_entropy, num_warps=warps,
         )
     return dlogits
+
+
+def inplace_is_safe(logits: torch.Tensor) -> bool:
+    """Whether the backward may overwrite `logits` with d(logits) when the caller did not say.
+
+    Yes for a tensor that autograd produced (a model head's output, or a view of one): the only
+    reader left after this op's backward is that producer's backward, which needs d(logits), not
+    the logits. No for a leaf, a view of a leaf, or a tensor without grad: the caller owns that
+    memory and may read it again.
+    """
+    if not logits.requires_grad or logits.grad_fn is None:
+        return False
+    base = logits._base
+    return base is None or base.grad_fn is not None
+
+
+def resolve_inplace(logits: torch.Tensor, inplace_backward: bool | None) -> bool:
+    return inplace_is_safe(logits) if inplace_backward is None else bool(inplace_backward)
 
 
 def mark_overwritten(logits: torch.Tensor) -> None:
@@ -187,9 +247,12 @@ class SelectiveLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, index, temperature, return_entropy, inplace_backward):
         inv_temp = 1.0 / temperature
-        logits3, index_flat, logp, lse, ent = logprobs_forward(logits, index, inv_temp, return_entropy)
-        ctx.save_for_backward(logits3, index_flat, lse, ent if ent is not None else lse)
-        ctx.meta = (inv_temp, return_entropy, inplace_backward, logits.shape)
+        rows = as_rows(logits, index)
+        logp, lse, ent = logprobs_forward(rows, inv_temp, return_entropy)
+        # The logits and index go through save_for_backward (views share the caller's version
+        # counter), so editing either in place before backward raises instead of corrupting it.
+        ctx.save_for_backward(rows.logits3, rows.index_flat, lse, ent)
+        ctx.meta = (inv_temp, return_entropy, inplace_backward, logits.shape, rows.T)
         shape = index.shape
         if ent is None:
             ctx.mark_non_differentiable(lse)
@@ -199,13 +262,13 @@ class SelectiveLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         logits3, index_flat, lse, ent = ctx.saved_tensors
-        inv_temp, with_entropy, inplace, shape = ctx.meta
+        inv_temp, with_entropy, inplace, shape, T = ctx.meta
         if g_logp is None:
             g_logp = torch.zeros_like(lse)
         g_ent = g_ent if with_entropy else None
         if with_entropy and g_ent is None:
             g_ent = torch.zeros_like(lse)
-        dlogits = logprobs_backward(logits3, index_flat, lse, ent, g_logp, g_ent, inv_temp, inplace)
+        dlogits = logprobs_backward(Rows(logits3, index_flat, T), lse, ent, g_logp, g_ent, inv_temp, inplace)
         if inplace:
             mark_overwritten(logits3)
         return dlogits.view(shape).detach(), None, None, None, None
@@ -217,22 +280,30 @@ def selective_logprobs(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
-    inplace_backward: bool = False,
+    inplace_backward: bool | None = None,
     validate: bool = True,
 ):
     """log_softmax(logits / temperature) gathered at `index`.
 
     Args:
         logits: [..., V] bf16/fp16/fp32 (fp64 runs the reference). Strided views such as
-            `logits[:, :-1]` are read in place, without a copy.
+            `logits[:, :-1]` are read in place, without a copy. Unshifted logits, one position
+            longer than `index` ([B, C+1, V] for index [B, C], a causal LM head's output), are
+            taken as they are: position t scores index[t] and the last position is skipped (its
+            gradient is zero), with no slice and no copy.
         index: [...] int64 token ids.
         temperature: the sampling temperature; log-probs are those of the tempered distribution.
         return_entropy: also return the entropy of that distribution (differentiable).
-        inplace_backward: let the backward overwrite the logits buffer with d(logits). Only safe
-            when nothing else needs the logits after this op (true for the usual lm_head output).
+        inplace_backward: whether the backward writes d(logits) into the logits buffer, so no
+            second [N, V] tensor exists. None (default) decides per call: in place when autograd
+            produced the logits (a non-leaf such as a model head's output, or a view of one),
+            which nothing reads after this op's backward but the producer's backward; out of
+            place for a leaf, a view of a leaf, or anything the caller owns. True forces it (the
+            logits then hold gradients after backward); False never writes into them. In place,
+            the logits' version is bumped, so another op that saved them for its backward raises.
         validate: check shapes and the index range (one host sync).
     Returns:
-        float32 log-probs [...], plus the float32 entropy [...] when asked.
+        float32 log-probs [...] (index's shape), plus the float32 entropy [...] when asked.
     """
     if validate:
         check_selective_inputs(logits, index, temperature)
@@ -240,5 +311,6 @@ def selective_logprobs(
         return reference.selective_logprobs(
             logits, index, temperature=temperature, return_entropy=return_entropy, validate=False
         )
-    logp, ent = SelectiveLogprobs.apply(logits, index, float(temperature), return_entropy, inplace_backward)
+    inplace = resolve_inplace(logits, inplace_backward)
+    logp, ent = SelectiveLogprobs.apply(logits, index, float(temperature), return_entropy, inplace)
     return (logp, ent) if return_entropy else logp

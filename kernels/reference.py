@@ -13,6 +13,7 @@ from ._validation import (
     check_advantage_inputs,
     check_loss_inputs,
     check_selective_inputs,
+    is_shifted,
     loss_config,
 )
 
@@ -29,13 +30,19 @@ def selective_logprobs(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
-    inplace_backward: bool = False,
+    inplace_backward: bool | None = None,
     validate: bool = True,
 ):
-    """log_softmax(logits / temperature) gathered at `index`, and optionally the entropy."""
+    """log_softmax(logits / temperature) gathered at `index`, and optionally the entropy.
+
+    Logits one position longer than index ([B, C+1, V] for [B, C]) are a causal LM's unshifted
+    output: the last position is dropped (a slice, so its gradient is zero).
+    """
     del inplace_backward  # autograd owns the buffers here
     if validate:
         check_selective_inputs(logits, index, temperature)
+    if is_shifted(logits, index):
+        logits = logits[..., :-1, :]
     x = logits.to(_compute_dtype(logits)) / temperature  # [..., V]
     lse = torch.logsumexp(x, dim=-1)  # [...]
     logp = x.gather(-1, index.unsqueeze(-1)).squeeze(-1) - lse
@@ -137,9 +144,11 @@ def grpo_loss(
     max_completion_length: int | None = None,
     num_items: float | torch.Tensor | None = None,
     use_bias_correction_kl: bool = False,
+    validate: bool = True,
 ):
-    """Clipped-surrogate GRPO loss with optional k3 KL; returns (loss, stats)."""
-    check_loss_inputs(logps, old_logps, ref_logps, advantages, mask, beta)
+    """Clipped-surrogate GRPO loss with optional k3 KL; returns (loss, stats). The mask is bool
+    or 0/1 (checked unless validate=False); it weights tokens by its value."""
+    check_loss_inputs(logps, old_logps, ref_logps, advantages, mask, beta, check_values=validate)
     cfg = loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level,
                       use_bias_correction_kl)
     loss_tok, ratio, kl = per_token_loss(logps, old_logps, ref_logps, advantages, mask, cfg)
@@ -184,16 +193,17 @@ def grpo_loss_from_logits(
     mask: torch.Tensor,
     *,
     temperature: float = 1.0,
-    inplace_backward: bool = True,
+    inplace_backward: bool | None = None,
     return_entropy: bool = False,
     validate: bool = True,
     **loss_options,
 ):
-    """GRPO loss straight from logits [B, T, V]: selective_logprobs followed by grpo_loss."""
+    """GRPO loss straight from logits [B, C, V] or unshifted [B, C+1, V]: selective_logprobs
+    followed by grpo_loss."""
     out = selective_logprobs(logits, index, temperature=temperature, inplace_backward=inplace_backward,
                              return_entropy=return_entropy, validate=validate)
     logps, entropy = out if return_entropy else (out, None)
-    loss, stats = grpo_loss(logps, old_logps, ref_logps, advantages, mask, **loss_options)
+    loss, stats = grpo_loss(logps, old_logps, ref_logps, advantages, mask, validate=validate, **loss_options)
     if return_entropy:
         stats["entropy"] = masked_mean(entropy.detach(), mask)
     return loss, stats

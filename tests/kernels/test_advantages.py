@@ -13,8 +13,7 @@ def rewards_with_holes(n_groups, g, gen, nan_frac=0.2):
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 @pytest.mark.parametrize("n_groups, g", [(1, 2), (7, 8), (13, 5), (300, 16), (3, 33)])
-def test_matches_float64_reference_forward_and_backward(scale, n_groups, g):
-    gen = torch.Generator().manual_seed(n_groups * 100 + g)
+def test_matches_float64_reference_forward_and_backward(gen, scale, n_groups, g):
     r = rewards_with_holes(n_groups, g, gen)
     r[:g] = float("nan")  # one group with no valid reward
     if n_groups > 2:

@@ -1,8 +1,13 @@
 """The compiled kernels on a real GPU, at production shapes, against float64 references.
 
-Skipped without CUDA (CI has none); run on a GPU machine with TRITON_INTERPRET=0.
+Skipped without CUDA (CI has none). On a GPU machine, from the repo root, with nothing to set:
+
+    python -m pytest tests/kernels/test_cuda.py
+
+(tests/conftest.py leaves the Triton interpreter off when a CUDA device is visible.)
 """
 import os
+import threading
 
 import pytest
 import torch
@@ -16,8 +21,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("V", [151936, 32000, 4099])
-def test_selective_logprobs_cuda(dtype, V):
-    g = torch.Generator(device="cuda").manual_seed(V)
+def test_selective_logprobs_cuda(seed, dtype, V):
+    g = torch.Generator(device="cuda").manual_seed(seed)
     full = (torch.randn(4, 257, V, device="cuda", generator=g) * 3).to(dtype).requires_grad_()
     index = torch.randint(0, V, (4, 256), device="cuda", generator=g)
     logp, ent = selective_logprobs(full[:, :-1], index, temperature=0.9, return_entropy=True)
@@ -33,8 +38,8 @@ def test_selective_logprobs_cuda(dtype, V):
 
 
 @pytest.mark.parametrize("loss_type, level", [("grpo", "token"), ("dapo", "sequence"), ("cispo", "token"), ("dr_grpo", "token")])
-def test_grpo_loss_from_logits_cuda(loss_type, level):
-    g = torch.Generator(device="cuda").manual_seed(1)
+def test_grpo_loss_from_logits_cuda(seed, loss_type, level):
+    g = torch.Generator(device="cuda").manual_seed(seed)
     B, T, V = 8, 300, 151936
     logits = (torch.randn(B, T, V, device="cuda", generator=g) * 2).to(torch.bfloat16)
     index = torch.randint(0, V, (B, T), device="cuda", generator=g)
@@ -56,8 +61,8 @@ def test_grpo_loss_from_logits_cuda(loss_type, level):
     assert (leaf.grad.double() - r_leaf.grad).abs().max().item() < 1e-2 * scale
 
 
-def test_small_ops_cuda():
-    g = torch.Generator(device="cuda").manual_seed(2)
+def test_small_ops_cuda(seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
     r = torch.randn(1024, device="cuda", generator=g)
     r[::7] = float("nan")
     for scale in ("group", "batch", "none"):
@@ -72,3 +77,146 @@ def test_small_ops_cuda():
     rloss, _ = reference.grpo_loss(lp.double(), old.double(), old.double(), adv.double(), mask, beta=0.04, loss_type="bnpo")
     torch.testing.assert_close(loss.double(), rloss, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(kl_k3(lp, old).double(), reference.kl_k3(lp.double(), old.double()), atol=1e-6, rtol=1e-5)
+
+
+# N x V beyond 2**31 elements: any offset computed in int32 (pid * stride) wraps around. Unshifted
+# [4, 3551, 151936] bf16 logits are 4.3 GB; the last token's row starts past element 2**31.
+BIG_B, BIG_C, BIG_V = 4, 3550, 151936
+big_memory = pytest.mark.skipif(
+    torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+    reason="needs about 20 GiB of GPU memory",
+)
+
+
+def _sampled_tokens(B, C, g):
+    """(b, t) pairs to check against the reference: both ends, the last rows (the largest offsets), random ones."""
+    picks = {(0, 0), (B - 1, C - 1), (B - 1, C - 2), (B // 2, C // 2)}
+    bs = torch.randint(0, B, (8,), device="cuda", generator=g).tolist()
+    ts = torch.randint(0, C, (8,), device="cuda", generator=g).tolist()
+    return sorted(picks | set(zip(bs, ts)))
+
+
+def _reference_logps(logits, index, temperature, rows=256):
+    """float64 reference log-probs of unshifted logits [B, C+1, V], a few rows at a time."""
+    B, C = index.shape
+    out = torch.empty(B, C, device=logits.device, dtype=torch.float64)
+    with torch.no_grad():
+        for b in range(B):
+            for s in range(0, C, rows):
+                e = min(C, s + rows)
+                out[b, s:e] = reference.selective_logprobs(logits[b, s:e].double(), index[b, s:e], temperature=temperature)
+    return out
+
+
+def _reference_row_grad(logits, index, b, t, g_logp, temperature):
+    x = logits[b, t].detach().double().requires_grad_()
+    lp = reference.selective_logprobs(x, index[b, t], temperature=temperature)
+    (lp * g_logp).backward()
+    return lp.detach(), x.grad
+
+
+def _assert_grad_row(ours, ref):
+    scale = ref.abs().max().item()
+    err = (ours.double() - ref).abs().max().item()
+    assert err <= 1e-2 * scale + 1e-7, (err, scale)
+
+
+@big_memory
+def test_selective_logprobs_beyond_int32_offsets(seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    temperature = 0.9
+    leaf = torch.randn(BIG_B, BIG_C + 1, BIG_V, device="cuda", generator=g, dtype=torch.bfloat16).mul_(2).requires_grad_()
+    index = torch.randint(0, BIG_V, (BIG_B, BIG_C), device="cuda", generator=g)
+    assert leaf[:, :-1].numel() > 2**31
+    g_logp = torch.randn(BIG_B, BIG_C, device="cuda", generator=g)
+    logp = selective_logprobs(leaf, index, temperature=temperature)  # unshifted, a leaf: out of place
+    (logp * g_logp).sum().backward()
+    assert (logp <= 0).all() and torch.isfinite(logp).all()
+    torch.testing.assert_close(logp.double(), _reference_logps(leaf.detach(), index, temperature), atol=2e-4, rtol=1e-5)
+    assert (leaf.grad[:, -1] == 0).all()
+    for b, t in _sampled_tokens(BIG_B, BIG_C, g):
+        _, rgrad = _reference_row_grad(leaf, index, b, t, g_logp[b, t].double(), temperature)
+        _assert_grad_row(leaf.grad[b, t], rgrad)
+
+
+@big_memory
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_grpo_loss_from_logits_beyond_int32_offsets(seed, loss_type):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    temperature = 0.7
+    leaf = torch.randn(BIG_B, BIG_C + 1, BIG_V, device="cuda", generator=g, dtype=torch.bfloat16).mul_(2).requires_grad_()
+    index = torch.randint(0, BIG_V, (BIG_B, BIG_C), device="cuda", generator=g)
+    base = _reference_logps(leaf.detach(), index, temperature)
+    old = (base + 0.1 * torch.randn(base.shape, device="cuda", generator=g, dtype=torch.float64)).float()
+    ref = (base + 0.2 * torch.randn(base.shape, device="cuda", generator=g, dtype=torch.float64)).float()
+    adv = torch.randn(BIG_B, device="cuda", generator=g)
+    lengths = torch.randint(BIG_C // 2, BIG_C + 1, (BIG_B, 1), device="cuda", generator=g)
+    lengths[-1] = BIG_C  # the last row's tokens, at the largest offsets, all count
+    mask = torch.arange(BIG_C, device="cuda")[None] < lengths
+    opts = dict(temperature=temperature, beta=0.04, loss_type=loss_type, epsilon_high=0.28)
+
+    head_out = leaf * 1  # a non-leaf, as a model head's output: the gradient is written into it
+    loss, stats = grpo_loss_from_logits(head_out, index, old, ref, adv, mask, **opts)
+    loss.backward()
+    lp64 = base.clone().requires_grad_()
+    rloss, rstats = reference.grpo_loss(lp64, old.double(), ref.double(), adv.double(), mask,
+                                        **{k: v for k, v in opts.items() if k != "temperature"})
+    rloss.backward()
+    torch.testing.assert_close(loss.double(), rloss, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(stats["kl"].double(), rstats["kl"], atol=1e-5, rtol=1e-4)
+    assert (leaf.grad[:, -1] == 0).all()
+    for b, t in _sampled_tokens(BIG_B, BIG_C, g):
+        _, rgrad = _reference_row_grad(leaf, index, b, t, lp64.grad[b, t], temperature)
+        _assert_grad_row(leaf.grad[b, t], rgrad)
+
+
+def test_concurrent_calls_from_several_streams(seed):
+    # Each thread drives its own stream: forward and backward of the fused loss and of the
+    # log-probs, several times over, overlapping on the GPU. Every result must equal the one
+    # computed alone on the default stream.
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    K, B, T, V, rounds = 4, 4, 200, 32000, 3
+    cases = []
+    for _ in range(K):
+        logits = (torch.randn(B, T + 1, V, device="cuda", generator=g) * 2).to(torch.bfloat16)
+        index = torch.randint(0, V, (B, T), device="cuda", generator=g)
+        lp = reference.selective_logprobs(logits, index).float()
+        old, ref = lp + 0.1 * torch.randn(lp.shape, device="cuda", generator=g), lp + 0.1
+        adv = torch.randn(B, device="cuda", generator=g)
+        mask = torch.arange(T, device="cuda")[None] < torch.randint(1, T + 1, (B, 1), device="cuda", generator=g)
+        cases.append((logits, index, old, ref, adv, mask))
+
+    def run(case):
+        logits, index, old, ref, adv, mask = case
+        leaf = logits.clone().requires_grad_()
+        loss, stats = grpo_loss_from_logits(leaf * 1, index, old, ref, adv, mask, beta=0.04, loss_type="dapo")
+        loss.backward()
+        leaf2 = logits.clone().requires_grad_()
+        logp = selective_logprobs(leaf2 * 1, index, temperature=0.8)
+        (logp * adv[:, None]).sum().backward()
+        return loss.detach(), stats["kl"], leaf.grad, logp.detach(), leaf2.grad
+
+    expected = [run(c) for c in cases]  # also compiles every kernel before the threads start
+    torch.cuda.synchronize()
+    streams = [torch.cuda.Stream() for _ in range(K)]
+    results: list = [None] * K
+    errors: list = []
+
+    def worker(k):
+        try:
+            with torch.cuda.stream(streams[k]):
+                for _ in range(rounds):
+                    results[k] = run(cases[k])
+        except Exception as exc:  # noqa: BLE001 - re-raised in the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(K)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    torch.cuda.synchronize()
+    assert not errors, errors
+    for got, want in zip(results, expected):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -16,8 +16,7 @@ def make_logits(shape, dtype, gen, spread=4.0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", [1000, 4099, 32003])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_forward_and_grad_match_float64(dtype, vocab, temperature):
-    gen = torch.Generator().manual_seed(vocab + int(temperature * 10))
+def test_forward_and_grad_match_float64(gen, dtype, vocab, temperature):
     rows = 3 if vocab > 10000 else 7  # odd row counts, never a multiple of anything
     logits = make_logits((rows, vocab), dtype, gen).requires_grad_()
     index = torch.randint(0, vocab, (rows,), generator=gen)
@@ -39,8 +38,7 @@ def test_forward_and_grad_match_float64(dtype, vocab, temperature):
     torch.testing.assert_close(logits.grad.double(), ref_in.grad, atol=atol * 0.1, rtol=rtol)
 
 
-def test_large_vocabulary_few_rows():
-    gen = torch.Generator().manual_seed(0)
+def test_large_vocabulary_few_rows(gen):
     logits = make_logits((2, 151936), torch.bfloat16, gen).requires_grad_()
     index = torch.randint(0, 151936, (2,), generator=gen)
     logp = selective_logprobs(logits, index)
@@ -51,8 +49,7 @@ def test_large_vocabulary_few_rows():
     assert rel_err(logits.grad, ref_in.grad) < 1e-2
 
 
-def test_strided_view_reads_without_copy_and_grads_land_in_the_slice():
-    gen = torch.Generator().manual_seed(1)
+def test_strided_view_reads_without_copy_and_grads_land_in_the_slice(gen):
     full = make_logits((3, 6, 517), torch.float32, gen).requires_grad_()
     view = full[:, :-1]  # the usual "drop the last position" slice: not contiguous
     assert not view.is_contiguous()
@@ -67,8 +64,7 @@ def test_strided_view_reads_without_copy_and_grads_land_in_the_slice():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inplace_backward_equals_out_of_place(dtype):
-    gen = torch.Generator().manual_seed(2)
+def test_inplace_backward_equals_out_of_place(gen, dtype):
     base = make_logits((2, 5, 777), dtype, gen)
     index = torch.randint(0, 777, (2, 4), generator=gen)
     g = torch.randn(2, 4, generator=gen)
@@ -82,8 +78,7 @@ def test_inplace_backward_equals_out_of_place(dtype):
     assert torch.equal(grads[0], grads[1])
 
 
-def test_inplace_backward_bumps_version_so_reuse_fails_loudly():
-    gen = torch.Generator().manual_seed(3)
+def test_inplace_backward_bumps_version_so_reuse_fails_loudly(gen):
     leaf = make_logits((4, 300), torch.float32, gen).requires_grad_()
     logits = leaf * 1
     index = torch.randint(0, 300, (4,), generator=gen)
@@ -107,12 +102,11 @@ def test_extreme_logits_stay_finite_and_nonpositive():
     torch.testing.assert_close(ent[2], torch.log(torch.tensor(500.0)), atol=1e-5, rtol=1e-5)
 
 
-def test_block_smaller_than_vocab_masking_has_no_nan(monkeypatch):
+def test_block_smaller_than_vocab_masking_has_no_nan(gen, monkeypatch):
     import atlas_kernels.logprobs as lp_mod
 
     monkeypatch.setattr(lp_mod, "FWD_BLOCK_V", 256)
     monkeypatch.setattr(lp_mod, "BWD_BLOCK_V", 128)  # several chunks plus a ragged tail
-    gen = torch.Generator().manual_seed(4)
     logits = make_logits((5, 1001), torch.float32, gen).requires_grad_()
     index = torch.randint(0, 1001, (5,), generator=gen)
     logp = selective_logprobs(logits, index)
@@ -153,3 +147,57 @@ def test_reference_path_without_interpreter(monkeypatch):
 def test_bad_input_names_the_argument(logits, index, kwargs, match):
     with pytest.raises(ValueError, match=match):
         selective_logprobs(logits, index, **kwargs)
+
+
+@pytest.mark.parametrize("inplace", [None, False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unshifted_logits_equal_the_sliced_view(gen, dtype, inplace):
+    B, T, V = 3, 6, 389
+    base = make_logits((B, T + 1, V), dtype, gen)
+    index = torch.randint(0, V, (B, T), generator=gen)
+    g1, g2 = torch.randn(B, T, generator=gen), torch.randn(B, T, generator=gen)
+    outs = []
+    for cut in (lambda t: t, lambda t: t[:, :-1]):
+        leaf = base.clone().requires_grad_()
+        logp, ent = selective_logprobs(cut(leaf * 1), index, temperature=0.8, return_entropy=True,
+                                       inplace_backward=inplace)
+        (logp * g1 + ent * g2).sum().backward()
+        outs.append((logp, ent, leaf.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert (outs[0][2][:, -1] == 0).all()
+    ref_in = base.double().requires_grad_()
+    rlogp, rent = reference.selective_logprobs(ref_in, index, temperature=0.8, return_entropy=True)
+    (rlogp * g1.double() + rent * g2.double()).sum().backward()
+    assert rlogp.shape == (B, T)
+    torch.testing.assert_close(outs[0][0].double(), rlogp, atol=1e-4, rtol=1e-5)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(outs[0][2].double(), ref_in.grad, atol=atol * 0.1, rtol=rtol)
+
+
+def test_unshifted_two_dim_logits(gen):
+    logits = make_logits((8, 101), torch.float32, gen).requires_grad_()
+    index = torch.randint(0, 101, (7,), generator=gen)
+    logp = selective_logprobs(logits, index)
+    logp.sum().backward()
+    torch.testing.assert_close(logp.double(), reference.selective_logprobs(logits.detach()[:-1].double(), index),
+                               atol=1e-5, rtol=1e-5)
+    assert (logits.grad[-1] == 0).all() and (logits.grad[:-1] != 0).any()
+
+
+@pytest.mark.parametrize("name", ["logits", "index", "entropy"])
+def test_inputs_edited_before_backward_raise(gen, name):
+    logits = make_logits((2, 5, 211), torch.float32, gen).requires_grad_() * 1
+    index = torch.randint(0, 211, (2, 4), generator=gen)
+    logp, ent = selective_logprobs(logits, index, return_entropy=True)
+    with torch.no_grad():
+        target = dict(logits=logits, index=index, entropy=ent)[name]
+        target.copy_(target.clone())
+    # (autograd words it differently for an output view, but refuses either way)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation|modified inplace"):
+        (logp + ent).sum().backward()
+
+
+def test_index_two_positions_short_is_refused():
+    with pytest.raises(ValueError, match="index shape"):
+        selective_logprobs(torch.randn(2, 7, 10), torch.zeros(2, 5, dtype=torch.long))
