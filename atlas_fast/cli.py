@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "else the configs/ folder beside the package)")
     train.add_argument("--print-config", action="store_true", help="print the composed config and exit")
     train.set_defaults(run=train_command)
+
+    from .cli_rollout import add_commands  # generate, vllm-serve
+
+    add_commands(commands)
     return parser
 
 

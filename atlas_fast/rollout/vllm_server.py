@@ -1,0 +1,420 @@
+"""The `vllm_server` backend: a client of a running `vllm serve` (start one with `atlas-fast vllm-serve`).
+
+It speaks what TRL 1.16's client speaks: GET /health and /server_info, POST /v1/completions with
+token ids in and token ids + log-probs out (`return_token_ids`, `logprobs=0` under the server's
+`--logprobs-mode processed_logprobs`), and vLLM's weight-transfer endpoints. Only the standard
+library is used for HTTP, so the base install gains no dependency.
+
+Weights travel in large pieces, never one request per parameter:
+- `nccl` (GPU policy, GPU server, vLLM importable here): vLLM's own trainer-side NCCL engine,
+  packed into buffers, one /update_weights request per sync.
+- `file` (anywhere the server can read a folder of ours, CPU included): the whole state in one
+  safetensors file (in /dev/shm when there is one: memory, not disk), loaded by one
+  /collective_rpc call into our worker extension (`vllm_worker_ext`).
+Then the prefix cache is reset, so no KV block computed with the old weights is reused.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import RolloutOutput, SamplingParams, stop_ids
+from .vllm_common import VLLM_MISSING, check_prompts, expand_greedy, finish, parse_dtype, policy_weights, sampling_fields
+
+log = logging.getLogger(__name__)
+
+EXTENSION_METHOD = "atlas_fast_load_safetensors"  # vllm_worker_ext.WeightReloadExtension
+RETRY_STATUS = (502, 503, 504)  # a proxy or a server still starting: worth another try
+WEIGHT_SYNC_MODES = ("auto", "nccl", "file")
+
+
+class VLLMServerError(RuntimeError):
+    """The server answered, but not with what was asked for."""
+
+
+class VLLMServerUnavailable(VLLMServerError, ConnectionError):
+    """The server could not be reached (refused, timed out, or kept answering 5xx)."""
+
+
+class VLLMServerBackend:
+    """Generation through a vLLM server; `update_weights` pushes the policy's weights to it.
+
+    base_url        the server, e.g. http://127.0.0.1:8000
+    timeout         seconds to wait for the server to answer /health at construction (it may
+                    still be loading), and the bound on retrying a request that cannot connect
+    request_timeout seconds one request may take (a long generation batch)
+    retries         extra attempts for a request that could not connect or got 502/503/504,
+                    with exponential backoff from `backoff` seconds
+    weight_sync     "auto" (nccl when possible, else file), "nccl" or "file"
+    weight_dir      where the file sync writes (default: a fresh folder in /dev/shm or $TMPDIR);
+                    the server must be able to read it
+    group_port      TCP port of the NCCL rendezvous (the trainer listens)
+    """
+
+    def __init__(self, model: torch.nn.Module | None, tokenizer: Any, *, base_url: str = "http://127.0.0.1:8000",
+                 timeout: float = 240.0, request_timeout: float = 1800.0, retries: int = 3, backoff: float = 0.5,
+                 weight_sync: str = "auto", weight_dir: str | os.PathLike | None = None, group_port: int = 51216,
+                 max_concurrency: int = 16):
+        if weight_sync not in WEIGHT_SYNC_MODES:
+            raise ValueError(f"weight_sync must be one of {WEIGHT_SYNC_MODES}, got {weight_sync!r}")
+        if not (timeout > 0 and request_timeout > 0 and retries >= 0 and backoff >= 0):
+            raise ValueError("timeout and request_timeout must be > 0, retries and backoff >= 0")
+        parsed = urllib.parse.urlparse(base_url if "://" in base_url else f"http://{base_url}")
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"base_url must look like http://HOST:PORT, got {base_url!r}")
+        self.base_url = f"{parsed.scheme}://{parsed.netloc}{parsed.path.rstrip('/')}"
+        self.host = parsed.hostname
+        self.model = model
+        self.tokenizer = tokenizer
+        self.timeout = float(timeout)
+        self.request_timeout = float(request_timeout)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self.weight_sync = weight_sync
+        self.group_port = int(group_port)
+        self.max_concurrency = max(1, int(max_concurrency))
+        self.eos_ids = stop_ids(tokenizer, model)
+        self._weight_dir = Path(weight_dir) if weight_dir is not None else None
+        self._own_weight_dir = False
+        self._nccl = None  # vLLM's trainer-side engine, once the NCCL group is up
+        self._extension = True  # False once the server is found to lack our worker extension
+        self.last_sync_s: float | None = None
+
+        self.wait_until_healthy(self.timeout)
+        self.server_info = self._server_info()  # None without VLLM_SERVER_DEV_MODE=1
+        self.model_name = self._request("GET", "/v1/models")["data"][0]["id"]
+
+    # ------------------------------------------------------------------ HTTP
+    def _url(self, path: str) -> str:
+        return f"{self.base_url}{path}"
+
+    def _request(self, method: str, path: str, body: Any = None, *, timeout: float | None = None,
+                 retries: int | None = None, raw_status: bool = False) -> Any:
+        """JSON in, JSON out. Connection failures and 502/503/504 are retried with backoff, never
+        past `self.timeout` in total; other HTTP errors raise at once with the server's message."""
+        url = self._url(path)
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        attempts = 1 + (self.retries if retries is None else retries)
+        start = time.monotonic()
+        last: Exception | None = None
+        tried = 0
+        for attempt in range(attempts):
+            if attempt:
+                pause = self.backoff * 2 ** (attempt - 1)
+                if time.monotonic() - start + pause > self.timeout:
+                    break
+                time.sleep(pause)
+            tried += 1
+            req = urllib.request.Request(url, data=data, headers=headers, method=method)
+            try:
+                with urllib.request.urlopen(req, timeout=timeout or self.request_timeout) as resp:
+                    payload = resp.read()
+                    status = resp.status
+            except urllib.error.HTTPError as err:
+                text = err.read().decode(errors="replace")
+                if raw_status:
+                    return err.code, text
+                if err.code in RETRY_STATUS:
+                    last = err
+                    continue
+                raise VLLMServerError(f"{method} {url} failed with HTTP {err.code}: {server_message(text)}") from None
+            except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout) as err:
+                last = err
+                continue
+            if raw_status:
+                return status, payload.decode(errors="replace")
+            return json.loads(payload) if payload else None
+        reason = getattr(last, "reason", None) or last
+        raise VLLMServerUnavailable(
+            f"vLLM server at {self.base_url} cannot be reached ({method} {path}: {reason}; "
+            f"{tried} attempt(s) in {time.monotonic() - start:.1f}s). Is it running? "
+            "Start one with: atlas-fast vllm-serve --model PATH") from None
+
+    def wait_until_healthy(self, timeout: float) -> None:
+        """Poll GET /health until it answers 200, for at most `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                with urllib.request.urlopen(self._url("/health"), timeout=max(0.1, min(5.0, left))) as resp:
+                    if resp.status == 200:
+                        return
+                    last = f"HTTP {resp.status}"
+            except urllib.error.HTTPError as err:
+                last = f"HTTP {err.code}"
+            except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout) as err:
+                last = getattr(err, "reason", None) or err
+            if time.monotonic() + 0.5 > deadline:
+                raise VLLMServerUnavailable(
+                    f"vLLM server at {self.base_url} is not healthy after {timeout:g}s (GET /health: {last}). "
+                    "Is it running? Start one with: atlas-fast vllm-serve --model PATH")
+            time.sleep(0.5)
+
+    def _server_info(self) -> dict | None:
+        status, text = self._request("GET", "/server_info?config_format=json", raw_status=True)
+        if status != 200:
+            return None
+        try:
+            return json.loads(text).get("vllm_config")
+        except (ValueError, AttributeError):
+            return None
+
+    @property
+    def server_dtype(self) -> torch.dtype | None:
+        return parse_dtype(((self.server_info or {}).get("model_config") or {}).get("dtype"))
+
+    @property
+    def server_device(self) -> str | None:
+        return ((self.server_info or {}).get("device_config") or {}).get("device")
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingParams) -> RolloutOutput:
+        check_prompts(prompt_ids)
+        start = time.perf_counter()
+        prompts, n = expand_greedy(prompt_ids, sampling)
+        fields = {**sampling_fields(sampling, self.eos_ids), "n": n}
+        base = {"model": self.model_name, "return_token_ids": True, "return_tokens_as_token_ids": True, **fields}
+        if sampling.seed is None:
+            choices = self._complete({**base, "prompt": prompts}, len(prompts) * n)
+        else:
+            # One seed for a whole batch request gives every prompt the same random stream; a
+            # request per prompt, seeded seed + i, keeps prompts independent and reproducible.
+            bodies = [{**base, "prompt": [p], "seed": sampling.seed + i} for i, p in enumerate(prompts)]
+            with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(bodies))) as pool:
+                choices = [c for part in pool.map(lambda b: self._complete(b, n), bodies) for c in part]
+        stops = set(fields["stop_token_ids"])
+        ids, reasons, logps = [], [], [] if sampling.logprobs else None
+        for choice in choices:
+            out, why = finish(choice["token_ids"], choice.get("finish_reason"), stops, sampling.ignore_eos)
+            ids.append(out)
+            reasons.append(why)
+            if logps is not None:
+                values = (choice.get("logprobs") or {}).get("token_logprobs")
+                if values is None or len(values) < len(out):
+                    raise VLLMServerError(f"vLLM server at {self.base_url} returned no log-probs; "
+                                          "start it with --max-logprobs -1 (atlas-fast vllm-serve does)")
+                logps.append([float("-inf") if v is None else float(v) for v in values[: len(out)]])
+        return RolloutOutput(ids, reasons, logps, metrics={"rollout/server_s": time.perf_counter() - start})
+
+    def _complete(self, body: dict, expected: int) -> list[dict]:
+        choices = self._request("POST", "/v1/completions", body)["choices"]
+        if len(choices) != expected:
+            raise VLLMServerError(f"vLLM server at {self.base_url} returned {len(choices)} completions, "
+                                  f"expected {expected}")
+        choices = sorted(choices, key=lambda c: c["index"])  # index = prompt * n + sample
+        if any(c.get("token_ids") is None for c in choices):
+            raise VLLMServerError(f"vLLM server at {self.base_url} returned no token ids "
+                                  "(vLLM >= 0.10 answers return_token_ids)")
+        return choices
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Push `model`'s weights to the server, then reset its prefix cache."""
+        if model is None:
+            raise ValueError("update_weights needs the policy model")
+        self.model = model
+        start = time.perf_counter()
+        mode = self._sync_mode(model)
+        if mode == "nccl":
+            self._push_nccl(model)
+        else:
+            self._push_file(model)
+        self.reset_prefix_cache()
+        self.last_sync_s = time.perf_counter() - start
+
+    def _sync_mode(self, model: torch.nn.Module) -> str:
+        on_cuda = next(model.parameters()).is_cuda
+        transfer = (self.server_info or {}).get("weight_transfer_config") or {}
+        nccl_ok = on_cuda and self.server_device not in (None, "cpu") and transfer.get("backend") == "nccl"
+        if self.weight_sync == "nccl" or (self.weight_sync == "auto" and nccl_ok and vllm_importable()):
+            if self.server_info is None:
+                raise VLLMServerError(f"vLLM server at {self.base_url} hides /server_info: start it with "
+                                      "VLLM_SERVER_DEV_MODE=1 (atlas-fast vllm-serve does)")
+            if not nccl_ok:
+                raise VLLMServerError(
+                    f"weight_sync='nccl' needs the policy on a CUDA device and a GPU server started with "
+                    f"--weight-transfer-config '{{\"backend\": \"nccl\"}}' (server at {self.base_url}: device "
+                    f"{self.server_device}, weight transfer {transfer or None}); use weight_sync='file'")
+            if not vllm_importable():
+                raise ImportError(f"weight_sync='nccl' runs vLLM's NCCL engine in the trainer. {VLLM_MISSING}")
+            return "nccl"
+        return "file"
+
+    def _rpc(self, method: str, **kwargs: str) -> Any:
+        status, text = self._request("POST", "/collective_rpc", {"method": method, "kwargs": kwargs},
+                                     retries=0, raw_status=True)
+        if status == 404:
+            raise VLLMServerError(f"vLLM server at {self.base_url} has no /collective_rpc: start it with "
+                                  "VLLM_SERVER_DEV_MODE=1 (atlas-fast vllm-serve does)")
+        if status != 200:
+            raise VLLMServerError(f"{method} on the vLLM server at {self.base_url} failed (HTTP {status}): "
+                                  f"{server_message(text)}")
+        return json.loads(text) if text else None
+
+    def _push_file(self, model: torch.nn.Module) -> None:
+        from safetensors.torch import save_file
+
+        folder = self.weight_dir
+        path = folder / "weights.safetensors"
+        partial = folder / "weights.safetensors.partial"
+        with policy_weights(model, self.server_dtype) as pairs:
+            tensors = {name: t.to("cpu").contiguous() for name, t in pairs}
+        save_file(tensors, str(partial))
+        del tensors
+        os.replace(partial, path)  # the server never sees a half-written file
+        try:
+            if self._extension:
+                try:
+                    self._rpc(EXTENSION_METHOD, path=str(path))
+                    return
+                except VLLMServerError as err:
+                    if "not implemented" not in str(err):
+                        raise
+                    self._extension = False
+                    log.warning("vLLM server at %s lacks atlas-fast's worker extension (start it with "
+                                "atlas-fast vllm-serve); falling back to its reload_weights, which leaves a "
+                                "tied LM head stale on CPU servers", self.base_url)
+            self._rpc("reload_weights", weights_path=str(folder))
+        finally:
+            path.unlink(missing_ok=True)  # a model's worth of memory when in /dev/shm
+
+    @property
+    def weight_dir(self) -> Path:
+        if self._weight_dir is None:
+            shm = Path("/dev/shm")
+            root = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+            self._weight_dir = Path(tempfile.mkdtemp(prefix="atlas-fast-weights-", dir=root))
+            os.chmod(self._weight_dir, 0o755)  # a server running as another user still reads it
+            self._own_weight_dir = True
+        self._weight_dir.mkdir(parents=True, exist_ok=True)
+        return self._weight_dir
+
+    def _push_nccl(self, model: torch.nn.Module) -> None:
+        if self._nccl is None:
+            self._nccl = self._init_nccl()
+        source = self._nccl.source
+        source.dtype = self.server_dtype
+        with policy_weights(model) as pairs:
+            source.pairs = pairs
+            try:
+                self._nccl.send_weights()  # start_weight_update, packed broadcast + update_weights, finish
+            finally:
+                source.pairs = []
+
+    def _init_nccl(self):
+        from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine
+
+        class PolicySource(WeightSource):
+            """The pairs of the sync in progress (set by _push_nccl while the policy is merged),
+            cast one at a time to the server's dtype as the broadcast reaches them."""
+
+            pairs: list = []
+            dtype: torch.dtype | None = None
+
+            def metadata(self):
+                return [ParamMeta(name, self.dtype or t.dtype, tuple(t.shape)) for name, t in self.pairs]
+
+            def __iter__(self):
+                return ((name, t if self.dtype is None else t.to(self.dtype)) for name, t in self.pairs)
+
+        world = int(self._request("GET", "/get_world_size")["world_size"]) + 1  # the trainer is rank 0
+        info = NCCLTrainerInitInfo(master_address=self._local_address(), master_port=self.group_port,
+                                   world_size=world, rank=0)
+        return NCCLTrainerWeightTransferEngine.trainer_init(info, client=_SyncClient(self), source=PolicySource())
+
+    def _local_address(self) -> str:
+        """The address of this machine that the server reaches us at (for the NCCL rendezvous)."""
+        if self.host in ("localhost", "127.0.0.1", "::1"):
+            return "127.0.0.1"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((self.host, 9))  # UDP connect sends nothing; it only picks the route
+            return s.getsockname()[0]
+
+    def reset_prefix_cache(self, attempts: int = 5) -> None:
+        """Drop cached KV blocks computed with old weights. vLLM refuses while requests still hold
+        blocks, so a refusal is retried briefly."""
+        for attempt in range(attempts):
+            status, text = self._request("POST", "/reset_prefix_cache", {}, raw_status=True)
+            if status == 404:
+                raise VLLMServerError(f"vLLM server at {self.base_url} has no /reset_prefix_cache: start it "
+                                      "with VLLM_SERVER_DEV_MODE=1 (atlas-fast vllm-serve does)")
+            if status != 200:
+                raise VLLMServerError(f"reset_prefix_cache on {self.base_url} failed (HTTP {status}): "
+                                      f"{server_message(text)}")
+            if not text or json.loads(text).get("success", True):
+                return
+            time.sleep(0.2 * 2 ** attempt)
+        raise VLLMServerError(f"vLLM server at {self.base_url} kept refusing to reset its prefix cache "
+                              "(requests still running?)")
+
+    def close(self) -> None:
+        if self._nccl is not None:
+            try:
+                self._request("POST", "/shutdown_weight_transfer_engine", {}, retries=0, timeout=10)
+            except VLLMServerError:
+                pass  # the server may be gone already
+            self._nccl.shutdown()
+            self._nccl = None
+        if self._own_weight_dir and self._weight_dir is not None:
+            shutil.rmtree(self._weight_dir, ignore_errors=True)
+            self._weight_dir = None
+            self._own_weight_dir = False
+
+
+class _SyncClient:
+    """vLLM's `VLLMWeightSyncClient` protocol over our HTTP client. No retries: a weight update
+    sent twice would wait for a broadcast that never comes."""
+
+    def __init__(self, backend: VLLMServerBackend):
+        self.backend = backend
+
+    def _post(self, path: str, body: dict) -> None:
+        self.backend._request("POST", path, body, retries=0)
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._post("/init_weight_transfer_engine", {"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self._post("/start_weight_update", {})
+
+    def update_weights(self, update_info) -> None:
+        self._post("/update_weights", {"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._post("/finish_weight_update", {} if weight_version is None else {"weight_version": weight_version})
+
+
+def server_message(text: str) -> str:
+    """The human part of a vLLM / FastAPI error body."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text.strip()[:500]
+    if isinstance(body, dict):
+        err = body.get("error", body.get("detail", body))
+        if isinstance(err, dict):
+            err = err.get("message", err)
+        return str(err)[:500]
+    return str(body)[:500]
+
+
+def vllm_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
