@@ -23,7 +23,7 @@ from .. import FINISH_LENGTH, FINISH_STOP, RolloutOutput, SamplingParams, right_
 from .batch import DecodeBatch, compact, new_batch
 from .cache import KVCache
 from .graphs import DecodeGraphs, batch_bucket, round_up
-from .model import Decoder, decode_logits, prefill_logits, resolve_decoder, rope_table
+from .model import Decoder, decode_logits, decode_logits_fused, fusable, prefill_logits, resolve_decoder, rope_table
 from .sampling import sample
 
 __all__ = ["EngineBackend"]
@@ -32,13 +32,15 @@ __all__ = ["EngineBackend"]
 class EngineBackend:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, dtype: torch.dtype | str | None = None,
                  cuda_graphs: bool = True, check_every: int = 8, span_step: int = 256,
-                 prefill_tokens: int = 16384, max_rows: int = 0, max_length: int = 0):
+                 prefill_tokens: int = 16384, max_rows: int = 0, max_length: int = 0,
+                 fused_kernels: bool | None = None):
         """dtype: compute dtype (default bf16 on CUDA, the parameters' dtype elsewhere); float32
         parameters then run under autocast. check_every: decode steps between looks at which
         sequences finished (each look is a host sync). span_step: the attention span's rounding
         under CUDA graphs (one graph per span; 256 wastes at most 255 positions of KV reads).
         prefill_tokens: padded prompt tokens per prefill forward. max_rows / max_length: size the
-        KV cache up front (it grows on demand otherwise)."""
+        KV cache up front (it grows on demand otherwise). fused_kernels: the Triton norm/rotary
+        kernels in the decode step (default: on CUDA when the model's norms are stock RMSNorms)."""
         if check_every < 1 or span_step < 1 or prefill_tokens < 1:
             raise ValueError("EngineBackend: check_every, span_step and prefill_tokens must be >= 1")
         self.tokenizer = tokenizer
@@ -48,6 +50,7 @@ class EngineBackend:
         self.span_step = span_step
         self.prefill_tokens = prefill_tokens
         self.reserve = (max_rows, max_length)
+        self.fused_kernels = fused_kernels
         self.cache: KVCache | None = None
         self.graphs: DecodeGraphs | None = None
         self.rope = None
@@ -111,7 +114,7 @@ class EngineBackend:
         if stops:
             stop_mask = torch.zeros(dec.vocab_size, dtype=torch.bool, device=device)
             stop_mask[torch.tensor(sorted(stops), device=device)] = True
-        generator = torch.Generator(device).manual_seed(sampling.seed) if sampling.seed is not None else None
+        generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
         out_tokens = torch.full((N + 1, T), self.pad_id, dtype=torch.long, device=device)  # row N: padding slots
         out_logps = torch.zeros((N + 1, T), dtype=torch.float32, device=device) if sampling.logprobs else None
 
@@ -163,7 +166,13 @@ class EngineBackend:
         if self.graphs is not None:
             span = min(round_up(needed, self.span_step), self.cache.length)
             return self.graphs(batch.tokens, batch.positions, span)
-        return decode_logits(self.dec, self.cache, self.rope, batch.tokens, batch.positions, needed)
+        return self._step_fn()(self.dec, self.cache, self.rope, batch.tokens, batch.positions, needed)
+
+    def _step_fn(self):
+        use = self.fused_kernels
+        if use is None:
+            use = self.cache.buf.device.type == "cuda"
+        return decode_logits_fused if use and fusable(self.dec, self.rope) else decode_logits
 
     def _sample_into(self, batch: DecodeBatch, logits: torch.Tensor, t: int, sampling: SamplingParams,
                      stop_mask, generator, out_tokens: torch.Tensor, out_logps: torch.Tensor | None) -> None:
@@ -219,10 +228,12 @@ class EngineBackend:
         return next(self.model.parameters()).device
 
     def _compute_dtype(self) -> torch.dtype:
-        if self.dtype_option is not None:
-            return self.dtype_option
+        """Lower precision than the weights runs under autocast; never higher (that would need a copy)."""
         param_dtype = next(self.model.parameters()).dtype
-        return torch.bfloat16 if self._device().type == "cuda" and param_dtype == torch.float32 else param_dtype
+        want = self.dtype_option
+        if want is None:
+            want = torch.bfloat16 if self._device().type == "cuda" else param_dtype
+        return want if param_dtype == torch.float32 and want in (torch.bfloat16, torch.float16) else param_dtype
 
     def _precision(self):
         device, dtype = self._device(), self._compute_dtype()
@@ -250,6 +261,5 @@ class EngineBackend:
         if device.type != "cuda" or not self.cuda_graphs:
             self.graphs = None
             return
-        dec, cache, rope = self.dec, self.cache, self.rope
-        self.graphs = DecodeGraphs(lambda tok, pos, span: decode_logits(dec, cache, rope, tok, pos, span),
-                                   cache.rows, device)
+        dec, cache, rope, step = self.dec, self.cache, self.rope, self._step_fn()
+        self.graphs = DecodeGraphs(lambda tok, pos, span: step(dec, cache, rope, tok, pos, span), cache.rows, device)

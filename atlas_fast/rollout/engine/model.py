@@ -37,6 +37,7 @@ class Decoder:
     scaling: float
     windows: list[int | None]  # per layer: sliding window (keys with q_pos - k_pos < w), or None
     vocab_size: int
+    plain_norms: bool  # every norm is the family's stock RMSNorm: the fused decode kernels may compute it
 
     @property
     def num_layers(self) -> int:
@@ -72,7 +73,24 @@ def resolve_decoder(model: nn.Module) -> Decoder:
         model_type=model_type, embed=embed, layers=list(layers), norm=norm, lm_head=lm_head, rotary=rotary,
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=attn.head_dim, scaling=float(attn.scaling),
         windows=[_window(config, layer.self_attn) for layer in layers], vocab_size=config.vocab_size,
+        plain_norms=all(_plain_rms_norm(m) for m in _norms(layers, norm)),
     )
+
+
+def _norms(layers, final: nn.Module) -> list[nn.Module]:
+    out = [final]
+    for layer in layers:
+        out += [layer.input_layernorm, layer.post_attention_layernorm]
+        out += [getattr(layer.self_attn, name) for name in ("q_norm", "k_norm") if hasattr(layer.self_attn, name)]
+    return out
+
+
+def _plain_rms_norm(m: nn.Module) -> bool:
+    """The families' own RMSNorm (weight * x / rms(x)), unwrapped and unhooked: safe to compute
+    with our kernel from its weight. Anything else is called as a module."""
+    return (type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), nn.Parameter)
+            and isinstance(getattr(m, "variance_epsilon", None), float) and not m._forward_hooks
+            and not m._forward_pre_hooks)
 
 
 def _window(config, attn: nn.Module) -> int | None:
@@ -151,3 +169,38 @@ def decode_logits(dec: Decoder, cache: KVCache, rope: RopeTable, tokens: torch.T
 
     h = run_layers(dec, tokens[:, None], cos, sin, attend)  # [B, 1, H]
     return dec.lm_head(h[:, 0])  # [B, V]
+
+
+def fusable(dec: Decoder, rope: RopeTable) -> bool:
+    """Whether the fused decode kernels apply: stock RMSNorms, full rotary, a power-of-two head_dim."""
+    D = dec.head_dim
+    return dec.plain_norms and rope.cos.shape[-1] == D and D >= 16 and D & (D - 1) == 0
+
+
+def decode_logits_fused(dec: Decoder, cache: KVCache, rope: RopeTable, tokens: torch.Tensor, positions: torch.Tensor,
+                        span: int) -> torch.Tensor:
+    """`decode_logits` with the norms, rotary embedding and KV write in fused kernels (kernels.py):
+    about 15 kernels per layer instead of about 40. Same modules for everything with weights."""
+    from .kernels import add_rms_norm, rope_store
+
+    B, Hq, Hkv, D = tokens.shape[0], dec.num_heads, dec.num_kv_heads, dec.head_dim
+    dtype = cache.buf.dtype
+    masks = {w: decode_mask(positions, span, w, dtype) for w in set(dec.windows)}  # [B, 1, 1, span]
+    x = dec.embed(tokens).contiguous()  # [B, H]: the residual stream, updated in place by add_rms_norm
+    delta = None  # the previous layer's MLP output, added to x by the next norm
+    for i, layer in enumerate(dec.layers):
+        attn = layer.self_attn
+        norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
+        h = add_rms_norm(x, delta, norm_in.weight, norm_in.variance_epsilon)  # [B, H]
+        q = attn.q_proj(h).view(B, Hq, D)
+        k = attn.k_proj(h).view(B, Hkv, D)
+        v = attn.v_proj(h).view(B, Hkv, D)
+        qk_norm = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon) if hasattr(attn, "q_norm") else None
+        q = rope_store(q.to(dtype), k.to(dtype), v.to(dtype), positions, rope.cos, rope.sin_signed,
+                       cache.keys(i), cache.values(i), qk_norm)
+        o = decode_attention(q, cache.keys(i)[:B, :, :span], cache.values(i)[:B, :, :span],
+                             masks[dec.windows[i]], dec.scaling)  # [B, Hq*D]
+        h = add_rms_norm(x, attn.o_proj(o).contiguous(), norm_post.weight, norm_post.variance_epsilon)
+        delta = layer.mlp(h).contiguous()
+    h = add_rms_norm(x, delta, dec.norm.weight, dec.norm.variance_epsilon)
+    return dec.lm_head(h)  # [B, V]

@@ -1,0 +1,105 @@
+"""Two fused Triton kernels for the decode step, where every op is tiny and kernel count is time.
+
+At batch 64 a decode step of a 24-layer model spends more time between kernels than in them: HF's
+RMSNorm is ~7 elementwise kernels and the rotary embedding ~8 per layer. These two kernels replace
+them, reading the same parameters in place:
+  add_rms_norm:  x += delta (the residual add), h = weight * rmsnorm(x), one program per row;
+  rope_store:    (Qwen3: per-head q/k RMSNorm), rotary embedding of q and k, and the K/V write into
+                 the cache at each row's position, one program per (row, head).
+They round where HF's bf16 modules round (after the add, after normalising, after the weight), so
+the engine in bf16 tracks HF in bf16. The eager path (model.py) is the reference they are tested
+against; CPU runs that path unless tests force these kernels through the Triton interpreter.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, N, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        d = tl.load(delta_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+        x = (x + d).to(x_ptr.dtype.element_ty)  # the residual stream keeps its dtype, as x + o does in HF
+        tl.store(x_ptr + row * N + cols, x, mask=mask)
+        x = x.to(tl.float32)
+    var = tl.sum(x * x, axis=0) / N
+    normed = (x * tl.rsqrt(var + eps)).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * N + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [R, N] (updated in place to x + delta when delta is given) -> weight * rmsnorm(x) [R, N]."""
+    N = x.shape[-1]
+    assert x.is_contiguous() and (delta is None or delta.is_contiguous())
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    R = x.numel() // N
+    _add_rms_norm_kernel[(R,)](x, delta if delta is not None else x, weight, out, N, eps,
+                               HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(N))
+    return out
+
+
+@triton.jit
+def _rope_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, kc_ptr, vc_ptr,
+                       HQ, HKV, eps, stride_cb, stride_ch, stride_cs,
+                       D: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)  # 0..HQ-1: query heads; HQ..HQ+HKV-1: key/value heads
+    pos = tl.load(pos_ptr + b)
+    lo = tl.arange(0, HALF)
+    c1 = tl.load(cos_ptr + pos * D + lo).to(tl.float32)
+    c2 = tl.load(cos_ptr + pos * D + HALF + lo).to(tl.float32)
+    s1 = tl.load(sin_ptr + pos * D + lo).to(tl.float32)  # sign-folded: rotate_half(x) * sin == roll(x) * s
+    s2 = tl.load(sin_ptr + pos * D + HALF + lo).to(tl.float32)
+    is_q = h < HQ
+    kh = h - HQ
+    if is_q:
+        src = q_ptr + (b * HQ + h) * D
+        w_ptr = qw_ptr
+    else:
+        src = k_ptr + (b * HKV + kh) * D
+        w_ptr = kw_ptr
+    x1 = tl.load(src + lo).to(tl.float32)
+    x2 = tl.load(src + HALF + lo).to(tl.float32)
+    if HAS_NORM:  # Qwen3's per-head RMSNorm, rounded where HF's module rounds
+        var = (tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / D
+        r = tl.rsqrt(var + eps)
+        x1 = (x1 * r).to(q_ptr.dtype.element_ty).to(tl.float32)
+        x2 = (x2 * r).to(q_ptr.dtype.element_ty).to(tl.float32)
+        x1 = (tl.load(w_ptr + lo).to(tl.float32) * x1).to(q_ptr.dtype.element_ty).to(tl.float32)
+        x2 = (tl.load(w_ptr + HALF + lo).to(tl.float32) * x2).to(q_ptr.dtype.element_ty).to(tl.float32)
+    o1 = x1 * c1 + x2 * s1
+    o2 = x2 * c2 + x1 * s2
+    if is_q:
+        tl.store(src + lo, o1.to(q_ptr.dtype.element_ty))
+        tl.store(src + HALF + lo, o2.to(q_ptr.dtype.element_ty))
+    else:
+        dst = (b * stride_cb + kh * stride_ch + pos * stride_cs)
+        tl.store(kc_ptr + dst + lo, o1.to(kc_ptr.dtype.element_ty))
+        tl.store(kc_ptr + dst + HALF + lo, o2.to(kc_ptr.dtype.element_ty))
+        vsrc = v_ptr + (b * HKV + kh) * D
+        tl.store(vc_ptr + dst + lo, tl.load(vsrc + lo).to(vc_ptr.dtype.element_ty))
+        tl.store(vc_ptr + dst + HALF + lo, tl.load(vsrc + HALF + lo).to(vc_ptr.dtype.element_ty))
+
+
+def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+               sin_signed: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               q_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+    """q [B, Hq, D] (roped in place, returned), k/v [B, Hkv, D] -> roped k and v written at
+    k/v_cache[b, :, positions[b]] (caches [rows, Hkv, S, D]). cos/sin_signed [S, D].
+    q_norm: (q weight [D], k weight [D], eps) for Qwen3's per-head norms."""
+    B, HQ, D = q.shape
+    HKV = k.shape[1]
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and cos.shape[-1] == D
+    assert k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+    qw, kw, eps = q_norm if q_norm is not None else (q, q, 0.0)
+    _rope_store_kernel[(B, HQ + HKV)](
+        q, k, v, positions, cos, sin_signed, qw, kw, k_cache, v_cache, HQ, HKV, eps,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), D=D, HALF=D // 2, HAS_NORM=q_norm is not None)
+    return q
