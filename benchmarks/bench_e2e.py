@@ -326,6 +326,104 @@ def step_workload(shape: Shape, completion: int, prompts: int, prompt_lens: tupl
                     per_device=G, accumulation=prompts, beta=0.0, fixed=None)
 
 
+# ---------------------------------------------------------------------- device-path checks
+def check_memory_paths(device: str) -> str:
+    """The CUDA halves of atlas_fast.memory (streams, pinned copies, varlen attention) checked against
+    the plain path on a small model, before any timing: the CPU tests cannot reach them."""
+    import copy
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from atlas_fast.batch import MicroBatch, completion_logits
+    from atlas_fast.memory import (OffloadedAdamW, enable_activation_checkpointing, offload_frozen, on_device,
+                                   packed_completion_logits, prepare_packing)
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
+    base = Qwen2ForCausalLM(cfg).to(device)
+    g = torch.Generator().manual_seed(0)
+    B, P, C = 6, 40, 60
+    ids = torch.randint(2, 1000, (B, P + C), generator=g)
+    mask = torch.ones_like(ids)
+    for b in range(B):  # ragged: left-padded prompts, right-padded completions
+        mask[b, : int(torch.randint(0, P - 1, (1,), generator=g))] = 0
+        mask[b, P + int(torch.randint(1, C, (1,), generator=g)):] = 0
+    ids = ids * mask
+    mb = MicroBatch(ids.to(device), mask.to(device), ids[:, P:].to(device), mask[:, P:].bool().to(device),
+                    torch.randn(B).to(device), None, None, float(mask[:, P:].sum()))
+
+    # k_proj's bias cancels in the softmax: its gradient is rounding noise, left out of every comparison.
+    def compared(model):
+        return [p for n, p in model.named_parameters() if not n.endswith("k_proj.bias")]
+
+    def loss_grads(model, fn=completion_logits, dtype=None):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=dtype) if dtype else contextlib.nullcontext():
+            logits = fn(model, mb)
+        loss = (logits.float().log_softmax(-1).gather(-1, mb.completion_ids[..., None])[..., 0]
+                * mb.completion_mask).sum() / mb.completion_mask.sum()
+        loss.backward()
+        return loss.detach(), [p.grad.detach().clone() for p in compared(model)]
+
+    def gap(a, b):  # loss difference, and the worst gradient difference relative to that gradient's norm
+        (la, ga), (lb, gb) = a, b
+        return max([float((la - lb).abs())] + [float((x - y).norm() / (y.norm() + 1e-12)) for x, y in zip(ga, gb)])
+
+    rows = []
+
+    def record(name, diff, limit, note=""):
+        rows.append(f"| {name} | {diff:.2e} | {limit:.0e} | {'pass' if diff <= limit else 'FAIL'} | {note} |")
+
+    plain = loss_grads(base)
+    m = copy.deepcopy(base)
+    enable_activation_checkpointing(m)
+    record("checkpointing, fp32", gap(loss_grads(m), plain), 1e-5)
+    m = copy.deepcopy(base)
+    offloader = enable_activation_checkpointing(m, offload=True)
+    record("checkpointing + activation offload, fp32", gap(loss_grads(m), plain), 1e-5,
+           f"stashed on {offloader.stream is not None and 'side stream' or 'cpu'}")
+    m = copy.deepcopy(base)
+    assert prepare_packing(m)
+    impl = m.config._attn_implementation
+    packed_fp32 = gap(loss_grads(m, packed_completion_logits), plain)
+    record(f"padding-free ({impl}), fp32", packed_fp32, 1e-4, "fp32 takes the block-mask path")
+    bf16 = copy.deepcopy(base)
+    plain_bf16 = loss_grads(bf16, dtype=torch.bfloat16)
+    record(f"padding-free ({impl}), bf16 autocast vs padded bf16", gap(loss_grads(m, packed_completion_logits,
+           dtype=torch.bfloat16), plain_bf16), 5e-2, "different kernels: bf16 rounding")
+    frozen = copy.deepcopy(base).eval()
+    with torch.no_grad():
+        expected = completion_logits(frozen, mb)
+    for mode in ("layer", "model"):
+        f = copy.deepcopy(frozen)
+        off = offload_frozen(f, device, mode=mode)
+        with torch.no_grad():
+            got = completion_logits(f, mb)
+            with on_device(f, torch.device(device)):
+                got_visit = completion_logits(f, mb)
+        between = off.on_device_tensors()
+        record(f"frozen offload ({mode})", float(max((got - expected).abs().max(), (got_visit - expected).abs().max())),
+               1e-5, f"{between} tensors on the GPU between forwards, weights pinned: "
+               f"{all(p.is_pinned() for p in f.parameters()) if device == 'cuda' else 'n/a'}")
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    opt_a = torch.optim.AdamW(a.parameters(), lr=1e-3, weight_decay=0.01, fused=True)
+    opt_b = OffloadedAdamW(b.parameters(), lr=1e-3, weight_decay=0.01, chunk_bytes=2**20)
+    worst = 0.0
+    for _ in range(3):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            loss_grads(model)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        worst = max(worst, max(float((x - y).abs().max()) for x, y in zip(compared(a), compared(b))))
+    record("optimizer offload (3 steps, fp32) vs fused AdamW on the GPU", worst, 1e-4,
+           f"{len(opt_b._chunks)} chunks; CPU and GPU AdamW round differently")
+    head = ["**Device-path checks** (a 4-layer model against the plain path: loss difference and worst "
+            "per-parameter gradient difference relative to its norm; frozen offload: logits; optimizer: parameters)", "",
+            "| path | difference | limit | result | note |", "|---|---|---|---|---|"]
+    return "\n".join(head + rows)
+
+
 # ---------------------------------------------------------------------- tables
 def fmt(x, spec: str) -> str:
     return "-" if x is None else format(x, spec)
@@ -498,7 +596,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="~5 min on an H200: update at 1k, fit on 1.5B, the step case")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None, help="markdown file to update (default: benchmarks/RESULTS.md on CUDA)")
-    ap.add_argument("--cases", default="update,fit,step", help="comma list of update, fit, step")
+    ap.add_argument("--cases", default="check,update,fit,step", help="comma list of check, update, fit, step")
     ap.add_argument("--systems", default=None, help=f"comma list of {', '.join(SYSTEMS)} (default: all; "
                     "on the CPU all but TRL+Liger, whose kernels need a GPU)")
     ap.add_argument("--models", default=None, help="folder for the saved random models (default: a temp folder)")
@@ -518,6 +616,17 @@ def main(argv=None) -> int:
         return 0
 
     print(f"bench_e2e: {plan.mode} on {device}; models in {models}", flush=True)
+    checks = []
+    if "check" in cases:
+        try:
+            checks.append(check_memory_paths(device))
+        except Exception as exc:  # reported, and the timings still run
+            traceback.print_exc()
+            checks.append(f"**Device-path checks** failed: {type(exc).__name__}: {exc}")
+        print(checks[-1], flush=True)
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     isolated = [s for s in systems if s == "TRL+Liger"]
     rows = collect(plan, cases, [s for s in systems if s not in isolated], models, device)
     if isolated:
@@ -533,7 +642,7 @@ def main(argv=None) -> int:
     def of(case):
         return sorted((r for r in rows if r.case == case), key=lambda r: (r.shape, r.completion, order.get(r.system, 9)))
 
-    sections = [header(device, plan.mode, plan.steps, plan.warmup)]
+    sections = [header(device, plan.mode, plan.steps, plan.warmup)] + checks
     if "update" in cases:
         sections.append(result_table(of("update"), "Update phase (reference log-probs, policy forward, loss, backward, "
                                      f"optimizer step; 8 generations of a {PROMPT_TOKENS}-token prompt, fixed completions, "
