@@ -179,7 +179,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         mask = _block_causal_mask(cu, query.shape[2])
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
                                       is_causal=False, **kwargs)
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [N, H, D]
+    # [1, H, N, D] -> [N, H, D]; the copy (3 x N*H*D, ~0.1 ms a layer at 64k tokens) gives the
+    # kernel the packed-rows layout it is written for.
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
     options = inspect.signature(varlen_attn).parameters
     extra = {}
     if q.shape[1] != k.shape[1]:
