@@ -43,8 +43,10 @@ class Call:
 class ScriptedClient:
     """An in-process judge backend (the `complete(request, timeout)` interface)."""
 
-    def __init__(self, respond):
+    def __init__(self, respond, *, close_after_reply=False):
         self.respond = respond
+        self.close_after_reply = close_after_reply  # drop kept-alive connections silently
+        self.peers: list[tuple] = []  # the client address of each request
         self.calls: list[Call] = []
         self._lock = threading.Lock()
 
@@ -66,8 +68,10 @@ class JudgeServer:
     """`POST /v1/chat/completions` on 127.0.0.1. `respond(call, headers)` returns the reply text,
     or a `(status, body_bytes)` pair for raw replies; it may block (timeouts)."""
 
-    def __init__(self, respond):
+    def __init__(self, respond, *, close_after_reply=False):
         self.respond = respond
+        self.close_after_reply = close_after_reply  # drop kept-alive connections silently
+        self.peers: list[tuple] = []  # the client address of each request
         self.calls: list[Call] = []
         self.headers: list[dict] = []
         self.in_flight = 0
@@ -92,6 +96,7 @@ class JudgeServer:
                 call = Call(body)
                 with server._lock:
                     server.calls.append(call)
+                    server.peers.append(self.client_address)
                     server.headers.append(dict(self.headers))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
@@ -107,6 +112,7 @@ class JudgeServer:
                     return
                 with server._lock:
                     server.completed += 1
+                self.close_connection = server.close_after_reply
 
             def _send(self, status, payload):
                 self.send_response(status)

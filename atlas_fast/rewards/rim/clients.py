@@ -88,6 +88,7 @@ class OpenAIClient:
         self._path = parts.path.rstrip("/") + "/chat/completions"
         self.api_key_env = api_key_env
         self.json_mode = json_mode
+        self._local = threading.local()  # one kept-alive connection per worker thread
         if api_key_env:
             key = os.environ.get(api_key_env)
             if not key:
@@ -144,24 +145,58 @@ class OpenAIClient:
         return content
 
     def _post(self, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
-        """One request whose whole duration, not just each socket read, is bounded by `timeout`."""
+        """One request whose whole duration, not just each socket read, is bounded by `timeout`.
+
+        Each worker thread keeps its connection open between calls (a TLS handshake to a hosted
+        API costs a round trip or two per call otherwise). A kept connection the server has
+        since closed fails before any reply byte; that request is sent once more on a new one.
+        """
         deadline = time.monotonic() + timeout
-        conn_type = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-        conn = conn_type(self._host, self._port, timeout=timeout)
+        conn, reused = self._connection(timeout)
         try:
-            conn.request("POST", self._path, body=body, headers=headers)
-            _remaining(conn, deadline)
-            response = conn.getresponse()
-            chunks = []
-            while True:
+            try:
+                conn.request("POST", self._path, body=body, headers=headers)
                 _remaining(conn, deadline)
-                chunk = response.read1(65536) if hasattr(response, "read1") else response.read(65536)
+                response = conn.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                if not reused:
+                    raise
+                self._drop(conn)
+                conn, _ = self._connection(max(deadline - time.monotonic(), 1e-3))
+                conn.request("POST", self._path, body=body, headers=headers)
+                _remaining(conn, deadline)
+                response = conn.getresponse()
+            chunks = []
+            while response.length != 0:  # None (chunked / until close) or bytes still due
+                _remaining(conn, deadline)
+                chunk = response.read1(65536)
                 if not chunk:
                     break
                 chunks.append(chunk)
-            return response.status, b"".join(chunks)
-        finally:
-            conn.close()
+            # read1 does not mark a fully read response done; the connection refuses the next
+            # request until it is.
+            response.close()
+        except BaseException:
+            self._drop(conn)  # a half-read connection cannot carry the next request
+            raise
+        if response.will_close:
+            self._drop(conn)
+        return response.status, b"".join(chunks)
+
+    def _connection(self, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.timeout = timeout
+            return conn, True
+        conn_type = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+        conn = conn_type(self._host, self._port, timeout=timeout)
+        self._local.conn = conn
+        return conn, False
+
+    def _drop(self, conn: http.client.HTTPConnection) -> None:
+        conn.close()
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
 
 
 def _remaining(conn: http.client.HTTPConnection, deadline: float) -> None:
