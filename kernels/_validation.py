@@ -136,3 +136,34 @@ def loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sa
         float(beta), float(epsilon_low), float(epsilon_high), None if delta is None else float(delta),
         loss_type, importance_sampling_level == "sequence", bool(use_bias_correction_kl),
     )
+
+
+def check_linear_inputs(hidden, weight, index, bias, temperature) -> None:
+    """hidden [..., H] (or [B, C+1, H] for ids [B, C]), weight [V, H], bias [V] or None, ids in [0, V)."""
+    _check_float("hidden", hidden)
+    _check_float("weight", weight)
+    if weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"weight must be [V, H] with V > 0, got shape {tuple(weight.shape)}")
+    if hidden.dim() < 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden must be [..., H] with H = weight.shape[1] = {weight.shape[1]}, "
+                         f"got shape {tuple(hidden.shape)}")
+    if not isinstance(index, torch.Tensor) or index.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"index must be an int64 (or int32) tensor, got {getattr(index, 'dtype', type(index))}")
+    if tuple(index.shape) != tuple(hidden.shape[:-1]) and not is_shifted(hidden, index):
+        raise ValueError(f"index shape {tuple(index.shape)} must equal hidden shape without H "
+                         f"{tuple(hidden.shape[:-1])}, or have one position fewer ([B, C] ids for [B, C+1, H] hidden)")
+    if bias is not None:
+        _check_float("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("index", index), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    if index.numel():
+        # One host sync: an out-of-range id would read past a tile's row or gather garbage.
+        lo, hi = torch.aminmax(index)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= weight.shape[0]:
+            raise ValueError(f"index out of range: values span [{lo}, {hi}] but the vocabulary size is {weight.shape[0]}")

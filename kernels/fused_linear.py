@@ -629,11 +629,13 @@ def fused_linear_grpo_loss(
                    importance_sampling_level=importance_sampling_level,
                    max_completion_length=max_completion_length, num_items=num_items,
                    use_bias_correction_kl=use_bias_correction_kl)
+    # The token tensors are checked against a shape-only stand-in for the log-probs.
+    check_loss_inputs(torch.empty(index.shape, device="meta"), old_logps, ref_logps, advantages, mask, beta,
+                      check_values=validate)
     if not _triton_ok(hidden, weight, bias, old_logps, ref_logps, advantages):
         return reference.fused_linear_grpo_loss(hidden, weight, index, old_logps, ref_logps, advantages, mask,
                                                 bias=bias, temperature=temperature, return_entropy=return_entropy,
                                                 validate=False, **options)
-    check_loss_inputs(torch.empty(index.shape, device="meta"), old_logps, ref_logps, advantages, mask, beta)
     cfg = loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level,
                       use_bias_correction_kl)
     grad_on = torch.is_grad_enabled()

@@ -12,12 +12,14 @@ import torch
 from ._validation import (
     check_advantage_inputs,
     check_loss_inputs,
+    check_linear_inputs,
     check_selective_inputs,
     is_shifted,
     loss_config,
 )
 
-__all__ = ["selective_logprobs", "group_advantages", "grpo_loss", "grpo_loss_from_logits", "kl_k3"]
+__all__ = ["selective_logprobs", "group_advantages", "grpo_loss", "grpo_loss_from_logits", "kl_k3",
+           "fused_linear_logprobs", "fused_linear_grpo_loss"]
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -207,6 +209,61 @@ def grpo_loss_from_logits(
     if return_entropy:
         stats["entropy"] = masked_mean(entropy.detach(), mask)
     return loss, stats
+
+
+def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, bias=None) -> torch.Tensor:
+    """hidden @ weight.T + bias for the positions that score `index` (a [B, C+1, H] hidden drops its last)."""
+    if is_shifted(hidden, index):
+        hidden = hidden[..., :-1, :]
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    validate: bool = True,
+    chunk_tokens: int | None = None,
+    vocab_tile: int | None = None,
+    workspace_bytes: int | None = None,
+):
+    """selective_logprobs of the LM head's logits (materialised here; the kernel never does)."""
+    del chunk_tokens, vocab_tile, workspace_bytes  # how the kernel cuts the work
+    if validate:
+        check_linear_inputs(hidden, weight, index, bias, temperature)
+    return selective_logprobs(linear_logits(hidden, weight, index, bias), index, temperature=temperature,
+                              return_entropy=return_entropy, validate=False)
+
+
+def fused_linear_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    index: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    validate: bool = True,
+    chunk_tokens: int | None = None,
+    vocab_tile: int | None = None,
+    workspace_bytes: int | None = None,
+    **loss_options,
+):
+    """grpo_loss_from_logits of the LM head's logits [B, C, V]."""
+    del chunk_tokens, vocab_tile, workspace_bytes
+    if validate:
+        check_linear_inputs(hidden, weight, index, bias, temperature)
+    return grpo_loss_from_logits(linear_logits(hidden, weight, index, bias), index, old_logps, ref_logps,
+                                 advantages, mask, temperature=temperature, return_entropy=return_entropy,
+                                 validate=validate, **loss_options)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
