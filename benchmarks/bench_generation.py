@@ -77,8 +77,11 @@ class Row:
         return PROMPTS * SAMPLES * self.new_tokens / self.total_s if self.total_s else None
 
     def step_ms(self) -> float | None:
-        if self.total_s is None or self.prefill_s is None or self.new_tokens < 2:
+        """Decode-only when a prefill-only call was timed; else the whole call per token (an upper bound)."""
+        if self.total_s is None:
             return None
+        if self.prefill_s is None or self.new_tokens < 2:
+            return 1e3 * self.total_s / self.new_tokens
         return 1e3 * (self.total_s - self.prefill_s) / (self.new_tokens - 1)
 
 
@@ -166,15 +169,20 @@ def short(exc: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------------ systems
-def run_engine(model, prompts, new_tokens: int, device: str, repeats: int, label: str) -> Row:
+ENGINE_VARIANTS = (("engine (ours)", {}), ("engine, eager norms/rope (no fused kernels)", {"fused_kernels": False}),
+                   ("engine, no CUDA graphs", {"fused_kernels": False, "cuda_graphs": False}))
+
+
+def run_engine(model, prompts, new_tokens: int, device: str, repeats: int, label: str, system: str = "engine (ours)",
+               **options) -> Row:
     from atlas_fast.rollout import SamplingParams
     from atlas_fast.rollout.engine import EngineBackend
 
-    row = Row("", new_tokens, "engine (ours)")
+    row = Row("", new_tokens, system)
     tokenizer = SimpleNamespace(pad_token_id=PAD_ID, eos_token_id=EOS_ID)  # the engine reads only these two ids
     reset_peak(device)
     engine = EngineBackend(model, tokenizer, max_rows=PROMPTS * SAMPLES,
-                           max_length=max(map(len, prompts)) + new_tokens)
+                           max_length=max(map(len, prompts)) + new_tokens, **options)
     full = SamplingParams(max_tokens=new_tokens, n=SAMPLES, temperature=1.0, ignore_eos=True, seed=0)
     first = SamplingParams(max_tokens=1, n=SAMPLES, temperature=1.0, ignore_eos=True, seed=0)
     warm = timed(lambda: engine.generate(prompts, full), device)  # captures the CUDA graphs
@@ -183,7 +191,7 @@ def run_engine(model, prompts, new_tokens: int, device: str, repeats: int, label
     row.prefill_s = statistics.median(timed(lambda: engine.generate(prompts, first), device) for _ in range(3))
     row.total_s = statistics.median(timed(lambda: engine.generate(prompts, full), device) for _ in range(repeats))
     row.peak_gib = peak_gib(device)
-    print(f"  [{label}] engine: first call {warm:.2f} s (graph capture), then {row.total_s:.3f} s; "
+    print(f"  [{label}] {system}: first call {warm:.2f} s (graph capture), then {row.total_s:.3f} s; "
           f"{len(engine.graphs or [])} graphs; KV cache {engine.cache.nbytes / 2**30:.2f} GiB", flush=True)
     engine.close()
     return row
@@ -202,19 +210,20 @@ def run_hf(model, prompts, new_tokens: int, device: str, repeats: int, static: b
 
     def call(n_new: int):
         kwargs = dict(cache_implementation="static") if static else {}
-        # transformers compiles the forward itself (mode reduce-overhead) when the cache is static.
-        return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=None,
-                              top_p=None, max_new_tokens=n_new, min_new_tokens=n_new, num_return_sequences=SAMPLES,
-                              pad_token_id=PAD_ID, eos_token_id=None, **kwargs)
+        # transformers compiles the forward itself (CompileConfig: mode reduce-overhead) when the cache is static.
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=None,
+                             top_p=None, max_new_tokens=n_new, min_new_tokens=n_new, num_return_sequences=SAMPLES,
+                             pad_token_id=PAD_ID, eos_token_id=None, **kwargs)
+        assert out.shape[1] - ids.shape[1] == n_new, f"generated {out.shape[1] - ids.shape[1]} tokens, not {n_new}"
 
     reset_peak(device)
     try:
         with torch.no_grad():
             torch.manual_seed(0)
-            t_warm = timed(lambda: call(new_tokens if static else 4), device)  # static: compiles for this cache size
-            out = call(new_tokens)
-            assert out.shape[1] - ids.shape[1] == new_tokens, f"generated {out.shape[1] - ids.shape[1]} tokens"
-            row.prefill_s = statistics.median(timed(lambda: call(1), device) for _ in range(2))
+            # The static path compiles for its cache size (prompt + new tokens), so it warms up at full length.
+            t_warm = timed(lambda: call(new_tokens if static else 4), device)
+            if not static:  # a 1-token call would compile a second cache size on the static path
+                row.prefill_s = statistics.median(timed(lambda: call(1), device) for _ in range(2))
             row.total_s = statistics.median(timed(lambda: call(new_tokens), device) for _ in range(repeats))
             row.peak_gib = peak_gib(device)
             print(f"  [{label}] {row.system}: first call {t_warm:.1f} s, then {row.total_s:.2f} s", flush=True)
@@ -225,33 +234,52 @@ def run_hf(model, prompts, new_tokens: int, device: str, repeats: int, static: b
     return row
 
 
-def profile_engine_step(model, prompts, device: str) -> str:
-    """Kernels of one eager decode step at batch 64: count and GPU time (a graph replays the same kernels)."""
+def diagnose_engine(model, prompts, device: str) -> str:
+    """Where an engine step's time goes at batch 64: the graph replay (the forward), the sampler, and
+    the kernels of one eager forward (count and GPU time; the graph replays the same kernels)."""
     if device != "cuda":
         return ""
     from torch.profiler import ProfilerActivity, profile
 
     from atlas_fast.rollout import SamplingParams
     from atlas_fast.rollout.engine import EngineBackend
-    from atlas_fast.rollout.engine.model import decode_logits
+    from atlas_fast.rollout.engine.sampling import sample
 
-    engine = EngineBackend(model, SimpleNamespace(pad_token_id=PAD_ID, eos_token_id=EOS_ID), cuda_graphs=False)
-    engine.generate(prompts, SamplingParams(max_tokens=2, n=SAMPLES, ignore_eos=True))  # fills cache and rope
-    tokens = torch.full((PROMPTS * SAMPLES,), 5, dtype=torch.long, device=device)
-    positions = torch.full_like(tokens, 200)
-    span = 256
+    def per_call_ms(fn, reps=50) -> float:
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / reps
+
+    tokenizer = SimpleNamespace(pad_token_id=PAD_ID, eos_token_id=EOS_ID)
+    B, span = PROMPTS * SAMPLES, 512
+    engine = EngineBackend(model, tokenizer, max_rows=B, max_length=1024)
+    engine.generate(prompts, SamplingParams(max_tokens=2, n=SAMPLES, ignore_eos=True))  # cache, rope, graphs
+    tokens = torch.full((B,), 5, dtype=torch.long, device=device)
+    positions = torch.full_like(tokens, 300)
+    lines = []
     with torch.no_grad():
-        decode_logits(engine.dec, engine.cache, engine.rope, tokens, positions, span)
+        replay = per_call_ms(lambda: engine.graphs(tokens, positions, span))
+        logits = engine.graphs(tokens, positions, span).clone()
+        params = SamplingParams(max_tokens=8, temperature=1.0)
+        sampler = per_call_ms(lambda: sample(logits, params, 1, None, None, None, False))
+        lines.append(f"batch {B}, span {span}: graph replay {replay:.3f} ms/step, sampler (temperature 1) {sampler:.3f} ms/step")
+        step = engine._step_fn()
+        step(engine.dec, engine.cache, engine.rope, tokens, positions, span)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            decode_logits(engine.dec, engine.cache, engine.rope, tokens, positions, span)
+            step(engine.dec, engine.cache, engine.rope, tokens, positions, span)
             torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total_us = sum(e.self_device_time_total for e in events)
     count = sum(e.count for e in events)
-    top = sorted(events, key=lambda e: -e.self_device_time_total)[:8]
-    lines = [f"one eager decode step (batch 64, span 256): {count} kernels, {total_us / 1e3:.3f} ms of kernel time"]
-    lines += [f"    {e.self_device_time_total / 1e3:7.3f} ms  x{e.count:<4d} {e.key[:90]}" for e in top]
+    lines.append(f"one eager forward ({step.__name__}): {count} kernels, {total_us / 1e3:.3f} ms of kernel time; top:")
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:10]
+    lines += [f"    {e.self_device_time_total / 1e3:7.3f} ms  x{e.count:<4d} {e.key[:100]}" for e in top]
     engine.close()
     return "\n".join(lines)
 
@@ -300,7 +328,8 @@ def header(device: str, mode: str, rate: float) -> str:
         "random weights in bf16, temperature 1, EOS ignored (every system generates exactly the new tokens)",
         f"- copy bandwidth (1 GiB device-to-device, read + write): {rate / 1e12:.2f} TB/s. Floor = (all weights + KV "
         "cache at the mean context) / that rate. 'engine speed-up' = that row's time / the engine's.",
-        "- ms / decode step = (whole call - a 1-new-token call) / (new tokens - 1).",
+        "- ms / decode step = (whole call - a 1-new-token call) / (new tokens - 1); for the static-compile path "
+        "(whose 1-token call would compile another cache size) it is whole call / new tokens, prefill included.",
     ])
 
 
@@ -350,19 +379,20 @@ def main(argv=None) -> int:
         prompts = make_prompts(shape.vocab, prompt_lens)
         if si == 0 and not cpu:
             try:
-                notes.append(f"{shape.name}: " + profile_engine_step(model, prompts, device))
+                notes.append(f"{shape.name}: " + diagnose_engine(model, prompts, device))
                 print(notes[-1], flush=True)
             except Exception as exc:
                 print(f"profile failed: {short(exc)}", flush=True)
         for T in new_tokens:
             label = f"{shape.name}, {T} new"
             floors[(shape.name, T)] = floor_ms(model, shape, prompts, T, rate)
-            try:
-                r = run_engine(model, prompts, T, device, repeats, label)
-            except Exception as exc:
-                traceback.print_exc()
-                r = Row("", T, "engine (ours)", error=short(exc))
-            rows.append(r)
+            for system, options in ENGINE_VARIANTS:  # a variant runs only if the one before it failed
+                try:
+                    rows.append(run_engine(model, prompts, T, device, repeats, label, system, **options))
+                    break
+                except Exception as exc:
+                    traceback.print_exc()
+                    rows.append(Row("", T, system, error=short(exc)))
             if not args.no_hf:
                 rows.append(run_hf(model, prompts, T, device, 1, static=False, label=label))
                 static_here = not args.no_static and not cpu and (not args.quick or si == 0)
