@@ -79,6 +79,9 @@ class OpenAIClient:
 
     def __init__(self, base_url: str, *, api_key_env: str | None = None, json_mode: bool = False):
         parts = urlsplit(base_url)
+        if parts.username or parts.password:  # the URL is logged and shown in errors
+            raise ValueError("base_url must not hold credentials; name the environment variable "
+                             "that holds the key in api_key_env.")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}.")
         self.base_url = base_url.rstrip("/")
@@ -130,7 +133,7 @@ class OpenAIClient:
         if status != 200:
             detail = self._scrub(payload.decode("utf-8", "replace"))[:300]
             raise JudgeCallError(
-                f"{self.base_url}: HTTP {status}: {detail}", retryable=status == 429 or status >= 500
+                f"{self.base_url}: HTTP {status}: {detail}", retryable=status in (408, 429) or status >= 500
             )
         try:
             reply = json.loads(payload)
@@ -186,7 +189,8 @@ class OpenAIClient:
     def _connection(self, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
-            conn.timeout = timeout
+            if conn.sock is not None:  # still set to what the last call had left
+                conn.sock.settimeout(timeout)
             return conn, True
         conn_type = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
         conn = conn_type(self._host, self._port, timeout=timeout)
