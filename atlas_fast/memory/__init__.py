@@ -19,15 +19,15 @@ from .checkpointing import (ActivationOffload, decoder_layers, disable_activatio
                             enable_activation_checkpointing)
 from .offload import FrozenOffload, frozen_offload, offload_frozen
 from .optimizer import OffloadedAdamW
-from .packing import (PackedBatch, balance_rows, pack, packed_completion_logits, prepare_packing,
-                      split_micro_batches, supports_packing)
+from .packing import (PackedBatch, balance_rows, pack, packed_completion_hidden, packed_completion_logits,
+                      prepare_packing, split_micro_batches, supports_packing)
 from .report import MemoryReport
 
 __all__ = [
     "ActivationOffload", "FrozenOffload", "MemoryReport", "OffloadedAdamW", "PackedBatch", "balance_rows",
     "decoder_layers", "disable_activation_checkpointing", "enable_activation_checkpointing",
     "enable_gradient_checkpointing", "frozen_offload", "module_device", "offload_frozen", "on_device", "pack",
-    "packed_completion_logits", "prepare_packing", "split_micro_batches", "supports_packing",
+    "packed_completion_hidden", "packed_completion_logits", "prepare_packing", "split_micro_batches", "supports_packing",
 ]
 
 

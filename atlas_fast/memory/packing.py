@@ -14,9 +14,10 @@ tokens; position ids restart at 0 for each sequence and attention stays inside e
 Models whose attention cannot be restricted this way (remote code, unknown implementations) keep
 padded batches: `supports_packing` says which.
 
-The output is the padded path's: logits [B, C, V] (or hidden states [B, C, H]) at the positions
-that predict each completion token, so the loss code does not change. Pad positions of the
-completion read row 0 of the packed output: they are masked by `completion_mask` like before.
+The output is the padded path's: logits [B, C + 1, V] (or hidden states [B, C + 1, H]) at the
+positions that score each completion token, so the loss code does not change. Pad positions of the
+completion (and the last, which scores nothing) read row 0 of the packed output: they are masked
+by `completion_mask` like before.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class PackedBatch:
     position_ids: torch.Tensor  # [1, N] restart at 0 per sequence
     cu_seqlens: torch.Tensor  # [S + 1] int32: where each sequence starts in the row, then N
     max_seqlen: int
-    index: torch.Tensor  # [B, C] packed position whose output predicts completion token j of row b
+    index: torch.Tensor  # [B, C + 1] packed position whose output scores completion token j of row b
 
     def model_kwargs(self) -> dict:
         """Keyword arguments for a transformers model (or its body) on this row."""
@@ -50,9 +51,9 @@ class PackedBatch:
                     max_length_q=self.max_seqlen, max_length_k=self.max_seqlen)
 
     def gather(self, states: torch.Tensor) -> torch.Tensor:
-        """[1, N, D] outputs of the packed row -> [B, C, D] at the completion-predicting positions."""
-        B, C = self.index.shape
-        return states[0, self.index.reshape(-1)].view(B, C, -1)
+        """[1, N, D] outputs of the packed row -> [B, C + 1, D] at the completion-scoring positions."""
+        B, C1 = self.index.shape
+        return states[0, self.index.reshape(-1)].view(B, C1, -1)
 
 
 def pack(mb: MicroBatch) -> PackedBatch:
@@ -68,8 +69,9 @@ def pack(mb: MicroBatch) -> PackedBatch:
     N = input_ids.shape[1]
     device = input_ids.device
     position_ids = torch.arange(N, device=device) - torch.repeat_interleave(starts, lengths, output_size=N)
-    j = torch.arange(C, device=device)
-    # Token j of row b's completion is predicted by the token before it: its prompt's last token for j = 0.
+    j = torch.arange(C + 1, device=device)
+    # Token j of row b's completion is scored by the output at the token before it (its prompt's last
+    # token for j = 0). Column C, like the padded path's last position, scores nothing: it reads 0.
     index = starts[:, None] + prompt_lengths[:, None] - 1 + j[None]
     index = torch.where(j[None] < completion_lengths[:, None], index, 0).clamp(min=0)
     nonempty = lengths[lengths > 0]
@@ -80,12 +82,19 @@ def pack(mb: MicroBatch) -> PackedBatch:
 
 
 def packed_completion_logits(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
-    """`batch.completion_logits` on a packed row: logits [B, C, V] predicting each completion token.
-    Only the B*C gathered positions go through the head (`logits_to_keep` as an index tensor)."""
+    """`batch.completion_logits` on a packed row: [B, C + 1, V], position t scoring completion token t.
+    Only the gathered positions go through the head (`logits_to_keep` as an index tensor)."""
     packed = pack(mb)
-    B, C = packed.index.shape
+    B, C1 = packed.index.shape
     out = model(**packed.model_kwargs(), logits_to_keep=packed.index.reshape(-1))
-    return out.logits[0].view(B, C, -1)
+    return out.logits[0].view(B, C1, -1)
+
+
+def packed_completion_hidden(head, mb: MicroBatch) -> torch.Tensor:
+    """`batch.completion_hidden` on a packed row: final-norm hidden states [B, C + 1, H] from the
+    model's body (`head.body`, a `batch.LMHead`), for the fused linear head."""
+    packed = pack(mb)
+    return packed.gather(head.body(**packed.model_kwargs()).last_hidden_state)
 
 
 # ---------------------------------------------------------------------- which models can pack
