@@ -231,7 +231,7 @@ def _sync(device):
 
 
 def measure(fn, case: Case, device, warmup: int, reps: int):
-    """(median ms, peak extra bytes or None, loss, d(hidden)) of forward + backward."""
+    """(median ms, peak extra bytes or None, loss, (d(hidden), d(weight))) of forward + backward."""
     import torch
 
     h = case.hidden.detach().requires_grad_()
@@ -272,19 +272,19 @@ def measure(fn, case: Case, device, warmup: int, reps: int):
         peak = torch.cuda.max_memory_allocated() - base
     else:
         loss = step()
-    grad_h = h.grad
-    return statistics.median(times), peak, loss.detach().float(), grad_h
+    return statistics.median(times), peak, loss.detach().float(), (h.grad, w.grad)
 
 
 def reference_grpo(case: Case):
-    """Loss and d(hidden) of the plain path: bf16 logits, fp32 log-probs, the reference GRPO loss."""
+    """Loss, d(hidden) and d(weight) of the plain path: bf16 logits, fp32 log-probs, the reference loss."""
     from atlas_kernels import reference
 
     h = case.hidden.detach().requires_grad_()
-    loss, _ = reference.fused_linear_grpo_loss(h.view(case.B, case.C, -1), case.weight, case.ids(), case.old,
+    w = case.weight.detach().requires_grad_()
+    loss, _ = reference.fused_linear_grpo_loss(h.view(case.B, case.C, -1), w, case.ids(), case.old,
                                                case.ref, case.adv, case.mask, validate=False, **LOSS)
     loss.backward()
-    return loss.detach().float(), h.grad
+    return loss.detach().float(), (h.grad, w.grad)
 
 
 def rel(a, b) -> float:
@@ -307,14 +307,15 @@ def run_case(case: Case, device, warmup: int, reps: int, names: set[str] | None)
         try:
             fn = factory()
             slow = name == LIGER
-            row.ms, row.peak, loss, grad_h = measure(fn, case, device, 1 if slow else warmup, 2 if slow else reps)
+            row.ms, row.peak, loss, (grad_h, grad_w) = measure(fn, case, device, 1 if slow else warmup, 2 if slow else reps)
             if name.startswith("ours: fused_linear_grpo") or name == LIGER or name.endswith("grpo_loss_from_logits"):
                 if "GSPO" in name:
                     row.check = "-"
                 else:
                     if ref_loss is None:
                         ref_loss, ref_grad = reference_grpo(case)
-                    row.check = f"loss rel {rel(loss, ref_loss):.1e}, d(hidden) rel {rel(grad_h, ref_grad):.1e}"
+                    row.check = (f"loss rel {rel(loss, ref_loss):.1e}, d(hidden) rel {rel(grad_h, ref_grad[0]):.1e}, "
+                                 f"d(weight) rel {rel(grad_w, ref_grad[1]):.1e}")
             elif "CE" in name or name == CCE:
                 with torch.no_grad():
                     ce = F.cross_entropy((case.hidden @ case.weight.t()).float(), case.index)
@@ -326,7 +327,7 @@ def run_case(case: Case, device, warmup: int, reps: int, names: set[str] | None)
                     with torch.no_grad():
                         ours_lp = fused_linear_logprobs(case.hidden, case.weight, case.index)
                 row.check = f"-mean logp rel {rel(loss, -ours_lp.mean()):.1e} vs ours"
-            del loss, grad_h
+            del loss, grad_h, grad_w
         except Unavailable as exc:
             row.note = f"n/a ({exc})"
         except Exception as exc:  # noqa: BLE001 - one broken row must not end the run
