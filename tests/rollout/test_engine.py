@@ -8,6 +8,7 @@ changed by an optimizer step. The fused Triton decode kernels run through the in
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -57,6 +58,7 @@ def test_greedy_matches_hf(models, tok, prompts, arch):
     assert len({tuple(c) for c in ref.completion_ids}) > 2  # the model does branch: the comparison means something
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors need the Triton interpreter")
 @pytest.mark.parametrize("arch", ["qwen3", "mistral"])
 def test_fused_decode_kernels_match_hf(models, tok, prompts, arch):
     """The Triton norm/rotary/KV-write kernels of the CUDA decode step, run by the interpreter
