@@ -1,0 +1,150 @@
+"""The engine's sampler draws from the intended distribution.
+
+For each setting, 40,000 draws from one fixed logit vector are compared with the exact processed
+distribution, computed here independently in float64 from its definition (sampling.py's
+docstring): a chi-square goodness-of-fit test, with tokens the setting removes never drawn. Seeds
+are fixed, so each test is deterministic; each setting is also checked against a slightly wrong
+distribution, which the same test must reject (the test has power).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from atlas_fast.rollout import SamplingParams
+from atlas_fast.rollout.engine.sampling import chosen_logprobs, process, sample
+
+LOGITS = [0.7, 2.0, -1.0, 1.2, -3.0, 1.5, 0.0, -0.4, 0.3, -1.5, 1.9]  # V = 11, ranks not in index order
+DRAWS = 40_000
+
+
+def expected(params: SamplingParams, seen: tuple[int, ...] = (), step: int = 0, stops: tuple[int, ...] = ()) -> list[float]:
+    """The processed distribution, from the definition, in float64."""
+    logits = list(LOGITS)
+    for i in seen:  # repetition penalty
+        logits[i] = logits[i] / params.repetition_penalty if logits[i] > 0 else logits[i] * params.repetition_penalty
+    alive = set(range(len(logits)))
+    if step < params.min_tokens:
+        alive -= set(stops)
+
+    def probs(keep):
+        m = max(logits[i] / params.temperature for i in keep)
+        w = {i: math.exp(logits[i] / params.temperature - m) for i in keep}
+        total = sum(w.values())
+        return {i: w[i] / total for i in keep}
+
+    order = sorted(alive, key=lambda i: -logits[i])
+    if params.top_k > 0:
+        alive = set(order[: params.top_k])
+        order = order[: params.top_k]
+    if params.top_p < 1:
+        p, kept, mass = probs(alive), set(), 0.0
+        for i in order:  # the smallest prefix of the ranking whose mass reaches top_p
+            if mass < params.top_p:
+                kept.add(i)
+                mass += p[i]
+        alive = kept
+    if params.min_p > 0:
+        p = probs(alive)
+        top = max(p.values())
+        alive = {i for i in alive if p[i] >= params.min_p * top}
+    p = probs(alive)
+    return [p.get(i, 0.0) for i in range(len(logits))]
+
+
+def chi_square_p(counts: torch.Tensor, probs: list[float]) -> float:
+    """Goodness-of-fit p-value (scipy.stats.chisquare's, from the regularised upper incomplete gamma)."""
+    probs_t = torch.tensor(probs, dtype=torch.float64)
+    support = probs_t > 0
+    exp = probs_t[support] * counts.sum()
+    obs = counts[support].double()
+    stat = ((obs - exp) ** 2 / exp).sum()
+    dof = int(support.sum()) - 1
+    return torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2).item()
+
+
+def draw_counts(params: SamplingParams, seen: tuple[int, ...] = (), step: int = 0, stops: tuple[int, ...] = (),
+                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    V = len(LOGITS)
+    logits = torch.tensor(LOGITS).expand(DRAWS, V)  # [DRAWS, V]
+    seen_mask = torch.zeros(DRAWS, V, dtype=torch.bool)
+    seen_mask[:, list(seen)] = True
+    stop_mask = torch.zeros(V, dtype=torch.bool)
+    stop_mask[list(stops)] = True
+    gen = torch.Generator().manual_seed(seed)
+    tokens, logps = sample(logits, params, step, seen_mask if seen else None, stop_mask if stops else None, gen, True)
+    return torch.bincount(tokens, minlength=V), logps
+
+
+CASES = {
+    "temperature": (SamplingParams(max_tokens=1, temperature=0.6), SamplingParams(max_tokens=1, temperature=0.7)),
+    "high-temperature": (SamplingParams(max_tokens=1, temperature=1.8), SamplingParams(max_tokens=1, temperature=1.6)),
+    "top_k": (SamplingParams(max_tokens=1, top_k=4), SamplingParams(max_tokens=1, top_k=5)),
+    "top_p": (SamplingParams(max_tokens=1, top_p=0.8, temperature=0.9), SamplingParams(max_tokens=1, top_p=0.9, temperature=0.9)),
+    "min_p": (SamplingParams(max_tokens=1, min_p=0.2), SamplingParams(max_tokens=1, min_p=0.1)),
+    "all": (SamplingParams(max_tokens=1, temperature=1.3, top_k=7, top_p=0.9, min_p=0.05),
+            SamplingParams(max_tokens=1, temperature=1.3, top_k=7, top_p=0.95, min_p=0.05)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_draws_follow_the_processed_distribution(name):
+    params, wrong = CASES[name]
+    counts, logps = draw_counts(params)
+    want = expected(params)
+    assert all(c == 0 for c, p in zip(counts.tolist(), want) if p == 0)  # filtered tokens are never drawn
+    assert chi_square_p(counts, want) > 1e-3
+    assert chi_square_p(counts, expected(wrong)) < 1e-6  # the test tells a close but wrong distribution apart
+    assert sum(p > 0 for p in want) < len(LOGITS) or name.endswith("temperature")  # filters removed tokens
+
+
+@pytest.mark.parametrize("penalty", [1.6, 0.7])
+def test_repetition_penalty(penalty):
+    seen = (1, 2, 6, 8)  # positive, negative and zero logits
+    params = SamplingParams(max_tokens=1, repetition_penalty=penalty)
+    counts, _ = draw_counts(params, seen=seen)
+    assert chi_square_p(counts, expected(params, seen=seen)) > 1e-3
+    assert chi_square_p(counts, expected(SamplingParams(max_tokens=1), seen=seen)) < 1e-6
+
+
+def test_min_tokens_forbids_stops_until_reached():
+    params = SamplingParams(max_tokens=8, min_tokens=3, temperature=1.2)
+    stops = (1, 10)  # the two most likely tokens
+    early, _ = draw_counts(params, step=2, stops=stops)
+    assert early[list(stops)].sum() == 0
+    assert chi_square_p(early, expected(params, step=2, stops=stops)) > 1e-3
+    late, _ = draw_counts(params, step=3, stops=stops)
+    assert chi_square_p(late, expected(params, step=3, stops=stops)) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "all"])
+def test_logprobs_are_those_of_the_processed_distribution(name):
+    params, _ = CASES[name]
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.tensor(LOGITS).expand(64, -1)
+    tokens, logps = sample(logits, params, 0, None, None, gen, True)
+    want = torch.tensor(expected(params), dtype=torch.float64).log()
+    assert torch.allclose(logps.double(), want[tokens], atol=1e-5)
+    assert (logps <= 0).all() and torch.isfinite(logps).all()
+
+
+def test_greedy_is_argmax_after_penalties():
+    logits = torch.tensor(LOGITS)[None]
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)
+    assert sample(logits, greedy, 0, None, None, None, False)[0].item() == 1
+    seen = torch.zeros(1, len(LOGITS), dtype=torch.bool)
+    seen[0, 1] = True
+    penalised = SamplingParams(max_tokens=4, temperature=0.0, repetition_penalty=2.0)
+    assert sample(logits, penalised, 0, seen, None, None, False)[0].item() == 10  # 2.0 -> 1.0 drops below 1.9
+    lp = chosen_logprobs(process(logits, greedy, 0), torch.tensor([1]))
+    assert lp.item() == pytest.approx(torch.tensor(LOGITS).log_softmax(-1)[1].item())
+
+
+def test_seeded_draws_repeat_and_differ_across_seeds():
+    params = SamplingParams(max_tokens=1, temperature=1.0)
+    a, _ = draw_counts(params, seed=5)
+    b, _ = draw_counts(params, seed=5)
+    c, _ = draw_counts(params, seed=6)
+    assert torch.equal(a, b) and not torch.equal(a, c)
