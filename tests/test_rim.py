@@ -325,6 +325,8 @@ def test_local_hf_judge_with_junk_output_counts_as_failed(tmp_path):
     rewards, [info] = reward(["1+1="], ["2"], ground_truth=["2"], return_info=True)
     assert rewards == [0.0] and set(info["failed"]) == {"accuracy", "process"}
     assert "invalid judgement" in info["samples"]["accuracy"][0]["error"]
+    # 2 judges x 2 temperatures, then 2 escalations, each asked again after a junk reply
+    assert reward.small.stats["requests"] == (4 + 2) * 2
 
 
 CANNED = '{"principles":[{"name":"exact","weight":1.0}],"score":0.75,"rationale":"canned","uncertainty":0.05}'
@@ -343,11 +345,15 @@ def test_local_hf_judge_end_to_end_with_a_canned_vocabulary(tmp_path):
     tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     model = tiny_model(tok)
     model.get_output_embeddings().weight.data.zero_()  # tied: every logit is 0
-    client = HFClient(model, tok)  # objects in-process (the path form is tested above)
+    batches = []
+    generate = model.generate
+    model.generate = lambda **kw: batches.append(kw["input_ids"].shape[0]) or generate(**kw)
+    client = HFClient(model, tok, batch_size=8)  # objects in-process (the path form is tested above)
     judge = {"backend": "hf", "model": "canned", "max_tokens": 3}
-    reward = RIMReward(rim_config(small_model=judge, large_model=judge, judges=["accuracy"],
+    reward = RIMReward(rim_config(small_model=judge, large_model=judge, judges=["accuracy", "process"],
                                   temperatures=[0.0], large_temperature=0.0),
                        small_client=client, large_client=client)
-    rewards, [info] = reward(["1+1="], ["2"], return_info=True)
-    assert rewards == [0.75] and info["explanations"]["accuracy"] == "canned"
-    assert info["samples"]["accuracy"][0]["repaired"] is True
+    rewards, infos = reward(["1+1=", "2+2=", "3+3="], ["2", "4", "no idea"], return_info=True)
+    assert rewards == [0.75] * 3 and infos[2]["explanations"]["accuracy"] == "canned"
+    assert infos[0]["samples"]["process"][0]["repaired"] is True
+    assert batches == [6]  # every judge call of the batch in one generate

@@ -216,11 +216,17 @@ def _remaining(conn: http.client.HTTPConnection, deadline: float) -> None:
 
 
 class HFClient:
-    """A local causal LM in this process. Calls are serialised (one model, one forward at a time);
-    sampling uses a private RNG seeded from the request, so judging neither disturbs the trainer's
-    random state nor changes from run to run."""
+    """A local causal LM in this process, prompted through its chat template.
 
-    def __init__(self, model: Any, tokenizer: Any = None, *, device: str = "cpu", dtype: str = "auto"):
+    Requests are generated in left-padded batches of up to `batch_size`, one `generate` per
+    temperature, under a lock (one model, one batch at a time). Sampling uses a private RNG seeded
+    from the batch's requests and the attempt number, so judging neither disturbs the trainer's
+    random state nor changes from run to run, and a re-ask draws a new sample. `timeout` does not
+    apply: generation in this process cannot be interrupted; `max_tokens` bounds it instead.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, device: str = "cpu", dtype: str = "auto",
+                 batch_size: int = 8):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -233,44 +239,73 @@ class HFClient:
             raise ValueError("HFClient needs a tokenizer when given a model object.")
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("The local judge's tokenizer has no chat template.")
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+            raise ValueError("The local judge's tokenizer has neither a pad nor an EOS token.")
         self.model = model.to(device).eval().requires_grad_(False)
         self.tokenizer = tokenizer
+        self.batch_size = max(int(batch_size), 1)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"HFClient(model={type(self.model).__name__})"
+        return f"HFClient(model={type(self.model).__name__}, batch_size={self.batch_size})"
 
     def complete(self, request: JudgeRequest, timeout: float) -> str:
-        # `timeout` does not apply: generation in this process cannot be interrupted; it is
-        # bounded by max_tokens instead.
+        [out] = self.complete_batch([request], timeout)
+        if isinstance(out, JudgeCallError):
+            raise out
+        return out
+
+    def complete_batch(self, requests: Sequence[JudgeRequest], timeout: float,
+                       attempt: int = 0) -> list[str | JudgeCallError]:
+        """Reply text per request, or the JudgeCallError that request met."""
+        out: list[str | JudgeCallError] = [JudgeCallError("not run", retryable=False)] * len(requests)
+        groups: dict[tuple[float, int], list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault((request.temperature, request.max_tokens), []).append(i)
+        for (temperature, max_tokens), members in groups.items():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start : start + self.batch_size]
+                texts = self._generate([requests[i] for i in chunk], temperature, max_tokens, attempt)
+                for i, text in zip(chunk, texts, strict=True):
+                    out[i] = text
+        return out
+
+    def _generate(self, requests: list[JudgeRequest], temperature: float, max_tokens: int,
+                  attempt: int) -> list[str | JudgeCallError]:
         import torch
 
-        messages = [{"role": r, "content": c} for r, c in request.messages]
-        ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        input_ids = ids["input_ids"].to(self.model.device)
-        if input_ids.shape[1] == 0:
-            raise JudgeCallError("the local judge's tokenizer turned the prompt into no tokens",
-                                 retryable=False)
-        sample = request.temperature > 0
-        kwargs: dict[str, Any] = dict(max_new_tokens=request.max_tokens, do_sample=sample)
-        if sample:
-            kwargs["temperature"] = request.temperature
-        pad = self.tokenizer.pad_token_id
-        kwargs["pad_token_id"] = pad if pad is not None else self.tokenizer.eos_token_id
-        seed = int(request.key()[:8], 16)
+        tok = self.tokenizer
+        prompts = [tok.apply_chat_template([{"role": r, "content": c} for r, c in req.messages],
+                                           tokenize=False, add_generation_prompt=True) for req in requests]
+        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        out: list[str | JudgeCallError] = [
+            JudgeCallError("the local judge's tokenizer turned the prompt into no tokens", retryable=False)
+        ] * len(requests)
+        rows = [i for i, x in enumerate(ids) if x]
+        if not rows:
+            return out
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        width = max(len(ids[i]) for i in rows)
+        input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in rows])  # [b, S]
+        mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in rows])  # [b, S]
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_tokens, do_sample=temperature > 0, pad_token_id=pad)
+        if temperature > 0:
+            kwargs["temperature"] = temperature
+        digest = hashlib.sha256("".join(requests[i].key() for i in rows).encode() + bytes([attempt % 256]))
+        device = self.model.device
         try:
-            with self._lock, torch.random.fork_rng(devices=[]), torch.no_grad():
-                torch.manual_seed(seed)
-                out = self.model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    **kwargs,
-                )
+            with self._lock, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                    torch.no_grad():
+                torch.manual_seed(int(digest.hexdigest()[:8], 16))
+                generated = self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                                **kwargs)
         except Exception as err:
-            raise JudgeCallError(f"local judge generate failed: {err}", retryable=False) from err
-        return self.tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)
+            failure = JudgeCallError(f"local judge generate failed: {err}", retryable=False)
+            return [failure] * len(requests)
+        texts = tok.batch_decode(generated[:, width:], skip_special_tokens=True)
+        for i, text in zip(rows, texts, strict=True):
+            out[i] = text
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,12 +358,12 @@ class LiteLLMClient:
             raise JudgeCallError(f"litellm: {type(err).__name__}: {text[:300]}", retryable=retryable) from None
 
 
-def build_client(config: JudgeModelConfig) -> JudgeClient:
+def build_client(config: JudgeModelConfig, *, batch_size: int = 8) -> JudgeClient:
     if config.backend == "openai":
         return OpenAIClient(config.base_url or "", api_key_env=config.api_key_env,
                             json_mode=config.json_mode)
     if config.backend == "hf":
-        return HFClient(config.model, device=config.device, dtype=config.dtype)
+        return HFClient(config.model, device=config.device, dtype=config.dtype, batch_size=batch_size)
     if config.backend == "litellm":
         return LiteLLMClient(base_url=config.base_url, api_key_env=config.api_key_env,
                              json_mode=config.json_mode)
@@ -383,9 +418,12 @@ class JudgeCaller:
         unique: dict[str, JudgeRequest] = {}
         for request in requests:
             unique.setdefault(request.key(), request)
-        pool = self._executor()
-        futures = {key: pool.submit(self._call, request) for key, request in unique.items()}
-        results = {key: future.result() for key, future in futures.items()}
+        if hasattr(self.client, "complete_batch"):
+            results = self._run_batched(unique)
+        else:
+            pool = self._executor()
+            futures = {key: pool.submit(self._call, request) for key, request in unique.items()}
+            results = {key: future.result() for key, future in futures.items()}
         outcomes = []
         seen: set[str] = set()
         for request in requests:
@@ -415,11 +453,9 @@ class JudgeCaller:
 
     def _call(self, request: JudgeRequest) -> CallOutcome:
         key = request.key()
-        with self._cache_lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                self._bump("cache_hits")
-                return CallOutcome(self._cache[key], attempts=0, cached=True)
+        cached = self._cached(key)
+        if cached is not None:
+            return CallOutcome(cached, attempts=0, cached=True)
         attempts, error = 0, "no attempt"
         for _ in range(self.parse_retries + 1):
             try:
@@ -433,13 +469,64 @@ class JudgeCaller:
                 self._bump("parse_failures")
                 error = f"invalid judgement: {err}"
                 continue
-            if self.cache_size:
-                with self._cache_lock:
-                    self._cache[key] = judgement
-                    while len(self._cache) > self.cache_size:
-                        self._cache.popitem(last=False)
+            self._store(key, judgement)
             return CallOutcome(judgement, attempts=attempts)
         return CallOutcome(None, error=error, attempts=attempts)
+
+    def _run_batched(self, unique: dict[str, JudgeRequest]) -> dict[str, CallOutcome]:
+        """For backends that generate many requests at once (a local model): every pending
+        request in one `complete_batch`, then the unparsable ones again, `parse_retries` times.
+        Their failures are not transient, so there are no transport retries."""
+        results: dict[str, CallOutcome] = {}
+        pending: dict[str, JudgeRequest] = {}
+        for key, request in unique.items():
+            cached = self._cached(key)
+            if cached is not None:
+                results[key] = CallOutcome(cached, attempts=0, cached=True)
+            else:
+                pending[key] = request
+        errors: dict[str, str] = {}
+        for attempt in range(self.parse_retries + 1):
+            if not pending:
+                break
+            keys = list(pending)
+            self._bump("requests", len(keys))
+            texts = self.client.complete_batch([pending[k] for k in keys], self.timeout_s, attempt=attempt)
+            retry: dict[str, JudgeRequest] = {}
+            for key, text in zip(keys, texts, strict=True):
+                if isinstance(text, JudgeCallError):
+                    results[key] = CallOutcome(None, error=str(text), attempts=attempt + 1)
+                    continue
+                try:
+                    judgement = parse_judgement(text)
+                except JudgementError as err:
+                    self._bump("parse_failures")
+                    errors[key] = f"invalid judgement: {err}"
+                    retry[key] = pending[key]
+                    continue
+                self._store(key, judgement)
+                results[key] = CallOutcome(judgement, attempts=attempt + 1)
+            pending = retry
+        for key in pending:
+            results[key] = CallOutcome(None, error=errors[key], attempts=self.parse_retries + 1)
+        return results
+
+    def _cached(self, key: str) -> Judgement | None:
+        with self._cache_lock:
+            judgement = self._cache.get(key)
+            if judgement is None:
+                return None
+            self._cache.move_to_end(key)
+        self._bump("cache_hits")
+        return judgement
+
+    def _store(self, key: str, judgement: Judgement) -> None:
+        if not self.cache_size:
+            return
+        with self._cache_lock:
+            self._cache[key] = judgement
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
 
     def _send(self, request: JudgeRequest) -> tuple[str, int]:
         """Reply text and the number of requests it took; transient failures are retried."""

@@ -79,7 +79,7 @@ class RIMConfig:
     large_temperature: float = 0.3
     variance_threshold: float = 0.15  # escalate when the tier-1 scores' std exceeds this
     uncertainty_threshold: float = 0.3  # escalate when any tier-1 uncertainty exceeds this
-    max_parallel: int = 8  # judge calls in flight at once
+    max_parallel: int = 8  # judge calls in flight at once (hf backend: the generate batch size)
     timeout_s: float = 60.0  # per call, connect to last byte
     max_retries: int = 2  # re-sends after a timeout, a connection error, HTTP 429 or 5xx
     backoff_s: float = 0.5  # first retry delay; doubles each retry
