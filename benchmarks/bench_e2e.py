@@ -4,9 +4,11 @@ trainer's own `train()`, on one GPU, in one run.
 
 Models: Qwen2.5-0.5B and -1.5B shapes, random weights, bf16, saved once to a scratch folder so
 both trainers load the same checkpoint (TRL builds its reference model from the policy's path).
-Tokenizer: word-level, `tok0 ... tokN` over the model's vocabulary, plus an EOS id *outside* the
-model's vocabulary: no system can sample it, so every completion has exactly the requested length
-and every system does the same work (pad is `tok0`, fed to the model but masked).
+Tokenizer: word-level, `tok0 ... tokN` over the model's vocabulary (pad is `tok0`, fed to the model
+but masked). Every completion has exactly the requested length, so every system does the same
+work: the model has no EOS; TRL, which needs one, gets an EOS id outside the model's vocabulary
+(never sampled); atlas-fast gets the tokenizer without one (its engine indexes a vocabulary-sized
+stop mask with the EOS ids, so an id past the vocabulary cannot be given to it).
 
 Cases
   update   the update phase: fixed completions from a rollout function (random ids, same for
@@ -127,23 +129,26 @@ def save_model(shape: Shape, folder: Path, device: str) -> Path:
     cfg = Qwen2Config(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                       num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
                       num_key_value_heads=shape.kv_heads, max_position_embeddings=65536, rope_theta=1e6,
-                      rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=0, eos_token_id=shape.vocab,
+                      rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=0, eos_token_id=None,
                       bos_token_id=None)
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
     model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = shape.vocab
+    model.generation_config.eos_token_id = None
     model.save_pretrained(path)
     tok.save_pretrained(path)
     del model
     return path
 
 
-def load_tok(path: Path):
+def load_tok(path: Path, eos: bool = True):
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast.from_pretrained(str(path))  # as saved (not rebuilt as Qwen2Tokenizer)
+    tok = PreTrainedTokenizerFast.from_pretrained(str(path))  # as saved (not rebuilt as Qwen2Tokenizer)
+    if not eos:
+        tok.eos_token = None
+    return tok
 
 
 def prompt_texts(n: int, vocab: int, lens: tuple[int, int], seed: int) -> list[str]:
@@ -237,10 +242,10 @@ def run_atlas(path: Path, work: Workload, steps: int, device: str, lean: bool, s
         output_dir=str(scratch / "atlas"), max_steps=steps, num_generations=G, per_device_train_batch_size=work.per_device,
         gradient_accumulation_steps=work.accumulation, max_completion_length=work.completion,
         max_prompt_length=None, learning_rate=1e-6, beta=work.beta, temperature=1.0, seed=0, disable_tqdm=True,
-        report_to="none", rollout_backend=backend, model_init_kwargs={"dtype": torch.bfloat16},
+        report_to="none", rollout_backend=backend, model_init_kwargs={"dtype": "bfloat16"},
         bf16=device == "cuda", **options,
     )
-    trainer = GRPOTrainer(config, model=str(path), tokenizer=load_tok(path), train_dataset=[{"prompt": p} for p in work.prompts],
+    trainer = GRPOTrainer(config, model=str(path), tokenizer=load_tok(path, eos=False), train_dataset=[{"prompt": p} for p in work.prompts],
                           reward_funcs=[reward], callbacks=[clock], rollout_func=rollout if fixed is not None else None)
     clock.notes = {"rollout_backend": backend if fixed is None else "fixed"}
     clock.start()
@@ -268,7 +273,7 @@ def run_trl(path: Path, work: Workload, steps: int, device: str, liger: bool, sc
         gradient_accumulation_steps=work.accumulation, max_completion_length=work.completion, learning_rate=1e-6,
         beta=work.beta, temperature=1.0, seed=0, disable_tqdm=True, report_to="none", save_strategy="no",
         logging_steps=1, use_liger_kernel=liger, bf16=device == "cuda", use_cpu=device != "cuda",
-        model_init_kwargs={"dtype": torch.bfloat16},
+        model_init_kwargs={"dtype": "bfloat16"},
     )
     trainer = GRPOTrainer(model=str(path), reward_funcs=[reward], args=config, processing_class=tok,
                           train_dataset=datasets.Dataset.from_dict({"prompt": work.prompts}), callbacks=[clock],
@@ -471,13 +476,14 @@ def fit_table(rows: list[Result]) -> str:
 def step_table(rows: list[Result]) -> str:
     lines = [f"**Whole GRPO step, issue 7's workload** ({STEP_PROMPTS} prompts x {G} generations x {STEP_TOKENS} tokens, "
              f"prompts of {STEP_PROMPT_LENS[0]}-{STEP_PROMPT_LENS[1]} tokens, beta 0)", "",
-             "| shape | system | generation | step time | completion tokens/s | peak memory | speed-up vs TRL |",
-             "|---|---|---|---|---|---|---|"]
+             "| shape | system | generation | mean completion length | step time | completion tokens/s | peak memory "
+             "| speed-up vs TRL |", "|---|---|---|---|---|---|---|---|"]
     trl = next((r for r in rows if r.system == "TRL"), None)
     for r in rows:
         speed = "-" if not (r.ok and trl is not None and trl.ok) else f"{trl.step_s / r.step_s:.2f}x"
         gen = r.notes.get("rollout_backend", "HF generate") if r.system.startswith("atlas") else "HF generate"
-        lines.append(f"| {r.shape} | {r.system} | {gen} | {f'{r.step_s:.3f} s' if r.ok else r.error} | "
+        lines.append(f"| {r.shape} | {r.system} | {gen} | {fmt(r.notes.get('mean_length'), '.0f')} | "
+                     f"{f'{r.step_s:.3f} s' if r.ok else r.error} | "
                      f"{fmt(r.tokens / r.step_s if r.ok else None, ',.0f')} | {fmt(r.peak_gib, '.2f')} GiB | {speed} |")
     return "\n".join(lines)
 
@@ -499,8 +505,8 @@ def header(device: str, mode: str, steps: int, warmup: int) -> str:
             f"{card}, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {_git_commit()}; "
             f"{', '.join(versions)}. Produced by `benchmarks/bench_e2e.py"
             f"{' --quick' if mode == 'quick' else ''}`: each trainer's own `train()`, one warm-up step then the median "
-            f"of {steps - warmup} timed steps; peak = max allocated over a step. Random-weight bf16 models, an EOS "
-            "outside the vocabulary (fixed lengths). atlas-fast = gradient checkpointing + padding-free; "
+            f"of {steps - warmup} timed steps; peak = max allocated over a step. Random-weight bf16 models that "
+            "cannot stop early (fixed lengths). atlas-fast = gradient checkpointing + padding-free; "
             "lean = + activation offload, frozen reference in CPU memory, optimizer offload. TRL at its defaults "
             "(gradient checkpointing on).\n")
 
