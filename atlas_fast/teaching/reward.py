@@ -1,0 +1,155 @@
+"""The teaching reward and teacher metrics: pure functions of baseline vs guided outcomes.
+
+Per guidance sample, with the student's baseline answer (alone) and its guided answer:
+
+    wrong -> right   improvement + bonus          (1 + bonus by default: the highest score)
+    right -> right   both_correct + bonus         (0 + bonus)
+    right -> wrong   degradation                  (-1)
+    wrong -> wrong   both_wrong                   (0)
+    answer in the guidance: leak                  (-1), whatever the student did
+
+    bonus = efficiency * (answer_share * max(0, (baseline_tokens - student_tokens) / baseline_tokens)
+                          + (1 - answer_share) * guidance_scale / (guidance_scale + guidance_tokens))
+
+so shorter guidance, and guidance that shortens the student's answer, earn up to `efficiency`
+(0.5) more; it never outweighs a change in correctness. The leak rule is what stops a teacher
+from learning to hand over the answer: a guidance that contains the ground truth (as a number
+equal to it, or as the normalised text) scores below every honest one.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from statistics import fmean, pstdev
+from typing import Any, Sequence
+
+from atlas_fast.rewards import answers_match, completion_text, extract_answer, normalize_answer, parse_number
+
+IMPROVED, DEGRADED, BOTH_CORRECT, BOTH_WRONG = "improved", "degraded", "both_correct", "both_wrong"
+_NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+@dataclass
+class TeachingRewardWeights:
+    improvement: float = 1.0  # wrong -> right
+    both_correct: float = 0.0  # right -> right (plus the bonus)
+    degradation: float = -1.0  # right -> wrong (ATLAS first used 0; a teacher that confuses must pay)
+    both_wrong: float = 0.0
+    efficiency: float = 0.5  # the largest efficiency bonus
+    answer_share: float = 0.5  # share of the bonus for a shorter student answer; the rest for short guidance
+    guidance_scale: float = 100.0  # guidance term scale / (scale + tokens): 0.5 at 100 tokens
+    leak: float = -1.0  # the guidance contains the answer
+
+    def validate(self) -> None:
+        for name in ("improvement", "both_correct", "degradation", "both_wrong", "efficiency", "leak",
+                     "answer_share", "guidance_scale"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"teaching.reward.{name} must be a finite number, got {value!r}")
+        if not 0.0 <= self.answer_share <= 1.0:
+            raise ValueError(f"teaching.reward.answer_share must be in [0, 1], got {self.answer_share}")
+        if self.guidance_scale <= 0 or self.efficiency < 0:
+            raise ValueError("teaching.reward.guidance_scale must be > 0 and efficiency >= 0")
+
+
+def outcome(baseline_correct: bool, guided_correct: bool) -> str:
+    if guided_correct:
+        return BOTH_CORRECT if baseline_correct else IMPROVED
+    return DEGRADED if baseline_correct else BOTH_WRONG
+
+
+def efficiency_bonus(baseline_tokens: int, student_tokens: int, guidance_tokens: int, w: TeachingRewardWeights) -> float:
+    shorter = max(0.0, (baseline_tokens - student_tokens) / baseline_tokens) if baseline_tokens > 0 else 0.0
+    brief = w.guidance_scale / (w.guidance_scale + max(guidance_tokens, 0))
+    return w.efficiency * (w.answer_share * shorter + (1.0 - w.answer_share) * brief)
+
+
+def teaching_reward_value(baseline_correct: bool, guided_correct: bool, baseline_tokens: int, student_tokens: int,
+                          guidance_tokens: int, leaked: bool, w: TeachingRewardWeights) -> float:
+    if leaked:
+        return w.leak
+    kind = outcome(baseline_correct, guided_correct)
+    if kind == DEGRADED:
+        return w.degradation
+    if kind == BOTH_WRONG:
+        return w.both_wrong
+    base = w.improvement if kind == IMPROVED else w.both_correct
+    return base + efficiency_bonus(baseline_tokens, student_tokens, guidance_tokens, w)
+
+
+def answer_leaked(guidance: str, truth: Any) -> bool:
+    """True when `guidance` states the ground truth: a number in it equal to a numeric truth, or
+    the normalised truth text as a whole word. Truths are ambiguous below two characters ("1"
+    appears in any hint), so a numeric truth is matched as a number, never as a substring."""
+    if truth is None:
+        return False
+    truths = truth if isinstance(truth, (list, tuple)) else [truth]
+    for t in truths:
+        text = str(t).strip()
+        if "####" in text:
+            text = text.rsplit("####", 1)[1].strip()
+        value = parse_number(text)
+        if value is not None:
+            if any(parse_number(n.replace(",", "")) == value for n in _NUMBER.findall(guidance)):
+                return True
+            continue
+        norm = normalize_answer(text)
+        if len(norm) >= 2 and re.search(rf"(?<!\w){re.escape(norm)}(?!\w)", normalize_answer(guidance)):
+            return True
+    return False
+
+
+def is_correct(answer_text: str, truth: Any) -> bool:
+    return answers_match(extract_answer(answer_text), truth) if truth is not None else False
+
+
+class TeachingReward:
+    """The teaching reward as a TRL-style reward function over the columns TeacherGRPOTrainer adds:
+    baseline_answer, student_answer (guided), guidance, and their token counts."""
+
+    __name__ = "teaching_reward"
+
+    def __init__(self, weights: TeachingRewardWeights | None = None):
+        self.weights = weights or TeachingRewardWeights()
+        self.weights.validate()
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], *, ground_truth: Sequence[Any],
+                 baseline_answer: Sequence[str], student_answer: Sequence[str], guidance: Sequence[str],
+                 baseline_tokens: Sequence[int], student_tokens: Sequence[int], guidance_tokens: Sequence[int],
+                 **_: Any) -> list[float | None]:
+        out: list[float | None] = []
+        for i, truth in enumerate(ground_truth):
+            if truth is None or (isinstance(truth, str) and not truth.strip()):
+                out.append(None)  # no ground truth, no opinion
+                continue
+            out.append(teaching_reward_value(
+                is_correct(completion_text(baseline_answer[i]), truth), is_correct(completion_text(student_answer[i]), truth),
+                int(baseline_tokens[i]), int(student_tokens[i]), int(guidance_tokens[i]),
+                answer_leaked(completion_text(guidance[i]), truth), self.weights))
+        return out
+
+
+def teacher_metrics(baseline_correct: Sequence[bool], guided_correct: Sequence[bool], guidance_tokens: Sequence[int],
+                    baseline_tokens: Sequence[int], student_tokens: Sequence[int]) -> dict[str, float]:
+    """ATLAS's teacher metrics over guided samples (each compared with its problem's baseline).
+
+    token_efficiency is the relative cut in the student's answer length that guidance buys,
+    1 - mean(guided answer tokens) / mean(baseline answer tokens) (ATLAS reports -37% tokens)."""
+    n = len(guided_correct)
+    if n == 0:
+        return {}
+    kinds = [outcome(b, g) for b, g in zip(baseline_correct, guided_correct)]
+    student_acc = sum(guided_correct) / n
+    baseline_acc = sum(baseline_correct) / n
+    mean_base = fmean(baseline_tokens) if baseline_tokens else 0.0
+    return {
+        "student_accuracy": student_acc,
+        "baseline_accuracy": baseline_acc,
+        "accuracy_delta": student_acc - baseline_acc,
+        "improvement_rate": kinds.count(IMPROVED) / n,
+        "degradation_rate": kinds.count(DEGRADED) / n,
+        "teaching_length_mean": fmean(guidance_tokens),
+        "teaching_length_std": pstdev(guidance_tokens) if n > 1 else 0.0,
+        "token_efficiency": 1.0 - fmean(student_tokens) / mean_base if mean_base > 0 else 0.0,
+    }
