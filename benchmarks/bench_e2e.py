@@ -199,9 +199,15 @@ class StepClock:
         self._last = now
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
         for key in ("completions/mean_length", "completion_length"):
-            if logs and key in logs:
+            if key in logs:
                 self.lengths.append(float(logs[key]))
+        # atlas-fast resets the peak counter at each phase of its step to log memory/<phase>_peak_gib;
+        # the step's peak is the largest of those and of what followed the last reset.
+        phases = [v for k, v in logs.items() if k.startswith("memory/") and k.endswith("_peak_gib")]
+        if phases and self.peaks:
+            self.peaks[-1] = max(self.peaks[-1], int(max(phases) * 2**30))
 
     def __getattr__(self, name):  # every other callback event: nothing to do
         if name.startswith("on_"):

@@ -17,7 +17,7 @@ import torch
 
 from .checkpointing import (ActivationOffload, decoder_layers, disable_activation_checkpointing,
                             enable_activation_checkpointing)
-from .offload import FrozenOffload, frozen_offload, offload_frozen
+from .offload import FrozenOffload, frozen_offload, offload_frozen, place_frozen
 from .optimizer import OffloadedAdamW
 from .packing import (PackedBatch, balance_rows, pack, packed_completion_hidden, packed_completion_logits,
                       prepare_packing, split_micro_batches, supports_packing)
@@ -27,7 +27,8 @@ __all__ = [
     "ActivationOffload", "FrozenOffload", "MemoryReport", "OffloadedAdamW", "PackedBatch", "balance_rows",
     "decoder_layers", "disable_activation_checkpointing", "enable_activation_checkpointing",
     "enable_gradient_checkpointing", "frozen_offload", "module_device", "offload_frozen", "on_device", "pack",
-    "packed_completion_hidden", "packed_completion_logits", "prepare_packing", "split_micro_batches", "supports_packing",
+    "packed_completion_hidden", "packed_completion_logits", "place_frozen", "prepare_packing",
+    "split_micro_batches", "supports_packing",
 ]
 
 

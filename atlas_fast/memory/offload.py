@@ -201,6 +201,18 @@ def offload_frozen(model: Any, device: torch.device | str, mode: str = "auto") -
     return existing if existing is not None else FrozenOffload(module, device, mode)
 
 
+def place_frozen(obj: Any, device: torch.device | str, *, offload: bool, mode: str = "auto") -> Any:
+    """Where a frozen model (or an object holding one in `.model`) lives: on `device`, or with
+    `offload` in CPU memory, visiting `device` for its forwards. Objects that only have `.to()`
+    (a reward function with state of its own) are moved to the CPU when offloaded, as before."""
+    module = obj if isinstance(obj, torch.nn.Module) else getattr(obj, "model", None)
+    if offload and isinstance(module, torch.nn.Module):
+        offload_frozen(module, device, mode)
+    elif hasattr(obj, "to"):
+        obj.to("cpu" if offload else device)
+    return obj
+
+
 def _to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=True) if obj.device != device else obj
