@@ -35,13 +35,20 @@ class MicroBatch:
 
 
 def completion_logits(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
-    """Logits that predict each completion token: [B, C, V], a view of the model's output."""
+    """The head's output over the completion, unshifted: [B, C + 1, V], position t scoring
+    completion token t and the last position scoring nothing.
+
+    The atlas_kernels functions (and their references) take this layout as it is and skip the
+    last position themselves. Slicing it off here would make autograd zero-fill a copy of the
+    whole [B, C + 1, V] tensor in backward; unsliced, the fused loss writes d(logits) into this
+    very tensor, which the head's backward then consumes.
+    """
     C = mb.completion_ids.shape[1]
     # Left padding shifts where each prompt starts; positions follow the mask, as in generate().
     position_ids = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=position_ids,
                 logits_to_keep=C + 1, use_cache=False)
-    return out.logits[:, -(C + 1) : -1]
+    return out.logits
 
 
 def trim(mb: MicroBatch) -> MicroBatch:

@@ -261,7 +261,7 @@ class GRPOTrainer:
 
     def _loss(self, mb: MicroBatch):
         c = self.args
-        logits = completion_logits(self.model, mb)  # [B, C, V]
+        logits = completion_logits(self.model, mb)  # [B, C + 1, V]: the kernels skip the last position
         loss, stats = self.kernels.grpo_loss_from_logits(
             logits, mb.completion_ids, mb.old_logps, mb.ref_logps, mb.advantages, mb.completion_mask,
             temperature=c.temperature, beta=c.beta, epsilon_low=c.epsilon, epsilon_high=c.epsilon_high,
