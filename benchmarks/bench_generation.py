@@ -169,8 +169,14 @@ def short(exc: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------------ systems
-ENGINE_VARIANTS = (("engine (ours)", {}), ("engine, eager norms/rope (no fused kernels)", {"fused_kernels": False}),
+# Each variant runs only if the one before it failed, so a kernel that breaks on a new stack still
+# leaves a timed engine row (and the error of the one that broke).
+ENGINE_VARIANTS = (("engine (ours)", {}),
+                   ("engine, SDPA decode attention", {"attention": "sdpa"}),
+                   ("engine, eager norms/rope/attention (no Triton)", {"fused_kernels": False}),
                    ("engine, no CUDA graphs", {"fused_kernels": False, "cuda_graphs": False}))
+# Also timed for comparison, on the first shape: the SDPA decode attention over a rounded span.
+COMPARE_VARIANT = ("engine, SDPA decode attention", {"attention": "sdpa"})
 
 
 def run_engine(model, prompts, new_tokens: int, device: str, repeats: int, label: str, system: str = "engine (ours)",
@@ -298,7 +304,7 @@ def table(rows: list[Row], floors: dict[tuple[str, int], float]) -> str:
             continue
         floor = floors.get((r.shape, r.new_tokens))
         ours = next((o for o in rows if o.shape == r.shape and o.new_tokens == r.new_tokens
-                     and o.system.startswith("engine") and o.total_s), None)
+                     and o.system.startswith("engine") and o.total_s), None)  # the first engine row that ran
         speedup = f"{r.total_s / ours.total_s:.1f}x" if ours and not r.system.startswith("engine") else "-"
         ratio = r.step_ms() / floor if r.step_ms() and floor == floor and floor else None
         lines.append(f"| {r.shape} | {r.new_tokens} | {r.system} | {fmt(r.total_s, '.3f')} | "
@@ -386,13 +392,19 @@ def main(argv=None) -> int:
         for T in new_tokens:
             label = f"{shape.name}, {T} new"
             floors[(shape.name, T)] = floor_ms(model, shape, prompts, T, rate)
-            for system, options in ENGINE_VARIANTS:  # a variant runs only if the one before it failed
+            for system, options in ENGINE_VARIANTS:
                 try:
                     rows.append(run_engine(model, prompts, T, device, repeats, label, system, **options))
                     break
                 except Exception as exc:
                     traceback.print_exc()
                     rows.append(Row("", T, system, error=short(exc)))
+            if si == 0 and not cpu and not any(r.system == COMPARE_VARIANT[0] for r in rows if r.new_tokens == T):
+                try:
+                    rows.append(run_engine(model, prompts, T, device, repeats, label, COMPARE_VARIANT[0],
+                                           **COMPARE_VARIANT[1]))
+                except Exception as exc:
+                    rows.append(Row("", T, COMPARE_VARIANT[0], error=short(exc)))
             if not args.no_hf:
                 rows.append(run_hf(model, prompts, T, device, 1, static=False, label=label))
                 static_here = not args.no_static and not cpu and (not args.quick or si == 0)

@@ -67,7 +67,7 @@ def test_fused_decode_kernels_match_hf(models, tok, prompts, arch):
     ref = hf_greedy(model, tok, prompts, max_tokens=8)
     engine = EngineBackend(model, tok, fused_kernels=True)
     out = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0))
-    assert engine._step_fn().__name__ == "decode_logits_fused"
+    assert engine._step_fn().__name__ == "decode_logits_fused+triton_attention"
     assert out.completion_ids == ref.completion_ids
 
 

@@ -217,3 +217,13 @@ def test_policy_weights_names_and_peft_merge(tok):
         assert merged.dtype == torch.float64 and not torch.allclose(merged.float(), base_q)
     after = lora.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
     assert torch.allclose(after, base_q, atol=1e-6)  # unmerged again (W + BA - BA, up to rounding)
+
+
+def test_missing_vllm_is_a_clear_error(tok):
+    """In the trainer's own virtualenv vLLM is absent: choosing the backend says how to get it."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed in this environment")
+    with pytest.raises(ImportError, match=r"pip install atlas-fast\[vllm\]"):
+        build_backend("vllm", tiny_model(tok), tok)

@@ -29,20 +29,36 @@ from .sampling import sample
 __all__ = ["EngineBackend"]
 
 
+class DecodeStep:
+    """The decode forward the engine uses: (dec, cache, rope, tokens [B], positions [B], span) -> logits [B, V]."""
+
+    def __init__(self, fn, **options):
+        self.fn, self.options = fn, options
+        self.span_free = bool(options.get("triton_attention"))
+        self.__name__ = fn.__name__ + ("+triton_attention" if self.span_free else "")
+
+    def __call__(self, dec, cache, rope, tokens, positions, span):
+        return self.fn(dec, cache, rope, tokens, positions, span, **self.options)
+
+
 class EngineBackend:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, dtype: torch.dtype | str | None = None,
                  cuda_graphs: bool = True, check_every: int = 8, span_step: int = 256,
                  prefill_tokens: int = 16384, max_rows: int = 0, max_length: int = 0,
-                 fused_kernels: bool | None = None):
+                 fused_kernels: bool | None = None, attention: str = "auto"):
         """dtype: compute dtype (default bf16 on CUDA, the parameters' dtype elsewhere); float32
         parameters then run under autocast. check_every: decode steps between looks at which
         sequences finished (each look is a host sync). span_step: the attention span's rounding
         under CUDA graphs (one graph per span; 256 wastes at most 255 positions of KV reads).
         prefill_tokens: padded prompt tokens per prefill forward. max_rows / max_length: size the
         KV cache up front (it grows on demand otherwise). fused_kernels: the Triton norm/rotary
-        kernels in the decode step (default: on CUDA when the model's norms are stock RMSNorms)."""
+        kernels in the decode step (default: on CUDA when the model's norms are stock RMSNorms).
+        attention: decode attention with the fused step, "triton" (reads each row's own KV length;
+        one CUDA graph per batch bucket) or "sdpa" (over the span); "auto" is "triton"."""
         if check_every < 1 or span_step < 1 or prefill_tokens < 1:
             raise ValueError("EngineBackend: check_every, span_step and prefill_tokens must be >= 1")
+        if attention not in ("auto", "triton", "sdpa"):
+            raise ValueError(f"EngineBackend: attention must be 'auto', 'triton' or 'sdpa', got {attention!r}")
         self.tokenizer = tokenizer
         self.dtype_option = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.cuda_graphs = cuda_graphs
@@ -51,6 +67,7 @@ class EngineBackend:
         self.prefill_tokens = prefill_tokens
         self.reserve = (max_rows, max_length)
         self.fused_kernels = fused_kernels
+        self.attention = attention
         self.cache: KVCache | None = None
         self.graphs: DecodeGraphs | None = None
         self.rope = None
@@ -163,16 +180,20 @@ class EngineBackend:
         return torch.cat(out)
 
     def _decode(self, batch: DecodeBatch, needed: int) -> torch.Tensor:
+        step = self._step_fn()
         if self.graphs is not None:
-            span = min(round_up(needed, self.span_step), self.cache.length)
+            # Span-free steps read each row's own length: one graph per batch bucket.
+            span = self.cache.length if step.span_free else min(round_up(needed, self.span_step), self.cache.length)
             return self.graphs(batch.tokens, batch.positions, span)
-        return self._step_fn()(self.dec, self.cache, self.rope, batch.tokens, batch.positions, needed)
+        return step(self.dec, self.cache, self.rope, batch.tokens, batch.positions, needed)
 
-    def _step_fn(self):
+    def _step_fn(self) -> "DecodeStep":
         use = self.fused_kernels
         if use is None:
             use = self.cache.buf.device.type == "cuda"
-        return decode_logits_fused if use and fusable(self.dec, self.rope) else decode_logits
+        if use and fusable(self.dec, self.rope):
+            return DecodeStep(decode_logits_fused, triton_attention=self.attention != "sdpa")
+        return DecodeStep(decode_logits)
 
     def _sample_into(self, batch: DecodeBatch, logits: torch.Tensor, t: int, sampling: SamplingParams,
                      stop_mask, generator, out_tokens: torch.Tensor, out_logps: torch.Tensor | None) -> None:

@@ -178,14 +178,17 @@ def fusable(dec: Decoder, rope: RopeTable) -> bool:
 
 
 def decode_logits_fused(dec: Decoder, cache: KVCache, rope: RopeTable, tokens: torch.Tensor, positions: torch.Tensor,
-                        span: int) -> torch.Tensor:
-    """`decode_logits` with the norms, rotary embedding and KV write in fused kernels (kernels.py):
-    about 15 kernels per layer instead of about 40. Same modules for everything with weights."""
+                        span: int, triton_attention: bool = True) -> torch.Tensor:
+    """`decode_logits` with the norms, rotary embedding and KV write in fused kernels (kernels.py)
+    and, with `triton_attention`, attention that reads each row's own KV length (decode_kernel.py;
+    `span` is then ignored): about 15 kernels per layer instead of about 40. The same modules for
+    everything that has weights."""
+    from .decode_kernel import decode_attention_triton
     from .kernels import add_rms_norm, rope_store
 
     B, Hq, Hkv, D = tokens.shape[0], dec.num_heads, dec.num_kv_heads, dec.head_dim
     dtype = cache.buf.dtype
-    masks = {w: decode_mask(positions, span, w, dtype) for w in set(dec.windows)}  # [B, 1, 1, span]
+    masks = {} if triton_attention else {w: decode_mask(positions, span, w, dtype) for w in set(dec.windows)}
     x = dec.embed(tokens).contiguous()  # [B, H]: the residual stream, updated in place by add_rms_norm
     delta = None  # the previous layer's MLP output, added to x by the next norm
     for i, layer in enumerate(dec.layers):
@@ -198,8 +201,11 @@ def decode_logits_fused(dec: Decoder, cache: KVCache, rope: RopeTable, tokens: t
         qk_norm = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon) if hasattr(attn, "q_norm") else None
         q = rope_store(q.to(dtype), k.to(dtype), v.to(dtype), positions, rope.cos, rope.sin_signed,
                        cache.keys(i), cache.values(i), qk_norm)
-        o = decode_attention(q, cache.keys(i)[:B, :, :span], cache.values(i)[:B, :, :span],
-                             masks[dec.windows[i]], dec.scaling)  # [B, Hq*D]
+        if triton_attention:
+            o = decode_attention_triton(q, cache.keys(i), cache.values(i), positions, dec.scaling, dec.windows[i])
+        else:
+            o = decode_attention(q, cache.keys(i)[:B, :, :span], cache.values(i)[:B, :, :span],
+                                 masks[dec.windows[i]], dec.scaling)  # [B, Hq*D]
         h = add_rms_norm(x, attn.o_proj(o).contiguous(), norm_post.weight, norm_post.variance_epsilon)
         delta = layer.mlp(h).contiguous()
     h = add_rms_norm(x, delta, dec.norm.weight, dec.norm.variance_epsilon)
