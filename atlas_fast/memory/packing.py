@@ -22,6 +22,7 @@ by `completion_mask` like before.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +123,8 @@ def prepare_packing(model: torch.nn.Module, *, varlen: bool | None = None) -> bo
     CPU it then builds its own block-diagonal mask, which the tests use to check the plumbing).
     """
     if not supports_packing(model):
+        warnings.warn(f"padding_free: {type(model).__name__} (attention {attention_implementation(model)!r}) cannot "
+                      "restrict attention to packed sequences; it keeps padded batches", stacklevel=2)
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     impl = attention_implementation(base)
