@@ -49,15 +49,15 @@ def test_rope_store_matches_rope_then_cache_write(qk_norm):
 
     g = torch.Generator().manual_seed(1)
     B, HQ, HKV, D, S = 3, 4, 2, 16, 10
-    q, k, v = (torch.randn(B, h, D, generator=g) for h in (HQ, HKV, HKV))
-    positions = torch.tensor([0, 4, 9])
+    q, k, v = (torch.randn(B, h, D, generator=g).to(DEVICE) for h in (HQ, HKV, HKV))
+    positions = torch.tensor([0, 4, 9]).to(DEVICE)
     freqs = torch.arange(S)[:, None] * (1.0 / 10000 ** (torch.arange(0, D, 2) / D))[None]
     emb = torch.cat([freqs, freqs], -1)
-    rope = RopeTable.build(emb.cos(), emb.sin())
-    kc, vc = torch.zeros(B + 1, HKV, S, D), torch.zeros(B + 1, HKV, S, D)
+    rope = RopeTable.build(emb.cos().to(DEVICE), emb.sin().to(DEVICE))
+    kc, vc = torch.zeros(B + 1, HKV, S, D, device=DEVICE), torch.zeros(B + 1, HKV, S, D, device=DEVICE)
     weights = None
     if qk_norm:
-        qw, kw = torch.rand(D, generator=g) + 0.5, torch.rand(D, generator=g) + 0.5
+        qw, kw = (torch.rand(D, generator=g) + 0.5).to(DEVICE), (torch.rand(D, generator=g) + 0.5).to(DEVICE)
         weights = (qw, kw, 1e-6)
 
         def norm(x, w):
@@ -74,8 +74,8 @@ def test_rope_store_matches_rope_then_cache_write(qk_norm):
     for b, p in enumerate(positions.tolist()):
         torch.testing.assert_close(kc[b, :, p], k_ref[b], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(vc[b, :, p], v[b])
-    written = torch.zeros(B + 1, S, dtype=torch.bool)
-    written[torch.arange(B), positions] = True
+    written = torch.zeros(B + 1, S, dtype=torch.bool, device=DEVICE)
+    written[torch.arange(B, device=DEVICE), positions] = True
     assert (kc.abs().sum((1, 3)) > 0).eq(written).all()  # nothing else was touched
 
 
@@ -87,10 +87,10 @@ def test_add_rms_norm_matches_the_hf_module(with_delta):
 
     g = torch.Generator().manual_seed(2)
     N = 40  # not a power of two
-    norm = Qwen2RMSNorm(N, eps=1e-5)
+    norm = Qwen2RMSNorm(N, eps=1e-5).to(DEVICE)
     with torch.no_grad():
         norm.weight.copy_(torch.rand(N, generator=g) + 0.5)
-    x, delta = torch.randn(5, N, generator=g), torch.randn(5, N, generator=g)
+    x, delta = torch.randn(5, N, generator=g).to(DEVICE), torch.randn(5, N, generator=g).to(DEVICE)
     want_x = x + delta if with_delta else x
     with torch.no_grad():
         want = norm(want_x)
