@@ -130,7 +130,7 @@ def prepare_packing(model: torch.nn.Module, *, varlen: bool | None = None) -> bo
     impl = attention_implementation(base)
     if impl in DENSE_MASK:
         if varlen is None:
-            varlen = _varlen_attn() is not None and torch.cuda.is_available() and not _has_sliding_window(base.config)
+            varlen = torch.cuda.is_available() and not _has_sliding_window(base.config) and _varlen_runs(base)
         if varlen:
             _register_varlen_attention()
             base.set_attn_implementation(VARLEN_ATTENTION)
@@ -149,6 +149,26 @@ def _varlen_attn():
     except ImportError:
         return None
     return varlen_attn
+
+
+def _varlen_runs(model: torch.nn.Module) -> bool:
+    """Whether PyTorch's varlen flash attention runs here (torch >= 2.10, a GPU its kernels support):
+    one tiny call at setup, so that a failure picks the mask path instead of failing mid-training."""
+    if _varlen_attn() is None:
+        return False
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    q = torch.zeros(4, heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, 1, 4], device=device, dtype=torch.int32)
+    try:
+        varlen_attention_forward(torch.nn.Module(), q.transpose(0, 1)[None], q.transpose(0, 1)[None],
+                                 q.transpose(0, 1)[None], None, cu_seq_lens_q=cu, max_length_q=3)
+    except Exception as err:  # an unsupported card or build: the block-mask path is exact, only slower
+        warnings.warn(f"padding_free: torch varlen attention cannot run here ({type(err).__name__}: {err}); "
+                      "using a block-diagonal mask instead", stacklevel=3)
+        return False
+    return True
 
 
 def _register_varlen_attention() -> None:
@@ -206,8 +226,12 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         extra["window_size"] = (-1, 0)
     else:
         extra["is_causal"] = True
+    if scaling is not None and "scale" in options:
+        extra["scale"] = scaling
+    elif scaling is not None and abs(scaling - q.shape[-1] ** -0.5) > 1e-12:
+        raise ValueError(f"this torch's varlen attention takes no scale; the model uses {scaling}")
     max_len = int(max_len)
-    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **extra)
+    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, **extra)
     return out[None], None
 
 
