@@ -3,8 +3,13 @@ REQ_HASH := $(shell cat requirements/base.txt requirements/test.txt | sha256sum 
 VENV ?= $(HOME)/.cache/atlas-fast/venv-$(REQ_HASH)
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -q
+# The vLLM server's own virtualenv (requirements/vllm.txt says why); `make test` hands it to the
+# tests through ATLAS_FAST_VLLM_PYTHON once `make vllm-env` has built it.
+VLLM_HASH := $(shell cat requirements/vllm.txt | sha256sum | cut -c1-16)
+VLLM_VENV ?= $(HOME)/.cache/atlas-fast/vllm-venv-$(VLLM_HASH)
+VLLM_ENV := $(if $(wildcard $(VLLM_VENV)/.complete),ATLAS_FAST_VLLM_PYTHON=$(VLLM_VENV)/bin/python,)
 
-.PHONY: setup demo test bench clean wheels
+.PHONY: setup demo test bench clean wheels vllm-env
 
 $(VENV)/.complete: requirements/base.txt requirements/test.txt
 	rm -rf $(VENV)
@@ -22,7 +27,19 @@ demo: setup
 	$(VENV)/bin/atlas-fast train
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS) tests
+	$(VLLM_ENV) $(PY) -m pytest $(PYTEST_ARGS) tests
+
+$(VLLM_VENV)/.complete: requirements/vllm.txt
+	rm -rf $(VLLM_VENV)
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q -r requirements/vllm.txt
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm"
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.complete
 
 bench: setup
 	$(PY) benchmarks/bench_kernels.py

@@ -39,6 +39,10 @@ setup(
     extras_require={
         "test": requirements("test.txt"),
         "bench": ["pytest-benchmark==5.3.1", "trl==1.16.0", "liger-kernel==0.8.5"],
+        # The colocated `vllm` backend and NCCL weight pushes import vLLM in the trainer. vLLM pins
+        # its own torch and transformers (0.32: transformers < 5.20); README "vLLM" says where this
+        # resolves and why the server is run from a virtualenv of its own instead.
+        "vllm": ["vllm>=0.32.0"],
     },
     entry_points={"console_scripts": ["atlas-fast=atlas_fast.cli:main"]},
 )
