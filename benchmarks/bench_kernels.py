@@ -5,7 +5,15 @@ Cases (bf16 logits, N = B*T tokens, both vocabularies):
   * selective log-prob, forward (no grad) and forward+backward;
   * GRPO loss straight from the logits, forward+backward (beta=0.04, old and ref log-probs,
     random advantages, right-padded mask);
+  * GRPO loss through a real Qwen2 LM head, as the trainer runs it: the head (hidden 896,
+    V=151936, Qwen2.5-0.5B's width) turns hidden states [B, C+1, H] into logits [B, C+1, V], a
+    non-leaf passed to the loss unsliced, and backward goes through the head into the hidden
+    states and the weight; next to the old sliced path and Liger on the same unsliced logits;
   * GRPO loss on token log-probs [B, T] and group advantages, small O(B*T) tensors.
+
+Launch-bound cases (whose byte floor is under LAUNCH_BOUND_MS) are timed REPEATS times over and
+report min / median / max of those medians: a single figure there says more about the host's
+launch latency at that moment than about the kernel, and did not reproduce run to run.
 
 Rows: ours, the eager reference (`atlas_kernels.reference`), `torch.compile` of that reference,
 TRL 1.16 and Liger-Kernel 0.8.5 where they implement the same function. A peer that is missing or
@@ -64,6 +72,11 @@ MAX_PAD = 0.25
 OLD_NOISE, REF_NOISE = 0.15, 0.1
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any current L2 (H100 50 MB, H200 60 MB)
 COPY_BYTES = 2**30  # copy-bandwidth probe: 1 GiB source, 1 GiB destination
+# Below this byte floor a case is launch-bound: two runs of the 0.0067 ms group_advantages or the
+# 0.39 ms fused loss at V=32000 differed by up to 2x with the host's load. Those cases are timed
+# REPEATS times and reported as a range.
+LAUNCH_BOUND_MS = 0.5
+REPEATS = 5
 
 
 @dataclass(frozen=True)
@@ -75,11 +88,14 @@ class Shapes:
     tok_seq: int  # T for the token-level loss
     adv_batch: int  # number of rewards
     group: int  # G
+    head_hidden: int = 896  # the LM-head case: Qwen2.5-0.5B's hidden size ...
+    head_vocab: int = 151936  # ... and vocabulary
 
 
 FULL = Shapes(batch=8, seq=1024, vocabs=(151936, 32000), tok_batch=1024, tok_seq=4096, adv_batch=1024, group=8)
 QUICK = Shapes(batch=2, seq=256, vocabs=(151936, 32000), tok_batch=64, tok_seq=512, adv_batch=1024, group=8)
-CPU_SMOKE = Shapes(batch=2, seq=8, vocabs=(1000, 96), tok_batch=4, tok_seq=16, adv_batch=32, group=8)
+CPU_SMOKE = Shapes(batch=2, seq=8, vocabs=(1000, 96), tok_batch=4, tok_seq=16, adv_batch=32, group=8,
+                   head_hidden=64, head_vocab=1000)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,6 +258,24 @@ class Timing:
     median_ms: float
     spread: float  # (p80 - p20) / median: differences smaller than this are noise
     reps: int
+    repeats: list[float] = field(default_factory=list)  # medians of independent repeats, when repeated
+
+    @property
+    def low(self) -> float:
+        return min(self.repeats) if self.repeats else self.median_ms
+
+    @property
+    def high(self) -> float:
+        return max(self.repeats) if self.repeats else self.median_ms
+
+
+def repeated(time_once: Callable[[], Timing], repeats: int) -> Timing:
+    """Time `repeats` times; the median of the medians, their range, the widest within-repeat spread."""
+    if repeats <= 1:
+        return time_once()
+    runs = [time_once() for _ in range(repeats)]
+    medians = [r.median_ms for r in runs]
+    return Timing(statistics.median(medians), max(r.spread for r in runs), sum(r.reps for r in runs), medians)
 
 
 class Device:
@@ -332,6 +366,7 @@ class Impl:
     restore: Callable[[], None] | None = None  # untimed before every call: fresh logits
     role: str = ""  # "ours" / "ref": the rows every other row is checked against
     na: str = ""
+    compare: bool = True  # False for a row that computes something else (a cost breakdown)
 
 
 @dataclass
@@ -343,17 +378,18 @@ class Case:
     impls: list[Impl]
     restore_ms: float | None = None  # cost of the fresh-logits copy, paid by in-place rows
     notes: list[str] = field(default_factory=list)
+    repeats: int = 1  # set for launch-bound cases (see LAUNCH_BOUND_MS)
 
 
-def make_impl(key: str, name: str, build: Callable[[], tuple], role: str = "") -> Impl:
+def make_impl(key: str, name: str, build: Callable[[], tuple], role: str = "", compare: bool = True) -> Impl:
     """build() -> (fn, restore); an Unavailable or any other error becomes an n/a row."""
     try:
         fn, restore = build()
-        return Impl(key, name, fn, restore, role)
+        return Impl(key, name, fn, restore, role, compare=compare)
     except Unavailable as exc:
-        return Impl(key, name, role=role, na=f"n/a ({exc})")
+        return Impl(key, name, role=role, na=f"n/a ({exc})", compare=compare)
     except Exception as exc:  # noqa: BLE001
-        return Impl(key, name, role=role, na=f"n/a ({_short(exc)})")
+        return Impl(key, name, role=role, na=f"n/a ({_short(exc)})", compare=compare)
 
 
 class LogitsInputs:
@@ -573,6 +609,113 @@ def loss_from_logits_case(x: LogitsInputs, peers: Peers) -> Case:
         bytes_moved=2 * fwd_read + N * V * 2 + N * (8 + 4 + 4 + 1),
         bytes_note="read unmasked logits forward and backward + write d(logits) for every token",
         impls=impls,
+        notes=["The logits here are an autograd leaf (a strided view of a [B, T+1, V] buffer), the kernel "
+               "measured alone. The trainer's path, through a model head, is the LM-head case."],
+    )
+
+
+class HeadInputs:
+    """A real Qwen2 LM head and what the trainer feeds it, for the loss measured as it runs there.
+
+    The head is `Qwen2ForCausalLM(...).lm_head` at the given width (tied to the input embedding,
+    as in Qwen2.5-0.5B), bf16. `hidden` [B, C+1, H] stands in for the decoder's final hidden
+    states: a leaf, so backward ends at it. Each call runs the head forward, so the logits
+    [B, C+1, V] are a fresh non-leaf every time, exactly what `completion_logits` returns.
+    """
+
+    def __init__(self, B: int, C: int, H: int, V: int, device: str, ref: Any, seed: int):
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        gen = torch.Generator(device=device).manual_seed(seed)
+        cfg = Qwen2Config(vocab_size=V, hidden_size=H, intermediate_size=2 * H, num_hidden_layers=1,
+                          num_attention_heads=max(1, H // 64), num_key_value_heads=1, tie_word_embeddings=True)
+        torch.manual_seed(seed)
+        with torch.device(device):
+            self.head = Qwen2ForCausalLM(cfg).to(torch.bfloat16).lm_head  # the rest of the model is dropped
+        self.B, self.C, self.H, self.V = B, C, H, V
+        # Unit-variance hidden states make logits of std ~0.6 at init: spread them to a trained
+        # model's few units so the softmax is not flat.
+        self.hidden = (4 * torch.randn((B, C + 1, H), generator=gen, device=device)).to(torch.bfloat16)
+        self.hidden.requires_grad_()
+        self.index = torch.randint(0, V, (B, C), generator=gen, device=device)
+        with torch.no_grad():
+            logits = self.head(self.hidden)
+            logp = torch.stack([ref.selective_logprobs(logits[b, :-1], self.index[b]) for b in range(B)])
+            del logits
+        self.old = (logp + OLD_NOISE * torch.randn(logp.shape, generator=gen, device=device)).contiguous()
+        self.ref_logps = (logp + REF_NOISE * torch.randn(logp.shape, generator=gen, device=device)).contiguous()
+        self.adv = torch.randn((B,), generator=gen, device=device)
+        lengths = torch.randint(int((1 - MAX_PAD) * C), C + 1, (B,), generator=gen, device=device)
+        self.mask = torch.arange(C, device=device)[None, :] < lengths[:, None]
+        self.valid = int(self.mask.sum())
+        self.params = (self.hidden, self.head.weight)
+
+    @property
+    def logits_bytes(self) -> int:
+        return self.B * (self.C + 1) * self.V * 2
+
+
+def head_loss_case(h: HeadInputs, peers: Peers) -> Case:
+    """Forward through the head, the fused loss, backward into the hidden states and the weight."""
+    index, old, ref, adv, mask = h.index, h.old, h.ref_logps, h.adv, h.mask
+
+    def through_head(loss_of):
+        def fn():
+            logits = h.head(h.hidden)  # [B, C+1, V], a non-leaf: what the trainer passes
+            loss = loss_of(logits)
+            d_hidden, _d_weight = torch.autograd.grad(loss, h.params)
+            return loss.detach(), d_hidden
+        return fn, None
+
+    def ours(sliced):
+        def build():
+            f = peers.our("grpo_loss_from_logits")
+            cut = (lambda t: t[:, :-1]) if sliced else (lambda t: t)
+            return through_head(lambda t: f(cut(t), index, old, ref, adv, mask, temperature=TEMPERATURE,
+                                            validate=False, **LOSS_OPTIONS)[0])
+        return build
+
+    def eager():
+        f = peers.reference("grpo_loss_from_logits")
+        return through_head(lambda t: f(t, index, old, ref, adv, mask, temperature=TEMPERATURE, **LOSS_OPTIONS)[0])
+
+    def liger():
+        f = peers.liger("loss")
+        return through_head(lambda t: f(t, old, ref, index, adv, mask, temperature=TEMPERATURE, beta=LOSS_OPTIONS["beta"],
+                                        eps_low=LOSS_OPTIONS["epsilon_low"], eps_high=LOSS_OPTIONS["epsilon_high"],
+                                        inplace=True, loss_type=LOSS_OPTIONS["loss_type"], reduce=True)[0])
+
+    def head_alone():
+        # The matmuls the loss rides on: head forward, then backward of a fixed d(logits) (an
+        # input, outside the peak). The loss's own cost is the other rows minus this one.
+        g = torch.zeros((h.B, h.C + 1, h.V), device=h.hidden.device, dtype=torch.bfloat16)
+
+        def fn():
+            logits = h.head(h.hidden)
+            torch.autograd.grad(logits, h.params, grad_outputs=g)
+            return torch.zeros((), device=h.hidden.device), None
+        return fn, None
+
+    impls = [
+        make_impl("ours", "ours, unshifted head output (the trainer's path)", ours(False), "ours"),
+        make_impl("ours_sliced", "ours, head output sliced [:, :-1] (the previous trainer path)", ours(True)),
+        make_impl("liger", "Liger triton_grpo_loss, inplace=True, same unshifted logits", liger),
+        make_impl("eager", "eager reference, unshifted", eager, "ref"),
+        make_impl("head", "head alone: forward + backward of a fixed d(logits)", head_alone, compare=False),
+    ]
+    N, V = h.B * h.C, h.V
+    fwd_read = h.valid * V * 2
+    return Case(
+        title=f"GRPO loss through a Qwen2 LM head, forward+backward, V={V}",
+        shape=(f"hidden [{h.B}, {h.C + 1}, {h.H}] bf16 -> Qwen2 lm_head (tied, bf16) -> logits [{h.B}, {h.C + 1}, {V}] "
+               f"({_fmt_bytes(h.logits_bytes)}, a non-leaf) -> loss; backward into hidden and lm_head.weight; "
+               f"{h.valid}/{N} tokens unmasked, beta={LOSS_OPTIONS['beta']}, loss_type={LOSS_OPTIONS['loss_type']}"),
+        bytes_moved=2 * fwd_read + N * V * 2 + N * (8 + 4 + 4 + 1),
+        bytes_note="the loss's logits traffic only; the head's matmuls come on top, see 'head alone'",
+        impls=impls,
+        notes=[f"'peak extra' includes the logits the head allocates ({_fmt_bytes(h.logits_bytes)}) and "
+               f"d(weight) ({_fmt_bytes(h.V * h.H * 2)}): a loss that adds nothing beyond them peaks near "
+               f"'head alone'. 'vs ours' compares the loss and d(hidden)."],
     )
 
 
@@ -788,8 +931,8 @@ def run_case(case: Case, dev: Device, is_logp: bool) -> list[Row]:
             row.sane = _sanity(res, is_logp)
             if impl.role:
                 results[impl.role] = res
-            row.vs_ours = _compare(res, results.get("ours")) if impl.role != "ours" else ""
-            row.vs_ref = _compare(res, results.get("ref")) if impl.role != "ref" else ""
+            row.vs_ours = _compare(res, results.get("ours")) if impl.role != "ours" and impl.compare else ""
+            row.vs_ref = _compare(res, results.get("ref")) if impl.role != "ref" and impl.compare else ""
             if impl.role == "ref" and "ours" in results:
                 # The reference ran after ours: fill in ours-vs-reference now.
                 rows[order[0]].vs_ref = _compare(results["ours"], res)
@@ -809,9 +952,11 @@ def run_case(case: Case, dev: Device, is_logp: bool) -> list[Row]:
             print(f"   {impl.name:58s} {row.note}", flush=True)
             continue
         try:
-            row.timing = dev.time(impl.fn, impl.restore)
+            row.timing = repeated(lambda: dev.time(impl.fn, impl.restore), case.repeats)
             row.peak = dev.peak_extra(impl.fn, impl.restore)
-            print(f"   {impl.name:58s} {row.timing.median_ms:9.4f} ms  ±{100 * row.timing.spread:4.1f}%", flush=True)
+            extra = f"  (min {row.timing.low:.4f}, max {row.timing.high:.4f} over {case.repeats} repeats)" \
+                if case.repeats > 1 else ""
+            print(f"   {impl.name:58s} {row.timing.median_ms:9.4f} ms  ±{100 * row.timing.spread:4.1f}%{extra}", flush=True)
         except Exception as exc:  # noqa: BLE001
             row.timing, row.note = None, f"error: {_short(exc)}"
             _log_exception(impl.name, exc)
@@ -850,6 +995,8 @@ def case_table(case: Case, rows: list[Row], copy_bw: float) -> str:
     ours_ms = ours.timing.median_ms if ours and ours.timing else None
     head = ["impl", "ms", "±", "+ restore ms", "TB/s", "% copy BW", "floor ms", "time / ours",
             "peak extra", "vs ours", "vs eager ref", "sane"]
+    if case.repeats > 1:
+        head.insert(2, f"min-max of {case.repeats} repeats")
     lines = [
         f"### {case.title}",
         "",
@@ -858,6 +1005,15 @@ def case_table(case: Case, rows: list[Row], copy_bw: float) -> str:
         + (f" Fresh-logits copy (untimed, per call of in-place rows): {_fmt_ms(case.restore_ms)} ms."
            if case.restore_ms is not None else ""),
         "",
+    ]
+    if case.repeats > 1:
+        lines += [
+            f"Launch-bound (floor under {LAUNCH_BOUND_MS} ms): each row was timed {case.repeats} times; 'ms' is "
+            "the median of those medians, and 'time / ours' gives the ratio of medians with, in brackets, the "
+            "range that the repeats allow. Other hosts and runs can fall outside it.",
+            "",
+        ]
+    lines += [
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
@@ -867,15 +1023,21 @@ def case_table(case: Case, rows: list[Row], copy_bw: float) -> str:
             continue
         ms = r.timing.median_ms
         tbs = case.bytes_moved / (ms * 1e-3) / 1e12
+        ratio = "-"
+        if ours_ms:
+            ratio = f"{ms / ours_ms:.2f}x"
+            if case.repeats > 1 and r is not ours:
+                ratio += f" ({r.timing.low / ours.timing.high:.2f}-{r.timing.high / ours.timing.low:.2f}x)"
         cells = [
             r.name,
             _fmt_ms(ms),
+            *([f"{_fmt_ms(r.timing.low)}-{_fmt_ms(r.timing.high)}"] if case.repeats > 1 else []),
             f"{100 * r.timing.spread:.1f}%",
             _fmt_ms(ms + case.restore_ms) if r.inplace and case.restore_ms is not None else "-",
             f"{tbs:.3f}",
             f"{100 * case.bytes_moved / (ms * 1e-3) / copy_bw:.1f}%",
             _fmt_ms(floor_ms),
-            f"{ms / ours_ms:.2f}x" if ours_ms else "-",
+            ratio,
             _fmt_bytes(r.peak),
             r.vs_ours or ("(this is ours)" if r is ours else "-"),
             r.vs_ref or "-",
@@ -930,7 +1092,8 @@ def header(dev: Device, shapes: Shapes, mode: str, copy: tuple[float, Timing, in
         f"triton {triton.__version__}, trl {_version('trl')}, liger-kernel {_version('liger-kernel')}",
         f"- commit: {_git_commit()}; kernels/*.py sha256 {_kernels_digest()}",
         f"- shapes: logits B={shapes.batch}, T={shapes.seq}, V in {list(shapes.vocabs)}, bf16; token loss "
-        f"[{shapes.tok_batch}, {shapes.tok_seq}]; advantages B={shapes.adv_batch}, G={shapes.group}",
+        f"[{shapes.tok_batch}, {shapes.tok_seq}]; advantages B={shapes.adv_batch}, G={shapes.group}; "
+        f"LM head H={shapes.head_hidden}, V={shapes.head_vocab}",
         f"- copy bandwidth (device-to-device, {copy_bytes / 2**20:.0f} MiB, read + write counted): "
         f"{copy_bw / 1e12:.3f} TB/s ({copy_t.median_ms:.3f} ms, ±{100 * copy_t.spread:.1f}%)",
         "- method: median of CUDA-event timings per call after warm-up, L2 flushed (256 MiB write) "
@@ -938,7 +1101,8 @@ def header(dev: Device, shapes: Shapes, mode: str, copy: tuple[float, Timing, in
         "region ('+ restore ms' adds it back). 'peak extra' = max_memory_allocated during one call minus "
         "memory allocated before it. 'vs ours' / 'vs eager ref': 'out Δmax' = largest absolute difference "
         "of the output (log-probs or loss), 'grad rel' = ||Δgrad|| / ||grad|| of d(logits) or d(logp), "
-        "computed in float64. 'time / ours' > 1 means ours is faster.",
+        "computed in float64. 'time / ours' > 1 means ours is faster. Launch-bound cases (byte floor under "
+        f"{LAUNCH_BOUND_MS} ms) are timed several times over and report the range.",
     ]
     for note in peers.notes:
         lines.append(f"- note: {note}")
@@ -967,7 +1131,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="small shapes: a smoke test of the GPU path")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown file to update (default: %(default)s)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (saves compile time)")
-    ap.add_argument("--only", default="", help="comma list of case groups: select,loss,token,adv (default all)")
+    ap.add_argument("--only", default="", help="comma list of case groups: select,loss,head,token,adv (default all)")
+    ap.add_argument("--repeats", type=int, default=REPEATS,
+                    help="timings per row of a launch-bound case, reported as a range (default %(default)s)")
     ap.add_argument("--budget-ms", type=float, default=None, help="timed milliseconds per row (default 300, quick 60)")
     ap.add_argument("--peers", action="store_true", help="print which implementations import, then exit")
     ap.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
@@ -1000,7 +1166,7 @@ def main(argv=None) -> int:
     budget = args.budget_ms or (60.0 if args.quick or args.cpu_smoke else 300.0)
     dev = Device(kind, budget_ms=budget, max_reps=10 if args.cpu_smoke else 200)
     use_compile = not args.no_compile and not args.cpu_smoke
-    groups = set(filter(None, args.only.split(","))) or {"select", "loss", "token", "adv"}
+    groups = set(filter(None, args.only.split(","))) or {"select", "loss", "head", "token", "adv"}
     _raise_recompile_limits()
     print_peers(peers)
     t_start = time.perf_counter()
@@ -1015,6 +1181,8 @@ def main(argv=None) -> int:
         try:
             case = case_factory()
             case.restore_ms = restore_ms
+            if case.bytes_moved / copy_bw * 1e3 < LAUNCH_BOUND_MS:
+                case.repeats = max(1, args.repeats)
             rows = run_case(case, dev, is_logp)
             tables.append(case_table(case, rows, copy_bw))
         except Exception as exc:  # noqa: BLE001 - report and move on to the next case
@@ -1040,6 +1208,17 @@ def main(argv=None) -> int:
                 run(lambda: loss_from_logits_case(x, peers), False, restore_ms)
             del x
             dev.free()
+    if "head" in groups:
+        try:
+            if peers.ref is None:
+                raise Unavailable(f"the inputs need atlas_kernels.reference: {peers.ref_reason}")
+            h = HeadInputs(shapes.batch, shapes.seq, shapes.head_hidden, shapes.head_vocab, kind, peers.ref, seed=1500)
+            run(lambda: head_loss_case(h, peers), False)
+            del h
+        except Exception as exc:  # noqa: BLE001
+            _log_exception("head inputs", exc)
+            tables.append(f"### LM head case: inputs could not be built\n\nerror: {_short(exc)}\n")
+        dev.free()
     if "token" in groups:
         t = TokenInputs(shapes.tok_batch, shapes.tok_seq, kind, seed=2000)
         run(lambda: token_loss_case(t, peers, use_compile, backward=False), False)

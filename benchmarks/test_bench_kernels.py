@@ -40,6 +40,16 @@ def logits_inputs(request, peers):
 
 
 @pytest.fixture(scope="module")
+def head_inputs(peers):
+    if peers.ref is None:
+        pytest.skip(peers.ref_reason)
+    h = bk.HeadInputs(B, T, 896, 151936, "cuda", peers.ref, seed=10)  # Qwen2.5-0.5B's head width
+    yield h
+    del h
+    torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="module")
 def token_inputs():
     return bk.TokenInputs(TOK_B, TOK_T, "cuda", seed=8)
 
@@ -87,6 +97,12 @@ def test_selective_fwd_bwd(benchmark, logits_inputs, peers, key):
 def test_grpo_loss_from_logits(benchmark, logits_inputs, peers, key):
     benchmark.group = f"grpo loss from logits fwd+bwd V={logits_inputs.V}"
     _run(benchmark, bk.loss_from_logits_case(logits_inputs, peers), key)
+
+
+@pytest.mark.parametrize("key", ["ours", "ours_sliced", "liger", "eager", "head"])
+def test_grpo_loss_through_lm_head(benchmark, head_inputs, peers, key):
+    benchmark.group = "grpo loss through a Qwen2 lm_head, fwd+bwd"
+    _run(benchmark, bk.head_loss_case(head_inputs, peers), key)
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
