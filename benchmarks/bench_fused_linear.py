@@ -7,8 +7,9 @@ scaled by 3 / sqrt(H)), so softmax mass sits on a few hundred tokens as in a tra
 
 Rows:
   ours   fused_linear_grpo_loss (beta 0.04, old and reference log-probs, token-level IS) with
-         the default plan, with the one-pass schedule (whole vocabulary per chunk: all N tokens,
-         or chunks of 2048 tokens with an fp32 d(weight) buffer), with GSPO, and
+         the default plan (64 MiB of logits, two sweeps), with a 1 GiB workspace (15 of 38 tiles
+         kept between the sweeps), with the one-pass schedule (whole vocabulary per chunk: all N
+         tokens, or chunks of 2048 tokens with an fp32 d(weight) buffer), with GSPO, and
          fused_linear_logprobs (loss = -mean log-prob; its backward recomputes the logits);
   plain  bf16 logits (hidden @ weight.T) then fp32 cross-entropy / bf16 cross-entropy / our
          grpo_loss_from_logits (the trainer's logits path);
@@ -203,6 +204,7 @@ def liger_row():
 
 ROWS: list[tuple[str, Callable[[], Callable]]] = [
     ("ours: fused_linear_grpo_loss (default plan)", lambda: ours_grpo()),
+    ("ours: fused_linear_grpo_loss, 1 GiB workspace (15 tiles kept)", lambda: ours_grpo(workspace_bytes=2**30)),
     ("ours: fused_linear_grpo_loss, one pass, all N tokens", lambda: ours_grpo(vocab_tile=VOCAB, chunk_tokens=1 << 30)),
     ("ours: fused_linear_grpo_loss, one pass, chunks of 2048", lambda: ours_grpo(vocab_tile=VOCAB, chunk_tokens=2048)),
     ("ours: fused_linear_grpo_loss, GSPO (sequence IS)", lambda: ours_grpo(importance_sampling_level="sequence")),
@@ -216,7 +218,7 @@ ROWS: list[tuple[str, Callable[[], Callable]]] = [
 ]
 OURS = ROWS[0][0]
 PLAIN_BF16 = "plain: bf16 logits + bf16 CE"
-CCE, TRL, LIGER = ROWS[8][0], ROWS[9][0], ROWS[10][0]
+CCE, TRL, LIGER = ROWS[9][0], ROWS[10][0], ROWS[11][0]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,18 +6,20 @@ log-sum-exp (plus the target's logit and the entropy's sum), another turns a til
 d(logits) in place. The three GEMMs (logits, d(hidden), d(weight)) cost 6*N*H*V FLOPs; the
 element-wise sweeps over a tile are memory-bound and small next to them.
 
-Two schedules, picked per call by `_plan` from a workspace budget:
-- one pass (the tile spans the whole vocabulary): a chunk's d(logits) follows its log-sum-exp
-  directly, so the GRPO loss (token-level importance sampling) feeds both gradient GEMMs during
-  the forward and nothing is recomputed: 6NHV. A chunk's logits are n*V*2 bytes, so this only
-  fits when few tokens are in flight (or the budget is raised).
-- two passes (vocabulary tiles): the first sweep over the tiles gives each token's
-  log-sum-exp, the second recomputes each tile and turns it into d(logits): 8NHV, but the only
-  buffer is one tile. All tokens share one chunk when they fit, so each d(weight) tile is one
-  GEMM with K = N written straight into the gradient (no [V, H] accumulator, no rounding of
-  partial sums); d(hidden) is summed over tiles in an fp32 [N, H] buffer.
-Sequence-level importance sampling (GSPO) always takes two passes: a token's gradient needs its
-sequence's mean log-ratio.
+Each chunk takes two sweeps over its vocabulary tiles: the first folds them into every token's
+log-sum-exp, the second turns each tile into d(logits) and feeds the two gradient GEMMs. A tile
+the first sweep kept in the workspace is reused; any other is recomputed (2 * chunk * tile * H
+FLOPs more). `make_plan` buys kept tiles with the workspace budget:
+- default, 64 MiB: one tile (8192 tokens x 4096 columns), nothing kept: 8NHV, and the only
+  buffers beyond the gradients are that tile and an fp32 [N, H] d(hidden) sum. All tokens share
+  one chunk when they fit, so each d(weight) tile is one GEMM with K = N written straight into
+  the gradient: no [V, H] accumulator, no rounding of partial sums.
+- a budget that holds a chunk's whole vocabulary keeps every tile: one pass, 6NHV, nothing
+  recomputed (with several chunks, d(weight) then adds up in an fp32 [V, H] buffer).
+For the GRPO loss with token-level importance sampling a chunk's d(logp) is known as soon as its
+log-sum-exp is, so its second sweep follows its first directly. Sequence-level importance
+sampling (GSPO) needs every sequence's mean log-ratio first: the second sweep waits for all
+chunks (kept tiles help only when there is one chunk).
 
 `fused_linear_grpo_loss` computes its gradients during the forward (the loss's d(logp) is
 known once a token's log-sum-exp is, for a unit upstream gradient) and stores d(hidden),
@@ -27,6 +29,7 @@ it keeps the log-sum-exp and recomputes the tiles in the backward, as any chunke
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -40,10 +43,12 @@ from ._validation import check_linear_inputs, check_loss_inputs, loss_config
 from .grpo import LOSS, N_OUT, NORM, ROW, _LossLaunch, _LossTensors, _mask_view, _row_scale, _stats, _surrogate
 from .reference import masked_mean
 
-# Bytes of logits (one tile) in flight. 64 MiB is 8192 tokens x 4096 columns in bf16: cuBLAS
-# runs such GEMMs at full rate (K = H >= 896), and the tile stays well under the d(weight)
-# gradient (272 MiB at H = 896, V = 151936), which every fused head must allocate anyway.
-WORKSPACE_BYTES = 64 * 2**20
+# Bytes of one tile of logits. 64 MiB is 8192 tokens x 4096 columns in bf16: cuBLAS runs such
+# GEMMs at full rate (K = H >= 896), and the tile stays well under the d(weight) gradient
+# (272 MiB at H = 896, V = 151936), which every fused head must allocate anyway.
+TILE_BYTES = 64 * 2**20
+# Default bytes of logits in flight: one tile, so nothing is kept between the two sweeps.
+WORKSPACE_BYTES = TILE_BYTES
 # Fewer columns per tile than this and the GEMM launches (four per tile) start to show.
 MIN_TILE = 1024
 # Tokens per chunk in the two-pass schedule: one chunk keeps d(weight) exact without an fp32
@@ -161,35 +166,71 @@ def _block(n_cols: int, block: int) -> int:
 
 @dataclass(frozen=True)
 class Plan:
-    """How a call is cut: `chunk` tokens at a time, `tile` vocabulary columns per GEMM."""
+    """How a call is cut: `chunk` tokens at a time, `tile` vocabulary columns per GEMM, and how
+    many of a chunk's tiles the log-sum-exp sweep `keep`s for the gradient sweep (not recomputed)."""
 
     chunk: int
     tile: int
     vocab: int
+    keep: int = 0
+
+    @property
+    def n_tiles(self) -> int:
+        return -(-self.vocab // self.tile)
 
     @property
     def one_pass(self) -> bool:
-        return self.tile >= self.vocab
+        """Every tile of a chunk stays in memory: the gradient GEMMs reuse them all."""
+        return self.keep >= self.n_tiles
+
+    @property
+    def slots(self) -> int:
+        """Tile buffers: the kept ones plus one for the rest, or all of them."""
+        return self.n_tiles if self.one_pass else self.keep + 1
 
 
 def make_plan(n_tokens: int, vocab: int, elem_bytes: int, *, chunk_tokens: int | None = None,
               vocab_tile: int | None = None, workspace_bytes: int | None = None) -> Plan:
-    """Tokens per chunk and columns per tile for `n_tokens` rows; explicit sizes win."""
+    """Tokens per chunk, columns per tile and tiles kept, for `n_tokens` rows; explicit sizes win.
+
+    The workspace budget buys tiles: one for the sweeps, each further one keeps a tile of the
+    log-sum-exp sweep for the gradient sweep and saves its recompute (2 * chunk * tile * H FLOPs).
+    """
     budget = WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
     n = max(1, n_tokens)
     if chunk_tokens is None:
-        # The whole vocabulary for every token fits: one chunk, one tile, one pass.
         if vocab_tile is None and n * vocab * elem_bytes <= budget:
-            return Plan(n, vocab, vocab)
+            return Plan(n, vocab, vocab, keep=1)  # everything fits: one chunk, one tile, one pass
         chunk_tokens = min(n, MAX_CHUNK_TOKENS)
         if vocab_tile is not None and vocab_tile >= vocab:
             chunk_tokens = max(1, min(n, budget // (vocab * elem_bytes)))
     if vocab_tile is None:
-        cols = budget // (chunk_tokens * elem_bytes)
+        cols = TILE_BYTES // (chunk_tokens * elem_bytes)
         vocab_tile = max(MIN_TILE, cols // 256 * 256)
     if chunk_tokens < 1 or vocab_tile < 1:
         raise ValueError(f"chunk_tokens and vocab_tile must be positive, got {chunk_tokens} and {vocab_tile}")
-    return Plan(min(chunk_tokens, n), min(vocab_tile, vocab), vocab)
+    chunk, tile = min(chunk_tokens, n), min(vocab_tile, vocab)
+    plan = Plan(chunk, tile, vocab)
+    slots = max(1, budget // (chunk * tile * elem_bytes))
+    return Plan(chunk, tile, vocab, keep=plan.n_tiles if slots >= plan.n_tiles else slots - 1)
+
+
+class _Workspace:
+    """The tile buffers of one call, in one allocation: tile i of a chunk lives in slot i while
+    i < plan.keep, every other tile in the last slot."""
+
+    def __init__(self, plan: Plan, dtype, device):
+        self.plan = plan
+        self.size = plan.chunk * plan.tile
+        self.flat = torch.empty(plan.slots * self.size, device=device, dtype=dtype)
+
+    def kept(self, i: int) -> bool:
+        return i < self.plan.keep
+
+    def tile(self, i: int, rows: int, cols: int) -> torch.Tensor:
+        slot = i if self.kept(i) else self.plan.slots - 1
+        # A contiguous [rows, cols] block at the slot's start, as cuBLAS wants for out=.
+        return self.flat[slot * self.size: slot * self.size + rows * cols].view(rows, cols)
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
@@ -221,8 +262,7 @@ class _Head:
     def w(self, v0: int, v1: int) -> torch.Tensor:
         return self.weight[v0:v1].to(self.dtype)  # a view unless autocast asks for a cast
 
-    def logits(self, h: torch.Tensor, v0: int, v1: int, buf: torch.Tensor) -> torch.Tensor:
-        out = buf[: h.shape[0] * (v1 - v0)].view(h.shape[0], v1 - v0)  # contiguous, for cuBLAS out=
+    def logits(self, h: torch.Tensor, v0: int, v1: int, out: torch.Tensor) -> torch.Tensor:
         if self.bias is None:
             torch.mm(h, self.w(v0, v1).t(), out=out)
         else:
@@ -314,7 +354,7 @@ class _Grads:
             self.w = torch.empty(weight.shape, device=dev, dtype=torch.float32 if multi_chunk else weight.dtype)
         self.b = torch.zeros(bias.shape, device=dev, dtype=torch.float32) if need_b else None
 
-    def add_tile(self, head: _Head, tokens: _Tokens, h, tile, v0, v1, first_chunk, h_acc):
+    def add_tile(self, head: _Head, h, tile, v0, v1, first_chunk, h_acc):
         if self.b is not None:
             self.b[v0:v1] += tile.sum(0, dtype=torch.float32)
         if self.w is not None:
@@ -336,54 +376,58 @@ class _Grads:
         return out
 
 
-def _lse_sweep(head: _Head, tokens: _Tokens, index_flat, plan, with_entropy, buf, on_chunk=None):
-    """First pass: log-probs, log-sum-exp and entropy of every token (flat [n] fp32)."""
+def _fold_chunk(head: _Head, h, idx, plan: Plan, ws: _Workspace, with_entropy):
+    """First sweep over one chunk's tiles: (log-probs, log-sum-exp, entropy-or-None), flat fp32."""
+    n = h.shape[0]
+    state = tuple(torch.empty(n, device=h.device, dtype=torch.float32) for _ in range(4))
+    for i, (v0, v1) in enumerate(head.tiles(plan)):
+        tile = head.logits(h, v0, v1, ws.tile(i, n, v1 - v0))
+        head.fold(tile, v0, idx, state, i == 0, with_entropy)
+    return _finish(state, with_entropy)
+
+
+def _lse_sweep(head, tokens: _Tokens, index_flat, plan, ws, with_entropy, after_chunk=None):
+    """Log-probs, log-sum-exp and entropy of every token (flat [n] fp32); `after_chunk` runs while
+    the chunk's kept tiles are still in the workspace."""
     dev = index_flat.device
-    n = tokens.n
-    logp = torch.empty(n, device=dev, dtype=torch.float32)
+    logp = torch.empty(tokens.n, device=dev, dtype=torch.float32)
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp) if with_entropy else None
     for a, b in tokens.chunks(plan):
         h = tokens.hidden(a, b, head.dtype)
         idx = index_flat[a:b]
-        state = tuple(torch.empty(b - a, device=dev, dtype=torch.float32) for _ in range(4))
-        tile = None
-        for v0, v1 in head.tiles(plan):
-            tile = head.logits(h, v0, v1, buf)
-            head.fold(tile, v0, idx, state, v0 == 0, with_entropy)
-        lp_c, lse_c, ent_c = _finish(state, with_entropy)
+        lp_c, lse_c, ent_c = _fold_chunk(head, h, idx, plan, ws, with_entropy)
         logp[a:b], lse[a:b] = lp_c, lse_c
         if with_entropy:
             ent[a:b] = ent_c
-        if on_chunk is not None:  # one pass: the chunk's only tile is still in `tile`
-            on_chunk(a, b, h, idx, tile, lp_c, lse_c)
+        if after_chunk is not None:
+            after_chunk(a, b, h, idx, lp_c, lse_c)
     return logp, lse, ent
 
 
-def _grad_sweep(head, tokens, index_flat, plan, lse, ent, g, gh, grads: _Grads, buf):
-    """Second pass: recompute each tile, turn it into d(logits), feed the gradient GEMMs."""
+def _grad_sweep(head, tokens, index_flat, plan, ws, lse, ent, g, gh, grads: _Grads, reuse: bool):
+    """Second sweep: each tile (kept, or recomputed) becomes d(logits) and feeds the gradient GEMMs."""
     for a, b in tokens.chunks(plan):
         h = tokens.hidden(a, b, head.dtype)
-        _grad_chunk(head, tokens, grads, plan, a, b, h, index_flat[a:b], lse[a:b],
-                    None if ent is None else ent[a:b], g[a:b], None if gh is None else gh[a:b], buf)
+        _grad_chunk(head, tokens, grads, plan, ws, a, b, h, index_flat[a:b], lse[a:b],
+                    None if ent is None else ent[a:b], g[a:b], None if gh is None else gh[a:b], reuse)
 
 
-def _grad_chunk(head, tokens, grads, plan, a, b, h, idx, lse, ent, g, gh, buf, tile=None):
+def _grad_chunk(head, tokens, grads, plan, ws, a, b, h, idx, lse, ent, g, gh, reuse: bool):
+    """`reuse`: the workspace still holds this chunk's kept tiles from its log-sum-exp sweep."""
+    n = b - a
     h_acc = None
     if grads.h is not None:
-        h_dtype = head.dtype if plan.one_pass else torch.float32  # a sum over tiles stays fp32
-        h_acc = torch.empty(b - a, tokens.H, device=h.device, dtype=h_dtype)
-    for v0, v1 in head.tiles(plan):
-        if tile is None or not plan.one_pass:
-            tile = head.logits(h, v0, v1, buf)
+        # One tile: d(hidden) is a single GEMM (K = V). Several: a sum over tiles, kept in fp32.
+        h_acc = torch.empty(n, tokens.H, device=h.device, dtype=head.dtype if plan.n_tiles == 1 else torch.float32)
+    for i, (v0, v1) in enumerate(head.tiles(plan)):
+        tile = ws.tile(i, n, v1 - v0)
+        if not (reuse and ws.kept(i)):
+            head.logits(h, v0, v1, tile)
         head.to_dlogits(tile, v0, idx, lse, ent, g, gh)
-        grads.add_tile(head, tokens, h, tile, v0, v1, a == 0, h_acc)
+        grads.add_tile(head, h, tile, v0, v1, a == 0, h_acc)
     if h_acc is not None:
         tokens.put(grads.h, a, b, h_acc)
-
-
-def _workspace(plan: Plan, dtype, device) -> torch.Tensor:
-    return torch.empty(plan.chunk * plan.tile, device=device, dtype=dtype)
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -404,10 +448,10 @@ class FusedLinearLogprobs(torch.autograd.Function):
         tokens = _Tokens(hidden, index.shape, None)
         index_flat = index.reshape(-1)
         head = _Head(weight, bias, temperature, cdtype)
-        plan = make_plan(tokens.n, head.vocab, torch.finfo(cdtype).bits // 8, **plan_opts)
-        buf = _workspace(plan, cdtype, hidden.device)
-        logp, lse, ent = _lse_sweep(head, tokens, index_flat, plan, with_entropy, buf)
-        del buf
+        # The backward recomputes every tile anyway: keeping some between the sweeps buys nothing.
+        plan = dataclasses.replace(make_plan(tokens.n, head.vocab, torch.finfo(cdtype).bits // 8, **plan_opts), keep=0)
+        logp, lse, ent = _lse_sweep(head, tokens, index_flat, plan, _Workspace(plan, cdtype, hidden.device),
+                                    with_entropy)
         ctx.save_for_backward(hidden, weight, bias, index_flat, lse, ent if with_entropy else lse)
         ctx.meta = (temperature, with_entropy, plan, cdtype, index.shape)
         shape = index.shape
@@ -427,8 +471,8 @@ class FusedLinearLogprobs(torch.autograd.Function):
         g = (g_logp.reshape(-1).float().contiguous() if g_logp is not None
              else torch.zeros_like(lse))
         gh = g_ent.reshape(-1).float().contiguous() if (with_entropy and g_ent is not None) else None
-        buf = _workspace(plan, cdtype, hidden.device)
-        _grad_sweep(head, tokens, index_flat, plan, lse, ent if gh is not None else None, g, gh, grads, buf)
+        _grad_sweep(head, tokens, index_flat, plan, _Workspace(plan, cdtype, hidden.device), lse,
+                    ent if gh is not None else None, g, gh, grads, reuse=False)
         gh_, gw, gb = grads.result(weight, bias, hidden.shape, None)
         return gh_, gw, gb, None, None, None, None, None
 
@@ -461,26 +505,29 @@ class FusedLinearGRPOLoss(torch.autograd.Function):
         grads = None
         if any(needs) and tokens.n:
             grads = _Grads(tokens, weight, bias, needs, tokens.n > plan.chunk, hidden.dtype)
-        buf = _workspace(plan, cdtype, dev)
-        on_chunk = None
-        if grads is not None and plan.one_pass and not cfg.sequence_level:
+        ws = _Workspace(plan, cdtype, dev)
+        immediate = None
+        if grads is not None and not cfg.sequence_level:
             # Token-level importance sampling: a token's d(logp) needs only its own log-prob and
-            # its row's normaliser (from the mask), so each chunk's d(logits) follows its log-sum-exp.
+            # its row's normaliser (from the mask), so each chunk turns into gradients as soon as
+            # its log-sum-exp is known, reusing the tiles its sweep kept.
             rows, out = _row_weights(launch, t.mask)
 
-            def on_chunk(a, b, h, idx, tile, logp_c, lse_c):
+            def immediate(a, b, h, idx, logp_c, lse_c):
                 ids = tok_ids[a:b]
                 lp_full[ids] = logp_c
                 g = _token_dlogp(launch, t, rows, out, ids, one)
-                _grad_chunk(head, tokens, grads, plan, a, b, h, idx, lse_c, None, g, None, buf, tile=tile)
+                _grad_chunk(head, tokens, grads, plan, ws, a, b, h, idx, lse_c, None, g, None, reuse=True)
 
-        logp, lse, ent = _lse_sweep(head, tokens, idx_c, plan, with_entropy, buf, on_chunk=on_chunk)
+        logp, lse, ent = _lse_sweep(head, tokens, idx_c, plan, ws, with_entropy, after_chunk=immediate)
         lp_full[tok_ids] = logp
         rows, out = launch.forward(t)
-        if grads is not None and on_chunk is None:
+        if grads is not None and immediate is None:
+            # GSPO: a token's gradient needs its sequence's mean log-ratio, known after every
+            # chunk's sweep. With one chunk its kept tiles are still in the workspace.
             g = _token_dlogp(launch, t, rows, out, tok_ids, one)
-            _grad_sweep(head, tokens, idx_c, plan, lse, None, g, None, grads, buf)
-        del buf
+            _grad_sweep(head, tokens, idx_c, plan, ws, lse, None, g, None, grads, reuse=tokens.n <= plan.chunk)
+        del ws
         ctx.grads, ctx.params = grads, (weight, bias, hidden.shape)
         ctx.spent = False
         ent_full = None

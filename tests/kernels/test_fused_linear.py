@@ -2,7 +2,8 @@
 
 Odd sizes everywhere (H = 37, V = 613: not a power of two). Each plan cuts the work differently:
 the whole vocabulary in one tile (the one-pass schedule), tiles of 128 columns with a ragged
-last one (two passes), and chunks of 7 tokens so gradients add across chunks.
+last one (two passes), chunks of 7 tokens so gradients add across chunks, and a workspace that
+keeps some tiles of the first sweep for the second.
 """
 import itertools
 
@@ -18,6 +19,7 @@ PLANS = {
     "tiles": dict(vocab_tile=128),
     "chunks_tiles": dict(vocab_tile=128, chunk_tokens=7),
     "chunks_one_tile": dict(vocab_tile=V, chunk_tokens=7),
+    "tiles_kept": dict(vocab_tile=128, chunk_tokens=7, workspace_bytes=3 * 7 * 128 * 4),  # fp32: 2 of 5 tiles kept
 }
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo"]
 
@@ -250,6 +252,9 @@ def test_plan_bounds_the_workspace():
     assert not big.one_pass and big.chunk == 8192 and big.chunk * big.tile * 2 <= 64 * 2**20
     forced = make_plan(8192, 151936, 2, vocab_tile=151936, workspace_bytes=2**30)
     assert forced.one_pass and forced.chunk * 151936 * 2 <= 2**30
+    assert make_plan(45, V, 4, **PLANS["tiles_kept"]).keep == 2
+    kept = make_plan(8192, 151936, 2, workspace_bytes=16 * 64 * 2**20)  # 16 tiles: 15 kept, one for the rest
+    assert (kept.keep, kept.slots, kept.n_tiles) == (15, 16, 38) and not kept.one_pass
 
 
 @pytest.mark.parametrize("hidden, weight, index, kwargs, match", [
