@@ -5,7 +5,7 @@ rollouts, a benchmark or another loop, can build and run micro-batches with torc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -49,6 +49,51 @@ def completion_logits(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
     out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=position_ids,
                 logits_to_keep=C + 1, use_cache=False)
     return out.logits
+
+
+# Config fields of models whose head does more than `hidden @ weight.T + bias`: the fused head
+# cannot apply these, so such models keep the logits path (Gemma 2/3 soft-capping, Cohere's
+# logit_scale, Granite's logits_scaling).
+_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+@dataclass
+class LMHead:
+    """A causal LM split where the fused head takes over: the body up to its final norm, and the
+    output projection's parameters (weight [V, H], shared with the input embedding when tied)."""
+
+    body: torch.nn.Module = field(repr=False)
+    weight: torch.Tensor = field(repr=False)  # [V, H]
+    bias: torch.Tensor | None = field(repr=False)  # [V]
+
+
+def split_lm_head(model: torch.nn.Module) -> LMHead | str:
+    """The model's body and plain linear head, or the reason the head cannot be fused (a string)."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped model
+    config = getattr(lm, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in _HEAD_TRANSFORMS:
+        value = getattr(text_config, name, None)
+        if value not in (None, 1, 1.0):
+            return f"{type(lm).__name__} transforms its logits ({name}={value})"
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear:  # an adapter-wrapped or custom head computes more than x @ W.T + b
+        kind = f"{type(head).__module__}.{type(head).__qualname__}"
+        return f"{type(lm).__name__}'s output layer is {kind}, not a plain torch.nn.Linear"
+    body = lm.get_decoder() if hasattr(lm, "get_decoder") else None
+    if body is None or body is lm:
+        return f"{type(lm).__name__} exposes no decoder body (get_decoder())"
+    return LMHead(body, head.weight, head.bias)
+
+
+def completion_hidden(head: LMHead, mb: MicroBatch) -> torch.Tensor:
+    """Final-norm hidden states at the C+1 last positions, [B, C+1, H]: position t predicts
+    completion token t, the last one predicts past the completion (the fused kernels skip it)."""
+    C = mb.completion_ids.shape[1]
+    position_ids = (mb.attention_mask.cumsum(-1) - 1).clamp(min=0)  # as in completion_logits
+    out = head.body(input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=position_ids,
+                    use_cache=False)
+    return out.last_hidden_state[:, -(C + 1) :]
 
 
 def trim(mb: MicroBatch) -> MicroBatch:
