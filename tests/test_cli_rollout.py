@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,9 +14,6 @@ from atlas_fast.cli_rollout import BACKEND_NAMES
 from atlas_fast.rollout import BACKENDS
 from atlas_fast.rollout.serve import EXTENSION_CLASS, EXTENSION_MODULE, EXTENSION_SOURCE, build_command
 from tiny import char_tokenizer, tiny_model
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 def serve_args(*argv: str):
     return cli.build_parser().parse_args(["vllm-serve", *argv])
@@ -55,21 +51,19 @@ def test_vllm_serve_command_has_what_a_trainer_needs(tmp_path, monkeypatch):
     assert "--weight-transfer-config" not in quiet.argv and "--no-enable-prefix-caching" in quiet.argv
 
 
-def test_vllm_serve_dry_run_prints_the_command(tmp_path):
-    env = {**os.environ, "ATLAS_FAST_VLLM_PYTHON": sys.executable, "XDG_CACHE_HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "atlas_fast", "vllm-serve", "--model", "/m", "--dry-run"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    words = shlex.split(out.stdout)
+def test_vllm_serve_dry_run_prints_the_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ATLAS_FAST_VLLM_PYTHON", sys.executable)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cli.main(["vllm-serve", "--model", "/m", "--dry-run"]) == 0
+    words = shlex.split(capsys.readouterr().out)
     assert "VLLM_SERVER_DEV_MODE=1" in words and "vllm.entrypoints.openai.api_server" in words
 
 
-def test_vllm_serve_without_vllm_says_how_to_get_it(tmp_path):
-    env = {**os.environ, "ATLAS_FAST_VLLM_PYTHON": str(tmp_path / "missing-python")}
-    out = subprocess.run([sys.executable, "-m", "atlas_fast", "vllm-serve", "--model", "/m"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2
-    assert "ATLAS_FAST_VLLM_PYTHON" in out.stderr and "not an executable Python" in out.stderr
+def test_vllm_serve_without_vllm_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ATLAS_FAST_VLLM_PYTHON", str(tmp_path / "missing-python"))
+    assert cli.main(["vllm-serve", "--model", "/m"]) == 2
+    err = capsys.readouterr().err
+    assert "ATLAS_FAST_VLLM_PYTHON" in err and "not an executable Python" in err
 
 
 @pytest.fixture(scope="module")
@@ -81,27 +75,28 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def run_generate(*argv: str):
-    return subprocess.run([sys.executable, "-m", "atlas_fast", "generate", *argv], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def run_generate(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(["generate", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-def test_generate_prints_completions_greedy_is_deterministic(model_dir):
+def test_generate_prints_completions_greedy_is_deterministic(model_dir, capsys):
     argv = ["--model", str(model_dir), "--backend", "hf", "--prompt", "12+3=", "--max-tokens", "6"]
-    greedy = run_generate(*argv, "--temperature", "0", "--n", "2")
-    assert greedy.returncode == 0, greedy.stderr
-    blocks = greedy.stdout.split("--- completion ")[1:]
+    code, out, err = run_generate(capsys, *argv, "--temperature", "0", "--n", "2")
+    assert code == 0, err
+    blocks = out.split("--- completion ")[1:]
     assert len(blocks) == 2 and blocks[0].split("\n", 1)[1] == blocks[1].split("\n", 1)[1]
-    sampled = run_generate(*argv, "--temperature", "1.0", "--n", "3", "--seed", "0")
-    assert sampled.returncode == 0, sampled.stderr
-    assert sampled.stdout.count("--- completion ") == 3
+    code, out, err = run_generate(capsys, *argv, "--temperature", "1.0", "--n", "3", "--seed", "0")
+    assert code == 0, err
+    assert out.count("--- completion ") == 3
 
 
-def test_generate_errors_are_one_line(model_dir):
-    bad = run_generate("--model", str(model_dir), "--backend", "nope", "--prompt", "1")
-    assert bad.returncode == 2 and "--backend must be one of hf, engine, vllm_server, vllm" in bad.stderr
-    neg = run_generate("--model", str(model_dir), "--prompt", "1", "--temperature", "-1")
-    assert neg.returncode == 2 and "temperature must be >= 0" in neg.stderr
-    dead = run_generate("--model", str(model_dir), "--backend", "vllm_server", "--prompt", "1",
-                        "--server-url", "http://127.0.0.1:9", "--timeout", "1")
-    assert dead.returncode == 2 and "http://127.0.0.1:9" in dead.stderr and "Traceback" not in dead.stderr
+def test_generate_errors_are_one_line(model_dir, capsys):
+    code, _, err = run_generate(capsys, "--model", str(model_dir), "--backend", "nope", "--prompt", "1")
+    assert code == 2 and "--backend must be one of hf, engine, vllm_server, vllm" in err
+    code, _, err = run_generate(capsys, "--model", str(model_dir), "--prompt", "1", "--temperature", "-1")
+    assert code == 2 and "temperature must be >= 0" in err
+    code, _, err = run_generate(capsys, "--model", str(model_dir), "--backend", "vllm_server", "--prompt", "1",
+                                "--server-url", "http://127.0.0.1:9", "--timeout", "1")
+    assert code == 2 and "http://127.0.0.1:9" in err and err.count("\n") == 1
