@@ -340,7 +340,7 @@ class VLLMServerBackend:
 
     def _local_address(self) -> str:
         """The address of this machine that the server reaches us at (for the NCCL rendezvous)."""
-        if self.host in ("localhost", "127.0.0.1", "::1"):
+        if self.host in ("localhost", "127.0.0.1", "::1", "0.0.0.0"):
             return "127.0.0.1"
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.connect((self.host, 9))  # UDP connect sends nothing; it only picks the route
