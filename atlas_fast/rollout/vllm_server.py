@@ -92,6 +92,8 @@ class VLLMServerBackend:
         self._nccl = None  # vLLM's trainer-side engine, once the NCCL group is up
         self._extension = True  # False once the server is found to lack our worker extension
         self.last_sync_s: float | None = None
+        self.last_sync: dict = {}  # the last push's timings (and bytes, for the file push)
+        self._file_times: dict = {}
 
         self.wait_until_healthy(self.timeout)
         self.server_info = self._server_info()  # None without VLLM_SERVER_DEV_MODE=1
@@ -229,13 +231,17 @@ class VLLMServerBackend:
             raise ValueError("update_weights needs the policy model")
         self.model = model
         start = time.perf_counter()
+        self._file_times = {}
         mode = self._sync_mode(model)
         if mode == "nccl":
             self._push_nccl(model)
         else:
             self._push_file(model)
+        pushed = time.perf_counter()
         self.reset_prefix_cache()
-        self.last_sync_s = time.perf_counter() - start
+        done = time.perf_counter()
+        self.last_sync_s = done - start
+        self.last_sync = {"mode": mode, "push_s": pushed - start, "reset_s": done - pushed, **self._file_times}
 
     def _sync_mode(self, model: torch.nn.Module) -> str:
         on_cuda = next(model.parameters()).is_cuda
@@ -272,15 +278,20 @@ class VLLMServerBackend:
         folder = self.weight_dir
         path = folder / "weights.safetensors"
         partial = folder / "weights.safetensors.partial"
+        start = time.perf_counter()
         with policy_weights(model, self.server_dtype) as pairs:
             tensors = {name: t.to("cpu").contiguous() for name, t in pairs}
         save_file(tensors, str(partial))
+        self._file_times = {"bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+                            "write_s": time.perf_counter() - start}
         del tensors
         os.replace(partial, path)  # the server never sees a half-written file
         try:
             if self._extension:
                 try:
+                    start = time.perf_counter()
                     self._rpc(EXTENSION_METHOD, path=str(path))
+                    self._file_times["load_s"] = time.perf_counter() - start
                     return
                 except VLLMServerError as err:
                     if "not implemented" not in str(err):
