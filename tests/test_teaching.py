@@ -40,9 +40,10 @@ def test_assess_probe_combines_student_certainty_and_teacher_rating():
     assert sure.response_quality["teacher_rating"] == pytest.approx(5.0)
     # Unsure student, teacher says "1": low tier, gaps named.
     lost = assess_probe([math.log(0.1)] * 3, False, [0.4, 0, 0, 0, 0], "")
-    assert lost.capability_level == pytest.approx(0.05) and lost.tier == "low"
-    # Truncated probe halves the confidence; only 40% of the teacher's mass was on digits.
-    assert lost.confidence_score == pytest.approx((1 - 0.1) * 0.4 * 0.5)
+    rated = 0.4 * 0.0 + 0.6 * 0.5  # only 40% of the teacher's mass was on digits: shrunk toward 0.5
+    assert lost.capability_level == pytest.approx(0.5 * 0.1 + 0.5 * rated) and lost.tier == "low"
+    # A truncated probe halves the confidence.
+    assert lost.confidence_score == pytest.approx((1 - abs(0.1 - rated)) * 0.4 * 0.5)
     assert any("truncated" in g for g in lost.identified_gaps) and any("empty" in g for g in lost.identified_gaps)
     assert any("unsure" in g for g in lost.identified_gaps) and any("rated" in g for g in lost.identified_gaps)
     # student_weight moves the mix, and both numbers always stay in [0, 1].

@@ -224,7 +224,7 @@ def main(argv=None) -> None:
     parser.add_argument("--teacher-steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--student-size", type=int, nargs=2, default=(128, 4), metavar=("HIDDEN", "LAYERS"))
+    parser.add_argument("--student-size", type=int, nargs=2, default=(96, 3), metavar=("HIDDEN", "LAYERS"))
     parser.add_argument("--teacher-size", type=int, nargs=2, default=(64, 2), metavar=("HIDDEN", "LAYERS"))
     args = parser.parse_args(argv)
 

@@ -7,14 +7,15 @@ The estimate combines two independent views of the student's probe answer:
   proceed writes its plan with confident tokens; a guessing one spreads its probability.
 - the teacher's rating of the probe on a 1-5 scale, read from the teacher's next-token
   distribution after the rating prompt, restricted to the tokens "1".."5": the expected rating
-  `E[k] = sum_k k p(k) / sum_k p(k)`, mapped to `r = (E[k] - 1) / 4`. This is the same reply a
+  `E[k] = sum_k k p(k) / sum_k p(k)`, mapped to [0, 1] and shrunk toward 0.5 by the mass `m`
+  the teacher put on those five tokens: `r = m (E[k] - 1) / 4 + (1 - m) / 2`. This is the reply a
   one-token greedy generation would parse (its argmax), without the parsing failures, and it is
   smooth in the teacher's weights.
 
     capability_level = w * s + (1 - w) * r                     (w = student_weight, 0.5 by default)
     confidence_score = (1 - |s - r|) * rating_mass * (0.5 if the probe was truncated else 1)
 
-where `rating_mass` is the share of the teacher's next-token probability on the five rating
+where `rating_mass` (m) is the share of the teacher's next-token probability on the five rating
 tokens (a teacher that would not answer with a digit gives a rating we should not trust). Both
 are in [0, 1]. Greedy decoding and a forward pass are deterministic, so the result is too.
 """
@@ -85,7 +86,9 @@ def assess_probe(
     certainty = math.exp(sum(probe_logprobs) / n) if n else 0.0  # geometric mean token probability
     weakest = math.exp(min(probe_logprobs)) if n else 0.0
     rating, mass = expected_rating(rating_digit_probs)
-    rated = (rating - 1.0) / 4.0
+    # A teacher that would not reply with a digit has no opinion: shrink its rating toward the
+    # middle of the scale by the probability mass it put on the digits.
+    rated = mass * (rating - 1.0) / 4.0 + (1.0 - mass) * 0.5
     capability = student_weight * certainty + (1.0 - student_weight) * rated
     confidence = (1.0 - abs(certainty - rated)) * mass * (1.0 if probe_finished else 0.5)
     gaps: list[str] = []
