@@ -40,6 +40,11 @@ import torch
 __all__ = [
     "save_checkpoint",
     "load_checkpoint",
+    "check_checkpoint",
+    "check_output_dir",
+    "checkpoint_path",
+    "prepare_output_dir",
+    "resume_target",
     "latest_checkpoint",
     "list_checkpoints",
     "capture_rng_state",
@@ -500,23 +505,32 @@ def _load_peft_weights(path: Path, model: torch.nn.Module) -> None:
 
 
 def _load_trainer_state(path: Path) -> dict[str, Any]:
+    """The trainer state, read by torch's weights-only loader and nothing else: unpickling
+    arbitrary objects would run code from the file, so a state it cannot read is refused."""
     file = path / STATE_FILE
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Only reached for our own trainer_state.pt inside a verified checkpoint folder,
-        # when a caller stored a type outside the weights-only allowlist (e.g. a numpy
-        # array in a sampler state).
-        logger.warning("%s needs full unpickling (non-tensor types in trainer state).", file)
-        return torch.load(file, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+        why = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else type(exc).__name__)
+        raise ValueError(
+            f"Cannot load {file}: the weights-only loader refused it ({why}). atlas-fast never unpickles "
+            "arbitrary objects; the state must hold only tensors and plain Python values."
+        ) from exc
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Load weights into ``model`` in place and return the saved trainer-state dict.
+def checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives (whether or not it exists)."""
+    return Path(output_dir) / f"{CHECKPOINT_PREFIX}{int(step)}"
 
-    Raises ``ValueError`` when the folder is missing or incomplete, or when it was
-    written for a different model (the message lists each differing field).
-    """
+
+def is_complete(path: str | Path) -> bool:
+    return _incomplete_reason(Path(path)) is None
+
+
+def check_checkpoint(path: str | Path, model: torch.nn.Module) -> None:
+    """Raise ``ValueError`` unless ``path`` is a complete checkpoint written for ``model``'s
+    architecture (the message lists each differing field)."""
     path = Path(path)
     reason = _incomplete_reason(path)
     if reason is not None:
@@ -525,9 +539,76 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
     differences = _fingerprint_differences(meta.get("fingerprint", {}), model_fingerprint(model))
     if differences:
         raise ValueError(f"Checkpoint {path} was saved from a different model: " + "; ".join(differences))
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Load weights into ``model`` in place and return the saved trainer-state dict.
+
+    Raises ``ValueError`` when the folder is missing or incomplete, when it was written
+    for a different model, or when a file cannot be read without unpickling.
+    """
+    path = Path(path)
+    check_checkpoint(path, model)
     target = _unwrap(model)
     if _is_peft(target):
         _load_peft_weights(path, target)
     else:
         _load_full_weights(path, target)
     return _load_trainer_state(path)
+
+
+# --------------------------------------------------------------------------- the run folder
+
+# What a run leaves in output_dir; any of them means the folder holds a run.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "final")
+
+
+def run_artifacts(output_dir: str | Path) -> list[Path]:
+    """The files and folders of a previous run in ``output_dir`` (empty for a new folder)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
+    found += sorted(p for p in output_dir.iterdir() if _step_of(p) is not None)
+    return found
+
+
+def check_output_dir(output_dir: str | Path, *, resuming: bool = False, overwrite: bool = False) -> None:
+    """Raise ``ValueError`` naming ``output_dir`` when a new run may not start there."""
+    found = run_artifacts(output_dir)
+    if found and not resuming and not overwrite:
+        names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ValueError(
+            f"output_dir {output_dir} already holds a run ({names}); choose another output_dir, "
+            "resume it with resume_from_checkpoint, or set overwrite_output_dir=True to replace it"
+        )
+
+
+def resume_target(output_dir: str | Path, where: str | Path | bool) -> Path:
+    """The complete checkpoint that ``resume_from_checkpoint=where`` names, or ``ValueError``."""
+    path = latest_checkpoint(output_dir) if where is True else Path(where)
+    if path is None:
+        raise ValueError(f"resume_from_checkpoint=True but {output_dir} holds no complete checkpoint")
+    reason = _incomplete_reason(path)
+    if reason is not None:
+        raise ValueError(f"Cannot load checkpoint: {reason}")
+    return path
+
+
+def prepare_output_dir(output_dir: str | Path, *, resuming: bool = False, overwrite: bool = False) -> None:
+    """Make ``output_dir`` ready for a run.
+
+    A new run into a folder that holds another run (config, metrics, checkpoints, ``final/``)
+    would replace its final model and config and append to its metrics, so it is refused
+    unless the run resumes that run, or ``overwrite`` says to clear it first.
+    """
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, resuming=resuming, overwrite=overwrite)
+    found = run_artifacts(output_dir)
+    if found and not resuming:
+        for path in found + [output_dir / "metrics.png", output_dir / "completions", output_dir / "tensorboard"]:
+            if path.is_dir():
+                _remove_tree(path)
+            elif path.exists():
+                path.unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)

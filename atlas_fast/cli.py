@@ -4,8 +4,11 @@
 
 `train` composes the Hydra configs in `configs/` (train.yaml and its groups) with the given
 overrides, e.g. `trainer.max_steps=20 output_dir=/tmp/run model=qwen2_5_0_5b`. With no overrides
-it trains the embedded demo. The config is resolved once, here, into plain arguments (a
-GRPOConfig, paths, reward names); nothing below this module sees the config tree.
+it trains the embedded demo. The composed tree is checked against an OmegaConf structured schema
+(`RunSchema`: every key, and the type of every value) and resolved once, here, into plain
+arguments (a GRPOConfig, paths, reward names); nothing below this module sees the config tree.
+Every config or data mistake, up to a checkpoint that cannot be resumed, ends the command with one
+`error:` line and exit code 2, before anything is printed or written.
 
 Hydra's Compose API is used rather than `@hydra.main`, which would take over argv, the working
 directory and logging, and leave no room for other subcommands.
@@ -14,15 +17,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import difflib
+import functools
 import math
 import os
 import sys
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 if TYPE_CHECKING:  # imported where used: `atlas-fast --help` should not pay for torch and triton
     from .config import GRPOConfig
@@ -39,19 +44,102 @@ ROUTED_FIELDS = {
     "model_init_kwargs": "model.model_init_kwargs",
     "reward_weights": "reward.weights",
 }
-TOP_LEVEL_KEYS = {"model", "data", "trainer", "reward", "output_dir", "seed", "resume_from_checkpoint",
-                  "evaluate_before_after"}
-MODEL_KEYS = {"name_or_path", "ref_name_or_path", "tokenizer_name_or_path", "trust_remote_code",
-              "model_init_kwargs", "peft"}
-PEFT_KEYS = {"r", "alpha", "dropout", "target_modules"}
-DATA_KEYS = {"train_file", "eval_file", "eval_fraction", "split_seed"}
-REWARD_KEYS = {"funcs", "weights", "reward_model"}
 DEMO = "demo"  # a path value that stands for the embedded demo's file
+MISSING = "???"  # OmegaConf's mark for a value the config must set
 ACCURACY_METRIC = "eval/rewards/accuracy_reward/mean"
 
 
 class ConfigError(ValueError):
     """A config value the run cannot use; the message names the key."""
+
+
+# ---------------------------------------------------------------------- the schema
+# Keys and value types of the composed config; OmegaConf checks them on merge. A key that a
+# config may leave "???" (required) has no default here: merging "???" keeps a default. The trainer
+# section is GRPOConfig's fields (less those other sections own), generated below, so the two
+# cannot drift; GRPOConfig then checks ranges and combinations.
+@dataclass
+class PeftSchema:
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"  # "all-linear" or a list of module names
+
+
+@dataclass
+class ModelSchema:
+    name_or_path: Optional[str] = MISSING
+    ref_name_or_path: Optional[str] = None
+    tokenizer_name_or_path: Optional[str] = None
+    trust_remote_code: bool = False
+    model_init_kwargs: Dict[str, Any] = field(default_factory=dict)
+    peft: Optional[PeftSchema] = None
+
+
+@dataclass
+class DataSchema:
+    train_file: str = MISSING
+    eval_file: Optional[str] = None
+    eval_fraction: float = 0.0
+    split_seed: Optional[int] = None
+
+
+@dataclass
+class RewardSchema:
+    funcs: List[Any] = field(default_factory=list)
+    weights: Optional[List[float]] = None
+    reward_model: Optional[str] = None
+
+
+@functools.lru_cache(maxsize=None)
+def trainer_schema() -> type:
+    from .config import GRPOConfig
+
+    hints = typing.get_type_hints(GRPOConfig)
+    fields = []
+    for f in dataclasses.fields(GRPOConfig):
+        if f.name in ROUTED_FIELDS:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
+        spec = field(default=default) if default is not dataclasses.MISSING else field(default_factory=f.default_factory)
+        fields.append((f.name, omegaconf_type(hints[f.name]), spec))
+    return dataclasses.make_dataclass("trainer", fields)
+
+
+def omegaconf_type(hint: Any) -> Any:
+    """The annotation as OmegaConf can check it; what it cannot express is left to GRPOConfig."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and type(None) in args:
+            inner = omegaconf_type(rest[0])
+            return Any if inner is Any else Optional[inner]
+        return Any
+    if hint in (int, float, bool, str):
+        return hint
+    if hint is dict or origin is dict:
+        return Dict[str, Any]
+    if origin is list and args and args[0] in (int, float, bool, str):
+        return List[args[0]]
+    return Any
+
+
+@functools.lru_cache(maxsize=None)
+def run_schema() -> type:
+    """The whole tree: one field per top-level key of train.yaml."""
+    return dataclasses.make_dataclass("config", [
+        ("model", ModelSchema, field(default_factory=ModelSchema)),
+        ("data", DataSchema, field(default_factory=DataSchema)),
+        ("trainer", trainer_schema(), field(default_factory=trainer_schema())),
+        ("reward", RewardSchema, field(default_factory=RewardSchema)),
+        ("output_dir", str, field(default=MISSING)),
+        ("seed", int, field(default=42)),
+        ("resume_from_checkpoint", Any, field(default=None)),  # null, true or a checkpoint path
+        ("evaluate_before_after", bool, field(default=True)),
+    ])
+
+
+TOP_LEVEL_KEYS = {f.name for f in dataclasses.fields(run_schema())}
 
 
 # ---------------------------------------------------------------------- entry point
@@ -96,29 +184,54 @@ def train_command(args: argparse.Namespace) -> int:
 
     try:
         cfg = compose_config(args.overrides, args.config_dir)
-        text = OmegaConf.to_yaml(cfg, resolve=True)
         if args.print_config:
-            print(text, end="")
+            print(OmegaConf.to_yaml(cfg, resolve=True), end="")
             return 0
+        cfg = checked(cfg)
         values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # "???" left unset
-    except (HydraException, OmegaConfBaseException, ConfigError) as err:
-        return fail(err)
-    print(text, end="", flush=True)
-    try:
         spec = resolve(values)
-    except ValueError as err:  # ConfigError, and GRPOConfig's own validation
-        return fail(err)
-
-    try:
+        check_run_folder(spec)
         trainer, final_eval = build_trainer(spec)
-    except ConfigError as err:  # missing files, unknown model ids, bad rewards
+        start(trainer, spec)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:  # ConfigError is a ValueError
         return fail(err)
-    # Written once the run is built, so a run that fails to start leaves no folder behind.
-    out = Path(spec.config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(text)
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    print(text, end="", flush=True)
+    (Path(spec.config.output_dir) / "config.yaml").write_text(text)
     run(trainer, spec, final_eval)
     return 0
+
+
+def checked(cfg):
+    """`cfg` merged into the schema: an unknown key or a value of the wrong type raises,
+    naming the key. Interpolations stay unresolved (and are checked when resolved)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.merge(OmegaConf.structured(run_schema()), cfg)
+
+
+def check_run_folder(spec: RunSpec) -> None:
+    """The output folder and the checkpoint to resume, checked before the model loads."""
+    from . import checkpoint as ckpt
+
+    c = spec.config
+    try:
+        ckpt.check_output_dir(c.output_dir, resuming=bool(spec.resume_from_checkpoint), overwrite=c.overwrite_output_dir)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if spec.resume_from_checkpoint:
+        with blame("resume_from_checkpoint", spec.resume_from_checkpoint):
+            ckpt.resume_target(c.output_dir, spec.resume_from_checkpoint)
+
+
+def start(trainer, spec: RunSpec) -> None:
+    """Checks that need the built trainer: the output folder may be written to, and the
+    checkpoint to resume from exists, is complete and fits the model."""
+    with blame("output_dir", spec.config.output_dir):
+        trainer.claim_output_dir(resuming=bool(spec.resume_from_checkpoint))
+    if spec.resume_from_checkpoint:
+        with blame("resume_from_checkpoint", spec.resume_from_checkpoint):
+            trainer.checkpoint_to_resume(spec.resume_from_checkpoint)
 
 
 def fail(err: Exception) -> int:
@@ -130,18 +243,21 @@ def explain(err: Exception) -> str:
     """One line naming the offending key. Hydra answers a mistyped key with "Could not override
     'trainer.lerning_rate'. To append to your config use +trainer.lerning_rate=..." - advice
     that would only move the typo along - so that case gets a did-you-mean instead."""
-    from omegaconf.errors import MissingMandatoryValue
+    from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
-    full_key = getattr(err.__cause__, "full_key", None)
-    if full_key and "not in struct" in str(err.__cause__):
-        parent, _, leaf = str(full_key).rpartition(".")
+    cause = err if getattr(err, "full_key", None) else err.__cause__
+    full_key = str(getattr(cause, "full_key", "") or "")
+    if full_key and (isinstance(cause, ConfigKeyError) or "not in struct" in str(cause)):
+        parent, _, leaf = full_key.rpartition(".")
         allowed = section_keys().get(parent)
         if allowed is not None:
             return unknown_key_message(leaf, allowed, f"{parent}." if parent else "")
     if isinstance(err, MissingMandatoryValue):
         return f"{err.full_key} is required: add {err.full_key}=..."
-    if getattr(err, "full_key", None):  # OmegaConf appends "full_key: ... object_type=..." lines
-        return f"{err.full_key}: {str(err).splitlines()[0]}"
+    if isinstance(cause, ValidationError) and full_key and "could not be converted" in str(cause):
+        return f"{full_key} must be {describe(hint_of(full_key))}, got {cause.value!r}"
+    if full_key:  # OmegaConf appends "full_key: ... object_type=..." lines
+        return f"{full_key}: {str(cause).splitlines()[0]}"
     message = str(err).split("Config search path:")[0]  # Hydra appends its search path: noise here
     return " ".join(message.split())  # Hydra's messages span lines; keep one
 
@@ -194,9 +310,7 @@ class RunSpec:
 
 def resolve(cfg: dict) -> RunSpec:
     """The composed config (a plain dict) -> RunSpec. Raises ConfigError / ValueError naming the key."""
-    keys = section_keys()
-    check_keys(cfg, keys[""], "")
-    model, data, reward, trainer = (section(cfg, name, keys[name]) for name in ("model", "data", "reward", "trainer"))
+    model, data, reward, trainer = (cfg[name] for name in ("model", "data", "reward", "trainer"))
 
     funcs = list(reward.get("funcs") or [])
     reward_model = reward.get("reward_model")
@@ -211,16 +325,14 @@ def resolve(cfg: dict) -> RunSpec:
     values = {**trainer, "output_dir": str(cfg["output_dir"]), "seed": cfg["seed"],
               "trust_remote_code": bool(model.get("trust_remote_code", False)),
               "model_init_kwargs": dict(model.get("model_init_kwargs") or {}), "reward_weights": weights}
-    config = grpo_config(check_types(values))
+    config = grpo_config(values)
 
     peft = model.get("peft")
-    if peft is not None:
-        check_keys(peft, keys["model.peft"], "model.peft.")
     model_path = demo_path(model.get("name_or_path"), "model.name_or_path", "MODEL_DIR", allow_null=True)
     resume = cfg.get("resume_from_checkpoint")
-    if not isinstance(resume, (str, bool, type(None))):
+    if not isinstance(resume, (str, bool, type(None))) or resume == "":
         raise ConfigError(f"resume_from_checkpoint must be null, true or a checkpoint path, got {resume!r}")
-    eval_fraction = float(data.get("eval_fraction", 0.0))
+    eval_fraction = data["eval_fraction"]
     if not 0.0 <= eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction must be in [0, 1), got {eval_fraction}")
     return RunSpec(
@@ -232,7 +344,7 @@ def resolve(cfg: dict) -> RunSpec:
         train_file=demo_path(data.get("train_file"), "data.train_file", "TRAIN_FILE"),
         eval_file=demo_path(data["eval_file"], "data.eval_file", "EVAL_FILE") if data.get("eval_file") else None,
         eval_fraction=eval_fraction,
-        split_seed=int(data.get("split_seed", config.seed)),
+        split_seed=data["split_seed"] if data["split_seed"] is not None else config.seed,
         reward_funcs=funcs,
         reward_model=reward_model,
         evaluate_before_after=bool(cfg.get("evaluate_before_after", True)),
@@ -252,21 +364,6 @@ def grpo_config(values: dict) -> GRPOConfig:
         raise ConfigError(f"{key}{str(err)[len(first):]}" if first in values else f"trainer: {err}") from err
 
 
-def section(cfg: dict, name: str, allowed: set[str]) -> dict:
-    value = cfg.get(name)
-    if not isinstance(value, dict):
-        raise ConfigError(f"{name} must be a mapping, got {value!r}")
-    check_keys(value, allowed, f"{name}.")
-    return value
-
-
-def check_keys(values: dict, allowed: set[str], prefix: str) -> None:
-    """Reject keys nothing reads: a typo in a recipe would otherwise be silently ignored."""
-    for key in values:
-        if key not in allowed:
-            raise ConfigError(unknown_key_message(key, allowed, prefix))
-
-
 def unknown_key_message(key: str, allowed: set[str], prefix: str) -> str:
     if prefix == "trainer." and key in ROUTED_FIELDS:
         return f"trainer.{key} is set through {ROUTED_FIELDS[key]}, not the trainer group"
@@ -277,72 +374,38 @@ def unknown_key_message(key: str, allowed: set[str], prefix: str) -> str:
 
 
 def section_keys() -> dict[str, set[str]]:
-    """The keys each part of the config may hold ("" is the top level)."""
-    return {"": TOP_LEVEL_KEYS, "model": MODEL_KEYS, "model.peft": PEFT_KEYS, "data": DATA_KEYS,
-            "reward": REWARD_KEYS, "trainer": set(trainer_fields()) - set(ROUTED_FIELDS)}
-
-
-def trainer_fields() -> dict[str, Any]:
-    from .config import GRPOConfig
-
-    return typing.get_type_hints(GRPOConfig)
-
-
-def check_types(values: dict) -> dict:
-    """Check each value against GRPOConfig's annotation; GRPOConfig validates ranges, not types,
-    and Hydra passes `trainer.learning_rate=abc` through as a string."""
-    hints = trainer_fields()
-    out = {}
-    for name, value in values.items():
-        key = ROUTED_FIELDS.get(name, f"trainer.{name}")
-        ok, converted = conform(value, hints[name])
-        if not ok:
-            raise ConfigError(f"{key} must be {describe(hints[name])}, got {value!r}")
-        out[name] = converted
+    """The keys each part of the config may hold ("" is the top level), from the schema."""
+    out, todo = {}, [("", run_schema())]
+    while todo:
+        prefix, schema = todo.pop()
+        hints = typing.get_type_hints(schema)
+        out[prefix] = set(hints)
+        for name, hint in hints.items():
+            inner = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)
+            if dataclasses.is_dataclass(inner):
+                todo.append((f"{prefix}.{name}".lstrip("."), inner))
     return out
 
 
-def conform(value: Any, hint: Any) -> tuple[bool, Any]:
-    """(matches, value converted to the annotated type): ints widen to float, lists to tuples."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True, value
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return type(None) in args, None
-        return next(((True, v) for ok, v in (conform(value, a) for a in args if a is not type(None)) if ok),
-                    (False, value))
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
-    if hint is str:
-        return isinstance(value, str), value
-    if hint is dict or origin is dict:
-        return isinstance(value, dict), value
-    if origin in (list, tuple):
-        items = [value] if isinstance(value, str) and origin is tuple else value  # report_to=jsonl
-        if not isinstance(items, (list, tuple)):
-            return False, value
-        results = [conform(v, args[0]) for v in items]
-        if not all(ok for ok, _ in results):
-            return False, value
-        return True, origin(v for _, v in results)
-    return True, value
+def hint_of(full_key: str) -> Any:
+    """The schema's annotation of a dotted key (Any when there is none)."""
+    hint: Any = run_schema()
+    for part in full_key.split("."):
+        inner = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)
+        if not dataclasses.is_dataclass(inner):
+            return Any
+        hint = typing.get_type_hints(inner).get(part, Any)
+    return hint
 
 
 def describe(hint: Any) -> str:
     args = typing.get_args(hint)
     if type(None) in args:
         return " or ".join([describe(a) for a in args if a is not type(None)] + ["null"])
-    origin = typing.get_origin(hint)
-    if origin in (list, tuple):
-        return f"a list of {describe(args[0])}"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
-    return names.get(hint, str(hint))
+    if typing.get_origin(hint) in (list, List):
+        return f"a list of {describe(args[0])}" if args else "a list"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, "a mapping" if typing.get_origin(hint) in (dict, Dict) else "a value of another type")
 
 
 def demo_path(value: Any, key: str, demo_attr: str, allow_null: bool = False) -> str:
@@ -382,8 +445,6 @@ def build_trainer(spec: RunSpec):
           + (f"{len(evaluation)} eval prompts" if evaluation is not None else "no eval set"), flush=True)
     if spec.ref_model is not None and spec.config.beta == 0.0:
         print("note: model.ref_name_or_path is unused because trainer.beta is 0 (no KL term)")
-    if not spec.resume_from_checkpoint and (Path(spec.config.output_dir) / "metrics.jsonl").exists():
-        print(f"note: {spec.config.output_dir}/metrics.jsonl exists; this run's metrics are appended to it")
 
     c = spec.config
     tokenizer_key = "model.name_or_path" if spec.tokenizer == spec.model else "model.tokenizer_name_or_path"

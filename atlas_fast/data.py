@@ -342,6 +342,23 @@ class PromptSampler:
         self.epochs_begun, self.epochs_ended = tuple(begun), tuple(ended)
         return rows
 
+    def upcoming_epochs(self) -> tuple[int, ...]:
+        """The epochs whose first row the next batch will hold, known before drawing it (so a
+        trainer can announce an epoch before the step that generates from it). An iterable
+        dataset's end is only found by reading it: there only an epoch starting at the next row
+        is foreseen."""
+        if self.num_rows is None:
+            return (self.epoch,) if self.position == 0 else ()
+        begun, epoch, position, need = [], self.epoch, self.position, self.prompts_per_batch
+        while need > 0:
+            if position == 0:
+                begun.append(epoch)
+            take = min(need, self.num_rows - position)
+            need, position = need - take, position + take
+            if position == self.num_rows:
+                epoch, position = epoch + 1, 0
+        return tuple(begun)
+
     def num_batches(self, epochs: float) -> int:
         """Batches needed to cover `epochs` passes over a map-style dataset."""
         if self.num_rows is None:

@@ -6,8 +6,12 @@ One optimizer step reads top to bottom in `train`:
     -> clip -> step -> log -> evaluate -> checkpoint.
 `_micro_batches` is a generator that yields finished micro-batches and generates a new batch
 whenever the last one is used up (`steps_per_generation` micro-steps, `num_iterations` passes),
-so the loop body never deals with buffering; it only asks for that generation before
-`on_step_begin`, so that callbacks see transformers' event order.
+so the loop body never deals with buffering. A step's generation happens inside it, between
+`on_step_begin` and `on_step_end`, as in TRL, so a callback that times steps measures the same.
+
+Modes: the policy trains in training mode (dropout, and transformers applies gradient
+checkpointing only to modules in training mode); generation, old and reference log-probs and
+frozen models run in eval mode.
 
 The class is a thin shell: the math lives in atlas_kernels, batching in data.py, generation in
 rollout.py, rewards in rewards.py, persistence in checkpoint.py, logging in metrics.py.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import TrainerControl, TrainerState
+from transformers import TrainerControl, TrainerState, get_scheduler
 
 import atlas_kernels
 from atlas_kernels import reference as kernels_reference
@@ -76,15 +81,22 @@ class GRPOTrainer:
         if model is None:
             raise ValueError("GRPOTrainer needs a model (a PreTrainedModel or a local path / hub id)")
         torch.manual_seed(config.seed)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device("cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu")
         self.model = self._load_model(model, peft_config).to(self.device)
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer(model)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
-        self.use_bf16 = config.bf16 if config.bf16 is not None else (
-            self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        if config.disable_dropout:
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+        use_bf16 = config.bf16 if config.bf16 is not None else (
+            not config.fp16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else torch.float16 if config.fp16 else None
+        # fp16's 5-bit exponent underflows small gradients: scale the loss (transformers does the same).
+        self.scaler = torch.amp.GradScaler(self.device.type) if config.fp16 else None
 
         self.ref_model = self._reference_model(ref_model)
         self.offload_device = torch.device("cpu") if config.offload_untrained_models else self.device
@@ -94,6 +106,8 @@ class GRPOTrainer:
         for _, fn in self.reward_funcs:
             if hasattr(fn, "to"):
                 fn.to(self.offload_device)
+            if isinstance(fn, torch.nn.Module):
+                fn.eval()  # frozen: no dropout
         n_funcs = len(self.reward_funcs)
         if config.reward_weights is not None and len(config.reward_weights) != n_funcs:
             raise ValueError(f"reward_weights has {len(config.reward_weights)} entries for {n_funcs} reward functions")
@@ -102,8 +116,9 @@ class GRPOTrainer:
             raise ValueError("GRPOTrainer needs a train_dataset")
         self.train_dataset = load_dataset_any(train_dataset)
         self.eval_dataset = load_dataset_any(eval_dataset) if eval_dataset is not None else None
+        seed = config.data_seed if config.data_seed is not None else config.seed
         self.sampler = PromptSampler(self.train_dataset, config.prompts_per_generation,
-                                     shuffle=config.shuffle_dataset, seed=config.seed)
+                                     shuffle=config.shuffle_dataset, seed=seed)
         self.max_steps = self._resolve_max_steps()
 
         self.optimizer, self.lr_scheduler = optimizers
@@ -112,21 +127,22 @@ class GRPOTrainer:
             self.optimizer = torch.optim.AdamW(
                 self._trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                 eps=config.adam_epsilon, weight_decay=config.weight_decay,
-                fused=self.device.type == "cuda",  # one kernel for all parameters on GPU
+                fused=config.optim == "adamw_torch_fused",  # one kernel for all parameters
             )
         if self.lr_scheduler is None:
-            self.lr_scheduler = make_scheduler(self.optimizer, config.lr_scheduler_type,
-                                               int(config.warmup_ratio * self.max_steps), self.max_steps)
+            self.lr_scheduler = get_scheduler(
+                config.lr_scheduler_type, self.optimizer, num_warmup_steps=config.warmup_for(self.max_steps),
+                num_training_steps=self.max_steps, scheduler_specific_kwargs=config.lr_scheduler_kwargs)
 
         self.rollout_func = resolve_rollout_func(rollout_func if rollout_func is not None else config.rollout_func)
-        self.rollout = build_backend(config.rollout_backend, self.model, self.tokenizer, **self._rollout_options())
+        self.rollout = self._build_rollout()
         self.kernels = atlas_kernels if config.use_kernels else kernels_reference
         self.compute_metrics = compute_metrics
         self.callbacks = list(callbacks or [])
         self.state = TrainerState(max_steps=self.max_steps, logging_steps=config.logging_steps,
                                   eval_steps=config.eval_steps or 0, save_steps=config.save_steps or 0)
         self.control = TrainerControl()
-        self.logger = MetricsLogger(config.output_dir, report_to=config.report_to, run_name=config.run_name)
+        self.logger: MetricsLogger | None = None  # opened by claim_output_dir, once the folder is checked
         self.current_rewards = torch.zeros(0)
         self.current_kl = torch.zeros(0)
         self._generation_metrics: dict = {}
@@ -134,11 +150,13 @@ class GRPOTrainer:
         self._epochs_ended = 0  # epochs whose last rows this step trains on: on_epoch_end after the step
         self._stream = self._micro_batches()
         self._num_tokens = 0
+        self._epochs_announced: set[int] = set()  # epochs whose on_epoch_begin has fired
+        self._last_good: dict | None = None  # state at the end of the last good step (NaN guard)
 
     # ------------------------------------------------------------------ construction helpers
     def _load_model(self, model, peft_config):
         if isinstance(model, (str, Path)):
-            model = load_causal_lm(model, self.args.trust_remote_code, **self.args.model_init_kwargs)
+            model = load_causal_lm(model, self.args.trust_remote_code, **self._model_init_kwargs())
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -151,9 +169,43 @@ class GRPOTrainer:
             raise ValueError("pass a tokenizer: it cannot be inferred from a model built in memory")
         return load_tokenizer(source, self.args.trust_remote_code)
 
+    def _model_init_kwargs(self) -> dict:
+        """from_pretrained's arguments. The weights load in float32 unless `dtype` says otherwise,
+        as TRL loads them (transformers 5 alone would keep the checkpoint's dtype, often bf16)."""
+        kwargs = dict(self.args.model_init_kwargs)
+        dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", "float32"))
+        if isinstance(dtype, str) and dtype != "auto":
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ValueError(f"model_init_kwargs: dtype must be 'auto' or a torch dtype name, got {dtype!r}")
+            dtype = getattr(torch, dtype)
+        return {**kwargs, "dtype": dtype}
+
     def _rollout_options(self) -> dict:
         """The chosen backend's keyword arguments, read from the config in this one place."""
+        c = self.args
+        if c.rollout_backend == "hf":
+            return {"generation_kwargs": c.generation_kwargs} if c.generation_kwargs else {}
+        if c.rollout_backend == "vllm_server":
+            base_url = c.vllm_server_base_url or f"http://{c.vllm_server_host}:{c.vllm_server_port}"
+            return {"base_url": base_url, "timeout": c.vllm_server_timeout}
+        if c.rollout_backend == "vllm":
+            prompt = c.max_prompt_length or getattr(self.model.config, "max_position_embeddings", 0) - c.max_completion_length
+            return {"gpu_memory_utilization": c.vllm_gpu_memory_utilization, "enable_sleep_mode": c.vllm_enable_sleep_mode,
+                    "max_model_len": c.vllm_max_model_length or prompt + c.max_completion_length}
+        if c.rollout_backend == "engine":
+            # Decode in the precision the update computes in (autocast over float32 weights).
+            return {"dtype": self.autocast_dtype or next(self.model.parameters()).dtype}
         return {}
+
+    def _build_rollout(self):
+        options = self._rollout_options()
+        try:
+            return build_backend(self.args.rollout_backend, self.model, self.tokenizer, **options)
+        except TypeError as err:
+            if "unexpected keyword argument" not in str(err):
+                raise
+            raise ValueError(f"rollout_backend={self.args.rollout_backend!r} does not take the options "
+                             f"{sorted(options)} that the config sets ({err})") from err
 
     def _reference_model(self, ref_model):
         if self.args.beta == 0.0:
@@ -161,7 +213,7 @@ class GRPOTrainer:
         if is_peft(self.model):
             return None  # the policy with its adapter disabled is the reference
         if isinstance(ref_model, (str, Path)):
-            ref_model = load_causal_lm(ref_model, self.args.trust_remote_code, **self.args.model_init_kwargs)
+            ref_model = load_causal_lm(ref_model, self.args.trust_remote_code, **self._model_init_kwargs())
         elif ref_model is None:
             ref_model = copy.deepcopy(self.model)
         ref_model.eval().requires_grad_(False)
@@ -179,17 +231,20 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ the loop
     def train(self, resume_from_checkpoint: str | bool | None = None) -> TrainerState:
         c = self.args
+        self.claim_output_dir(resuming=bool(resume_from_checkpoint))
         if resume_from_checkpoint:
             self._resume(resume_from_checkpoint)
         self.control.should_training_stop = False  # as in transformers: a stop ends one train() call
         self._event("on_train_begin")
+        if c.eval_on_start and self.state.global_step == 0 and self.eval_dataset is not None:
+            self.evaluate()
+        self._last_good = self._snapshot()
         bar = tqdm(total=self.max_steps, initial=self.state.global_step, disable=c.disable_tqdm, desc="grpo")
         while self.state.global_step < self.max_steps and not self.control.should_training_stop:
             t0 = time.perf_counter()
-            if not self._pending:
-                self._refill()  # generate now, so a new epoch's on_epoch_begin precedes on_step_begin
+            self._announce_epochs(self.sampler.upcoming_epochs() if not self._pending else ())
             self._event("on_step_begin")
-            metrics = self._optimizer_step()
+            metrics = self._optimizer_step()  # generates when the last generation batch is spent
             self.state.global_step += 1
             self.state.epoch = self.sampler.epoch + self.sampler.position / max(self.sampler.num_rows or 1, 1)
             elapsed = time.perf_counter() - t0
@@ -197,10 +252,7 @@ class GRPOTrainer:
                            num_tokens=self._num_tokens)
             self._maybe_sync_ref_model()
 
-            step = self.state.global_step
-            self.control.should_log = step % c.logging_steps == 0 or step == self.max_steps
-            self.control.should_evaluate = bool(c.eval_steps) and step % c.eval_steps == 0
-            self.control.should_save = bool(c.save_steps) and step % c.save_steps == 0
+            self._set_control()
             self.on_step_end(self.args, self.state, self.control, metrics=metrics)
             self._event("on_step_end", metrics=metrics)
             if self.control.should_log:
@@ -217,13 +269,44 @@ class GRPOTrainer:
             for _ in range(self._epochs_ended):
                 self._event("on_epoch_end")
             self._epochs_ended = 0
+            self._last_good = self._snapshot()
             bar.update(1)
         bar.close()
         self._event("on_train_end")
-        log_path = Path(c.output_dir) / "metrics.jsonl"
-        if log_path.exists():
-            plot_metrics(log_path, Path(c.output_dir) / "metrics.png", keys=PLOT_KEYS)
+        self._plot()
         return self.state
+
+    def _set_control(self) -> None:
+        """What happens after this step: TRL's logging / eval / save strategies."""
+        c = self.args
+        step, epoch_ended = self.state.global_step, self._epochs_ended > 0
+
+        def due(strategy: str, every: int | None) -> bool:
+            if strategy == "epoch":
+                return epoch_ended
+            return strategy == "steps" and bool(every) and step % every == 0
+
+        self.control.should_log = (due(c.logging_strategy, c.logging_steps) or (c.logging_first_step and step == 1)
+                                   or (c.logging_strategy == "steps" and step == self.max_steps))
+        self.control.should_evaluate = due(c.eval_strategy, c.eval_steps or c.logging_steps)
+        self.control.should_save = due(c.save_strategy, c.save_steps)
+
+    def _announce_epochs(self, epochs) -> None:
+        for epoch in epochs:
+            if epoch not in self._epochs_announced:
+                self._epochs_announced.add(epoch)
+                self.on_epoch_begin()
+                self._event("on_epoch_begin")
+
+    def _plot(self) -> None:
+        out = Path(self.args.output_dir)
+        if not (out / "metrics.jsonl").exists():
+            return
+        try:
+            plot_metrics(out / "metrics.jsonl", out / "metrics.png", keys=PLOT_KEYS)
+        except ImportError as err:
+            print(f"note: skipped {out / 'metrics.png'}: {err.name or 'matplotlib'} is not installed "
+                  "(pip install matplotlib)", file=sys.stderr)
 
     def _optimizer_step(self) -> dict:
         """Gradient accumulation over micro-batches, then clip and step."""
@@ -232,18 +315,25 @@ class GRPOTrainer:
         tokens = 0
         for _ in range(c.gradient_accumulation_steps):
             mb = next(self._stream)
+            self.model.train()  # generation and log-prob passes switch to eval mode
             with self._autocast():
                 loss, stats = self._loss(mb)
             if not torch.isfinite(loss):
                 self._on_bad_loss(loss)
-            loss.backward()
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
             tokens += int(mb.attention_mask.sum())
             for k, v in {"loss": loss.detach(), **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)  # host sync, once per micro-batch, for logging
         max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, max_norm)
         lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step uses, before the schedule advances
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.rollout.update_weights(self.model)  # free for in-place backends; a push for servers
@@ -297,9 +387,7 @@ class GRPOTrainer:
         c = self.args
         G = c.num_generations
         rows = self.sampler.next_batch()
-        for _ in self.sampler.epochs_begun:
-            self.on_epoch_begin()
-            self._event("on_epoch_begin")
+        self._announce_epochs(self.sampler.epochs_begun)  # those the sampler could not foresee
         self._epochs_ended += len(self.sampler.epochs_ended)
         unique_ids = self._tokenize_prompts([row["prompt"] for row in rows])
         rows = [row for row in rows for _ in range(G)]  # each prompt G times, groups contiguous
@@ -356,7 +444,7 @@ class GRPOTrainer:
         return batch
 
     def _tokenize_prompts(self, prompts: list) -> list[list[int]]:
-        texts = [render_prompt(p, self.tokenizer) for p in prompts]
+        texts = [render_prompt(p, self.tokenizer, **(self.args.chat_template_kwargs or {})) for p in prompts]
         enc = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         limit = self.args.max_prompt_length
         return [ids[-limit:] if limit else ids for ids in enc]  # keep the end: it holds the question
@@ -410,12 +498,15 @@ class GRPOTrainer:
 
     def _batched_logps(self, model, batch: MicroBatch, size: int) -> torch.Tensor:
         out = []
+        was_training = model.training
+        model.eval()  # the sampling policy's and the reference's log-probs: no dropout
         for i in range(0, len(batch.advantages), size):
             mb = batch.slice(slice(i, i + size))
             with self._autocast():
                 logits = completion_logits(model, mb)
                 out.append(self.kernels.selective_logprobs(logits, mb.completion_ids, temperature=self.args.temperature,
                                                            validate=False))
+        model.train(was_training)
         return torch.cat(out)
 
     # ------------------------------------------------------------------ evaluation
@@ -462,7 +553,18 @@ class GRPOTrainer:
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         """Called after `evaluate()` with its metrics."""
 
+    def claim_output_dir(self, resuming: bool = False) -> None:
+        """Check `output_dir` once, before anything is written to it, and open the metrics log.
+        A folder that holds another run is refused unless this run resumes it or
+        `overwrite_output_dir=True` (which clears that run's files first)."""
+        if self.logger is not None:
+            return
+        c = self.args
+        ckpt.prepare_output_dir(c.output_dir, resuming=resuming, overwrite=c.overwrite_output_dir)
+        self.logger = MetricsLogger(c.output_dir, report_to=c.report_to, run_name=c.run_name)
+
     def log(self, metrics: dict) -> None:
+        self.claim_output_dir()
         clean = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
         record = {**clean, "step": self.state.global_step}
         self.state.log_history.append(record)
@@ -486,31 +588,46 @@ class GRPOTrainer:
         self.tokenizer.save_pretrained(path)
         return path
 
-    def _trainer_state(self) -> dict:
+    def _trainer_state(self, snapshot: dict | None = None) -> dict:
+        """What a checkpoint holds besides the weights; `snapshot` replaces the parts that a
+        failing step has already advanced (sampler, pending micro-batches, RNG)."""
+        snapshot = snapshot or self._snapshot()
         state = {
             "global_step": self.state.global_step,
             "epoch": self.state.epoch,
             "log_history": self.state.log_history,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.lr_scheduler.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "pending": [mb.to_state() for mb in self._pending],
+            "sampler": snapshot["sampler"],
+            "pending": [mb.to_state() for mb in snapshot["pending"]],
+            "rng": snapshot["rng"],
             "num_tokens": self._num_tokens,
         }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
         if self.ref_model is not None and self.args.sync_ref_model:
             state["ref_model"] = self.ref_model.state_dict()  # it drifts with the policy
         return state
 
-    def _save_checkpoint(self) -> Path:
+    def _snapshot(self) -> dict:
+        # A few ints, a list of references to immutable micro-batches and the RNG states: cheap
+        # enough to take after every step.
+        return {"sampler": self.sampler.state_dict(), "pending": list(self._pending), "rng": ckpt.capture_rng_state()}
+
+    def _save_checkpoint(self, snapshot: dict | None = None) -> Path:
         path = ckpt.save_checkpoint(self.args.output_dir, self.state.global_step, self.model, self.tokenizer,
-                                    self._trainer_state(), save_total_limit=self.args.save_total_limit)
+                                    self._trainer_state(snapshot), save_total_limit=self.args.save_total_limit)
         self._event("on_save")
         return path
 
+    def checkpoint_to_resume(self, where: str | bool) -> Path:
+        """The checkpoint that `resume_from_checkpoint=where` names, checked to load into this model."""
+        path = ckpt.resume_target(self.args.output_dir, where)
+        ckpt.check_checkpoint(path, self.model)
+        return path
+
     def _resume(self, where: str | bool) -> None:
-        path = ckpt.latest_checkpoint(self.args.output_dir) if where is True else Path(where)
-        if path is None:
-            raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no complete checkpoint")
+        path = self.checkpoint_to_resume(where)
         state = ckpt.load_checkpoint(path, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["scheduler"])
@@ -523,14 +640,20 @@ class GRPOTrainer:
         self.state.epoch = state["epoch"]
         self.state.log_history = list(state["log_history"])
         self._num_tokens = state.get("num_tokens", 0)
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng_state(state["rng"])
 
     def _on_bad_loss(self, loss: torch.Tensor) -> None:
-        # Nothing has been stepped with this loss yet: the weights in memory are the last good ones.
+        # Nothing has been stepped with this loss yet: the weights, optimizer and schedule in memory
+        # are the last good step's. The sampler, the pending micro-batches and the RNG have moved on
+        # (this step generated): save them as that step ended, so a resume trains on the same rows.
         self.optimizer.zero_grad(set_to_none=True)
-        path = self._save_checkpoint()
+        path = ckpt.checkpoint_path(self.args.output_dir, self.state.global_step)
+        if not ckpt.is_complete(path):  # that step's own checkpoint already holds this state
+            path = self._save_checkpoint(self._last_good)
         raise FloatingPointError(
-            f"loss is {float(loss)} at step {self.state.global_step + 1}; training stopped and the last good "
+            f"loss is {float(loss.detach())} at step {self.state.global_step + 1}; training stopped and the last good "
             f"state was saved to {path}. Check the rewards, the learning rate and the data."
         )
 
@@ -543,8 +666,8 @@ class GRPOTrainer:
                 ref_p.mul_(1 - c.ref_model_mixup_alpha).add_(p.detach().to(ref_p.device), alpha=c.ref_model_mixup_alpha)
 
     def _autocast(self):
-        if self.use_bf16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.autocast_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.autocast_dtype)
         return contextlib.nullcontext()
 
 
@@ -552,22 +675,6 @@ class GRPOTrainer:
 def _nanstd(x: torch.Tensor) -> torch.Tensor:
     x = x[~torch.isnan(x)]
     return x.std() if x.numel() > 1 else torch.zeros(())
-
-
-def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
-    """Linear warmup, then linear decay to 0, cosine decay, or constant (transformers' shapes)."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        if kind in ("constant", "constant_with_warmup"):
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        return max(0.0, 1.0 - progress)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def is_peft(model: torch.nn.Module) -> bool:

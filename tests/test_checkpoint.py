@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,12 +152,22 @@ def test_trainer_state_loads_with_weights_only(tmp_path):
     assert state["global_step"] == 1 and "rng" in state
 
 
-def test_non_allowlisted_sampler_state_still_loads(tmp_path):
-    # numpy arrays are outside torch's weights-only allowlist; our own file may fall back.
-    state = simple_state(1) | {"sampler": {"order": np.arange(5)}}
-    path = save_checkpoint(tmp_path, 1, make_model(), None, state)
-    loaded = load_checkpoint(path, make_model())
-    np.testing.assert_array_equal(loaded["sampler"]["order"], np.arange(5))
+class _Payload:
+    """Unpickling this would run code: what a tampered trainer_state.pt looks like."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["ATLAS_TEST_PWNED"]),))
+
+
+def test_a_state_that_needs_unpickling_is_refused_naming_the_file(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("ATLAS_TEST_PWNED", str(marker))
+    for extra in ({"order": np.arange(5)}, {"payload": _Payload()}):
+        out = tmp_path / f"run{len(extra)}{next(iter(extra))}"
+        path = save_checkpoint(out, 1, make_model(), None, simple_state(1) | {"sampler": extra})
+        with pytest.raises(ValueError, match=r"Cannot load .*checkpoint-1/trainer_state\.pt.*never unpickles"):
+            load_checkpoint(path, make_model())
+    assert not marker.exists()
 
 
 def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, tokenizer, monkeypatch):

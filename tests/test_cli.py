@@ -228,3 +228,60 @@ def test_split_when_no_eval_file(tiny_run_inputs, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "12 train prompts" in stdout and "4 eval prompts" in stdout
     assert "held-out" not in stdout and (out / "final").is_dir()
+
+
+def tiny_run_args(root, out, *extra):
+    return ["train", f"model.name_or_path={root / 'model'}", "data=jsonl", f"data.train_file={root / 'train.jsonl'}",
+            "data.eval_file=null", "data.eval_fraction=0", "reward=accuracy", "recipe=default", "trainer.max_steps=1",
+            "trainer.num_generations=2", "trainer.per_device_train_batch_size=2", "trainer.max_completion_length=2",
+            "trainer.disable_tqdm=true", "trainer.save_steps=1", "evaluate_before_after=false", f"output_dir={out}",
+            *extra]
+
+
+@pytest.mark.parametrize("resume, message", [
+    ("/nonexistent/checkpoint-3", "resume_from_checkpoint=/nonexistent/checkpoint-3: Cannot load checkpoint: "
+                                  "checkpoint folder /nonexistent/checkpoint-3 does not exist"),
+    ("true", "resume_from_checkpoint=True: resume_from_checkpoint=True but"),
+])
+def test_a_bad_resume_is_one_error_line_before_any_output(tiny_run_inputs, tmp_path, capsys, resume, message):
+    root, _ = tiny_run_inputs
+    assert cli.main(tiny_run_args(root, tmp_path / "run", f"resume_from_checkpoint={resume}")) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and message in captured.err
+    assert "trainer:" not in captured.out  # no config dump before the error
+
+
+def test_resume_and_reuse_of_an_output_dir_from_the_cli(tiny_run_inputs, tmp_path, capsys):
+    root, _ = tiny_run_inputs
+    out = tmp_path / "run"
+    assert cli.main(tiny_run_args(root, out)) == 0
+    capsys.readouterr()
+    # The same command again would replace that run: refused, and nothing written.
+    before = (out / "metrics.jsonl").read_text()
+    assert cli.main(tiny_run_args(root, out)) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: output_dir {out} already holds a run")
+    assert "trainer:" not in captured.out and (out / "metrics.jsonl").read_text() == before
+    # Resuming continues it: one more step, appended to the same log.
+    assert cli.main(tiny_run_args(root, out, "resume_from_checkpoint=true", "trainer.max_steps=2")) == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2] and (out / "checkpoint-2").is_dir()
+    assert cli.main(tiny_run_args(root, out, "trainer.overwrite_output_dir=true")) == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.beta=[1]", "trainer.beta"),
+    ("trainer.max_steps=-5", "trainer.max_steps must be > 0, or -1"),
+    ("trainer.report_to=mlflow", "report_to: unsupported integration"),
+    ("+model.peft.rr=3", "unknown config key model.peft.rr"),
+    ("model=qwen2_5_7b_lora", None),
+    ("trainer.eval_strategy=sometimes", "trainer.eval_strategy must be one of"),
+])
+def test_schema_checks(override, message, capsys):
+    if message is None:  # a valid config composes and resolves
+        assert resolved(*LOCAL[1:], override).peft["r"] == 16
+        return
+    assert cli.main(["train", *LOCAL, override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err

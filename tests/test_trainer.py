@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import datasets
 import pytest
@@ -17,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from atlas_fast import EvalPrediction, GRPOConfig, GRPOTrainer
+from atlas_fast import checkpoint as ckpt
 from atlas_fast.checkpoint import load_checkpoint
 from atlas_fast.metrics import read_metrics
 from tiny import arithmetic_rows, char_tokenizer, tiny_model
@@ -138,7 +140,7 @@ class Recorder(TrainerCallback):
 def test_callbacks_fire_in_hf_order(tmp_path, tok):
     recorder = Recorder()
     # Two prompts per generation batch and two rows: every step is one whole epoch.
-    trainer = trainer_for(tmp_path, tok, rows=arithmetic_rows(2), max_steps=2, eval_steps=1, save_steps=1,
+    trainer = trainer_for(tmp_path, tok, rows=arithmetic_rows(2), max_steps=2, eval_strategy="steps", eval_steps=1, save_steps=1,
                           trainer_kwargs=dict(eval_dataset=arithmetic_rows(2, seed=1), callbacks=[recorder],
                                               rollout_func=fixed_rollout))
     trainer.train()
@@ -196,7 +198,7 @@ class HookedTrainer(GRPOTrainer):
 def test_overridable_hooks_and_log_from_on_step_end(tmp_path, tok):
     # 4 rows, 2 prompts per step: epochs begin at steps 1 and 3.
     trainer = trainer_for(tmp_path, tok, cls=HookedTrainer, rows=arithmetic_rows(4), max_steps=3, beta=0.1,
-                          eval_steps=3, trainer_kwargs=dict(eval_dataset=arithmetic_rows(2, seed=1),
+                          eval_strategy="steps", eval_steps=3, trainer_kwargs=dict(eval_dataset=arithmetic_rows(2, seed=1),
                                                             rollout_func=fixed_rollout))
     trainer.train()
     calls = trainer.hook_calls
@@ -641,3 +643,232 @@ def test_sync_ref_model_mixes_reference_toward_policy(tmp_path, tok):
         torch.testing.assert_close(ref4[name], 0.75 * ref3[name] + 0.25 * policy4[name])
     moved = [n for n in initial if not torch.equal(policy4[n], initial[n])]
     assert moved and any(not torch.equal(ref4[n], initial[n]) for n in moved)
+
+
+# ---------------------------------------------------------------------- 11. modes, safety, TRL's options
+def mlp_calls(model) -> list[tuple[bool, bool]]:
+    """(grad enabled, training) per run of each decoder layer's MLP. The MLP runs inside the layer
+    body, so a checkpointed layer's recomputation in backward runs it again. Counted by wrapping
+    `forward` on the instance: module forward hooks do not fire inside torch's recomputation."""
+    calls = []
+    for layer in model.model.layers:
+        def counted(*args, _mlp=layer.mlp, _forward=layer.mlp.forward, **kwargs):
+            calls.append((torch.is_grad_enabled(), _mlp.training))
+            return _forward(*args, **kwargs)
+        layer.mlp.forward = counted
+    return calls
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_update_runs_in_training_mode_and_checkpointing_recomputes(tmp_path, tok, checkpointing):
+    model = tiny_model(tok, layers=2).eval()  # from_pretrained hands the model over in eval mode
+    calls = mlp_calls(model)
+    # steps_per_generation=2: old log-probs are recorded, without gradients, at rollout time.
+    trainer = trainer_for(tmp_path, tok, model=model, max_steps=2, steps_per_generation=2,
+                          gradient_checkpointing=checkpointing, trainer_kwargs=dict(rollout_func=fixed_rollout))
+    trainer.train()
+    with_grad = [training for grad, training in calls if grad]
+    without_grad = [training for grad, training in calls if not grad]
+    assert with_grad and all(with_grad), "the update must run in training mode"
+    assert without_grad and not any(without_grad), "old log-probs must run in eval mode"
+    # 2 steps x 1 micro-batch x 2 layers; checkpointing runs each layer once more in backward.
+    assert len(with_grad) == (8 if checkpointing else 4)
+
+
+def test_generation_runs_in_eval_mode_and_dropout_trains(tmp_path, tok):
+    model = tiny_model(tok).eval()
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda mod, args: modes.append(mod.training))
+    modes: list[bool] = []
+    trainer = trainer_for(tmp_path, tok, model=model, max_steps=1)  # samples with generate
+    trainer.train()
+    assert False in modes and True in modes and trainer.model.training
+
+
+class Generations:
+    """A reward that records what each generation batch held: its prompts and sampled ids."""
+
+    __name__ = "recorded_digit_reward"
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, prompts, completion_ids, **kwargs):
+        self.batches.append((list(prompts), [list(c) for c in completion_ids]))
+        return digit_reward(completion_ids)
+
+
+@pytest.mark.parametrize("steps_per_generation, fail_at, save_steps", [(1, 3, None), (2, 2, 1)],
+                         ids=["fresh-generation", "pending-micro-batches"])
+def test_resume_after_nan_trains_on_the_rows_of_an_uninterrupted_run(tmp_path, tok, monkeypatch, steps_per_generation,
+                                                                      fail_at, save_steps):
+    common = dict(max_steps=4, steps_per_generation=steps_per_generation, save_steps=save_steps)
+    reference = Generations()
+    trainer_for(tmp_path, tok, name="reference", reward_funcs=reference, **common).train()
+    expected_losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "reference" / "metrics.jsonl")}
+
+    model = tiny_model(tok)
+    poison = {"on": False}
+    # NaN logits in the update only (generation runs without gradients and stays finite).
+    model.lm_head.register_forward_hook(
+        lambda mod, args, out: out * math.nan if poison["on"] and torch.is_grad_enabled() else out)
+
+    class PoisonAfter(GRPOTrainer):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == fail_at - 1:
+                poison["on"] = True
+
+    first = Generations()
+    trainer = trainer_for(tmp_path, tok, name="failed", cls=PoisonAfter, model=model, reward_funcs=first, **common)
+    saved_steps = []
+    save = ckpt.save_checkpoint
+    monkeypatch.setattr(ckpt, "save_checkpoint", lambda out, step, *a, **k: saved_steps.append(step) or save(out, step, *a, **k))
+    with pytest.raises(FloatingPointError, match=f"at step {fail_at}.*checkpoint-{fail_at - 1}"):
+        trainer.train()
+    assert saved_steps == list(range(1, fail_at)) if save_steps else [fail_at - 1]  # none saved twice
+
+    resumed = Generations()
+    trainer = trainer_for(tmp_path, tok, name="failed", reward_funcs=resumed, **common)
+    trainer.train(resume_from_checkpoint=True)
+    done = len(first.batches) - (1 if steps_per_generation == 1 else 0)  # the failed step's generation
+    assert first.batches[:done] == reference.batches[:done]
+    assert resumed.batches == reference.batches[done:]
+    losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "failed" / "metrics.jsonl")}
+    for step in range(fail_at, 5):
+        assert losses[step] == pytest.approx(expected_losses[step], rel=1e-5, abs=1e-7), step
+
+
+def test_a_new_run_into_a_used_output_dir_is_refused(tmp_path, tok):
+    first = trainer_for(tmp_path, tok, max_steps=1, trainer_kwargs=dict(rollout_func=fixed_rollout))
+    first.train()
+    first.save_model(tmp_path / "run" / "final")
+    log = (tmp_path / "run" / "metrics.jsonl").read_text()
+    second = trainer_for(tmp_path, tok, max_steps=1, trainer_kwargs=dict(rollout_func=fixed_rollout))
+    with pytest.raises(ValueError, match=f"output_dir {tmp_path / 'run'} already holds a run.*overwrite_output_dir"):
+        second.train()
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == log
+    third = trainer_for(tmp_path, tok, max_steps=2, overwrite_output_dir=True, trainer_kwargs=dict(rollout_func=fixed_rollout))
+    third.train()
+    assert [r["step"] for r in train_records(tmp_path / "run")] == [1, 2]
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_step_callbacks_bracket_the_generation(tmp_path, tok):
+    recorder = Recorder()
+
+    def recording_rollout(prompts, trainer):
+        recorder.events.append("generate")
+        return fixed_rollout(prompts, trainer)
+
+    trainer_for(tmp_path, tok, max_steps=2, rows=arithmetic_rows(2),
+                trainer_kwargs=dict(callbacks=[recorder], rollout_func=recording_rollout)).train()
+    step = ["on_epoch_begin", "on_step_begin", "generate", "on_step_end", "on_log", "on_epoch_end"]
+    assert recorder.events == ["on_train_begin", *step, *step, "on_train_end"]
+
+
+def test_a_run_without_matplotlib_trains_and_saves(tmp_path, tok, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an environment without it looks like
+    trainer = trainer_for(tmp_path, tok, max_steps=1, save_steps=1, trainer_kwargs=dict(rollout_func=fixed_rollout))
+    trainer.train()
+    out = tmp_path / "run"
+    assert (out / "metrics.jsonl").exists() and (out / "checkpoint-1").is_dir() and not (out / "metrics.png").exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "note: skipped" in err and "matplotlib" in err
+
+
+def test_report_to_none_writes_no_integration_logs(tmp_path, tok, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # importing it would fail loudly
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    trainer_for(tmp_path, tok, max_steps=1, report_to="none", trainer_kwargs=dict(rollout_func=fixed_rollout)).train()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl", "metrics.png"]
+
+
+@pytest.mark.parametrize("kind, kwargs", [("constant", None), ("constant_with_warmup", None), ("linear", None),
+                                          ("cosine_with_min_lr", {"min_lr": 1e-3})])
+def test_schedules_are_transformers(tmp_path, tok, kind, kwargs):
+    from transformers import get_scheduler
+
+    trainer = trainer_for(tmp_path, tok, max_steps=4, warmup_steps=2, lr_scheduler_type=kind, lr_scheduler_kwargs=kwargs,
+                          trainer_kwargs=dict(rollout_func=fixed_rollout))
+    trainer.train()
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    expected = get_scheduler(kind, optimizer, num_warmup_steps=2, num_training_steps=4, scheduler_specific_kwargs=kwargs)
+    lrs = []
+    for _ in range(4):
+        lrs.append(expected.get_last_lr()[0])
+        optimizer.step()
+        expected.step()
+    assert [r["learning_rate"] for r in train_records(tmp_path / "run")] == pytest.approx(lrs)
+    if kind == "constant":
+        assert lrs == [1e-2] * 4  # transformers' "constant" has no warmup
+
+
+def test_warmup_fraction_and_optim(tmp_path, tok):
+    trainer = trainer_for(tmp_path, tok, max_steps=10, warmup_steps=0.25, optim="adamw_torch")
+    assert trainer.args.warmup_for(10) == 3
+    assert trainer.optimizer.defaults["fused"] is False
+    assert trainer_for(tmp_path, tok, name="b", optim="adamw_torch_fused").optimizer.defaults["fused"] is True
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision(tmp_path, tok, precision):
+    trainer = trainer_for(tmp_path, tok, max_steps=2, **{precision: True}, save_steps=2,
+                          trainer_kwargs=dict(rollout_func=fixed_rollout))
+    seen = []
+    trainer.model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    trainer.train()
+    assert set(seen) == {getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[precision])}
+    assert (trainer.scaler is not None) == (precision == "fp16")
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_weights_load_in_float32_as_in_trl(tmp_path, tok):
+    tiny_model(tok).to(torch.bfloat16).save_pretrained(tmp_path / "bf16-model")
+    trainer = GRPOTrainer(config(tmp_path), model=str(tmp_path / "bf16-model"), tokenizer=tok,
+                          train_dataset=arithmetic_rows(4), reward_funcs=digit_reward)
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    trainer = GRPOTrainer(config(tmp_path, model_init_kwargs={"dtype": "bfloat16"}), model=str(tmp_path / "bf16-model"),
+                          tokenizer=tok, train_dataset=arithmetic_rows(4), reward_funcs=digit_reward)
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}
+
+
+def test_rollout_options_come_from_trl_fields(tmp_path, tok, monkeypatch):
+    import dataclasses
+
+    import atlas_fast.trainer as trainer_module
+
+    trainer = trainer_for(tmp_path, tok, generation_kwargs={"no_repeat_ngram_size": 2})
+    assert trainer.rollout.generation_kwargs == {"no_repeat_ngram_size": 2}
+    trainer.args = dataclasses.replace(trainer.args, use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1",
+                                       vllm_server_port=8123, vllm_server_timeout=30.0, generation_kwargs=None)
+    assert trainer.args.rollout_backend == "vllm_server"
+    assert trainer._rollout_options() == {"base_url": "http://127.0.0.1:8123", "timeout": 30.0}
+    trainer.args = dataclasses.replace(trainer.args, vllm_server_base_url="http://10.0.0.1:9000")
+    assert trainer._rollout_options()["base_url"] == "http://10.0.0.1:9000"
+    trainer.args = dataclasses.replace(trainer.args, rollout_backend="hf", use_vllm=True, vllm_mode="colocate",
+                                       vllm_gpu_memory_utilization=0.5, vllm_enable_sleep_mode=True)
+    assert trainer._rollout_options() == {"gpu_memory_utilization": 0.5, "enable_sleep_mode": True,
+                                          "max_model_len": 512 + 6}
+
+    def strict_backend(name, model, tokenizer, **options):
+        def construct(*, base_url):
+            return None
+        return construct(**options)
+
+    monkeypatch.setattr(trainer_module, "build_backend", strict_backend)
+    with pytest.raises(ValueError, match=r"rollout_backend='vllm_server' does not take.*timeout"):
+        trainer_for(tmp_path, tok, use_vllm=True, vllm_mode="server")
+
+
+@pytest.mark.parametrize("strategy", ["epoch", "no"])
+def test_logging_eval_and_save_strategies(tmp_path, tok, strategy):
+    # 4 rows, 2 prompts per step: an epoch ends every 2 steps.
+    trainer = trainer_for(tmp_path, tok, rows=arithmetic_rows(4), max_steps=4, logging_strategy=strategy,
+                          eval_strategy=strategy, save_strategy=strategy, save_steps=1,
+                          trainer_kwargs=dict(eval_dataset=arithmetic_rows(2, seed=1), rollout_func=fixed_rollout))
+    trainer.train()
+    out = tmp_path / "run"
+    records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    expected = [2, 4] if strategy == "epoch" else []
+    assert [r["step"] for r in records if "reward" in r] == expected
+    assert [r["step"] for r in records if "eval/reward" in r] == expected
+    assert sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")) == expected
