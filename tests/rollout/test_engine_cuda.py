@@ -29,6 +29,19 @@ def hf_greedy(model, tok, prompts, **sampling):
     return build_backend("hf", model, tok).generate(prompts, SamplingParams(temperature=0.0, **sampling))
 
 
+def as_hf_returns(out, pad_id, stops=()):
+    """The hf backend cannot tell a sampled pad token from padding, so it drops trailing pad ids of
+    unfinished rows (unless pad is a stop id); the engine returns what it sampled. Compare in HF's
+    convention."""
+    rows = []
+    for row, reason in zip(out.completion_ids, out.finish_reasons):
+        row = list(row)
+        while reason != FINISH_STOP and pad_id not in stops and row and row[-1] == pad_id:
+            row.pop()
+        rows.append(row)
+    return rows
+
+
 @pytest.mark.parametrize("attention", ["triton", "sdpa"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_graphs_and_fused_kernels_match_hf_greedy(tok, prompts, arch, attention):
@@ -39,11 +52,11 @@ def test_cuda_graphs_and_fused_kernels_match_hf_greedy(tok, prompts, arch, atten
     out = engine.generate(prompts, SamplingParams(max_tokens=40, n=3, temperature=0.0))
     assert engine.graphs is not None and len(engine.graphs) >= (1 if attention == "triton" else 2)  # sdpa: per span
     assert engine._step_fn().__name__.startswith("decode_logits_fused")
-    assert out.completion_ids == repeat(ref.completion_ids, 3)
+    assert as_hf_returns(out, tok.pad_token_id, {tok.eos_token_id}) == repeat(ref.completion_ids, 3)
     stops = first_occurrence_stops(ref.completion_ids)
     ref = hf_greedy(model, tok, prompts, max_tokens=40, stop_token_ids=stops)
     out = engine.generate(prompts, SamplingParams(max_tokens=40, n=3, temperature=0.0, stop_token_ids=stops))
-    assert out.completion_ids == repeat(ref.completion_ids, 3)
+    assert as_hf_returns(out, tok.pad_token_id, {tok.eos_token_id, *stops}) == repeat(ref.completion_ids, 3)
     assert FINISH_STOP in out.finish_reasons and out.metrics["engine/compactions"] >= 1
     assert len(engine.graphs) >= 2  # the smaller buckets the finished rows left behind
 
@@ -56,6 +69,9 @@ def test_bf16_autocast_sampling_runs_and_updates(tok, prompts):
     assert len(out.completion_ids) == 40
     assert all(lp <= 0 for row in out.logprobs for lp in row)
     assert engine.generate(prompts, params).completion_ids == out.completion_ids  # seeded
+    plain = SamplingParams(max_tokens=30, n=8, temperature=0.8, logprobs=True, seed=1)  # the one-pass Triton sampler
+    a, b = engine.generate(prompts, plain), engine.generate(prompts, plain)
+    assert a.completion_ids == b.completion_ids and all(lp <= 0 for row in a.logprobs for lp in row)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(-1.0)  # in place, as an optimizer step: the captured graphs must see it

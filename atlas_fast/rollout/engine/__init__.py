@@ -45,7 +45,7 @@ class EngineBackend:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, dtype: torch.dtype | str | None = None,
                  cuda_graphs: bool = True, check_every: int = 8, span_step: int = 256,
                  prefill_tokens: int = 16384, max_rows: int = 0, max_length: int = 0,
-                 fused_kernels: bool | None = None, attention: str = "auto"):
+                 fused_kernels: bool | None = None, attention: str = "auto", fused_sampler: bool | None = None):
         """dtype: compute dtype (default bf16 on CUDA, the parameters' dtype elsewhere); float32
         parameters then run under autocast. check_every: decode steps between looks at which
         sequences finished (each look is a host sync). span_step: the attention span's rounding
@@ -54,7 +54,8 @@ class EngineBackend:
         KV cache up front (it grows on demand otherwise). fused_kernels: the Triton norm/rotary
         kernels in the decode step (default: on CUDA when the model's norms are stock RMSNorms).
         attention: decode attention with the fused step, "triton" (reads each row's own KV length;
-        one CUDA graph per batch bucket) or "sdpa" (over the span); "auto" is "triton"."""
+        one CUDA graph per batch bucket) or "sdpa" (over the span); "auto" is "triton".
+        fused_sampler: temperature-only steps sample in one Triton pass (default: on CUDA)."""
         if check_every < 1 or span_step < 1 or prefill_tokens < 1:
             raise ValueError("EngineBackend: check_every, span_step and prefill_tokens must be >= 1")
         if attention not in ("auto", "triton", "sdpa"):
@@ -68,6 +69,7 @@ class EngineBackend:
         self.reserve = (max_rows, max_length)
         self.fused_kernels = fused_kernels
         self.attention = attention
+        self.fused_sampler = fused_sampler
         self.cache: KVCache | None = None
         self.graphs: DecodeGraphs | None = None
         self.rope = None
@@ -132,6 +134,7 @@ class EngineBackend:
             stop_mask = torch.zeros(dec.vocab_size, dtype=torch.bool, device=device)
             stop_mask[torch.tensor(sorted(stops), device=device)] = True
         generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
+        seeds = self._kernel_seeds(sampling, device)
         out_tokens = torch.full((N + 1, T), self.pad_id, dtype=torch.long, device=device)  # row N: padding slots
         out_logps = torch.zeros((N + 1, T), dtype=torch.float32, device=device) if sampling.logprobs else None
 
@@ -140,7 +143,7 @@ class EngineBackend:
         batch = new_batch(lens, n, torch.zeros(N, dtype=torch.long, device=device), size, seen, self.pad_id)
         pad_rows = size - N
         logits = torch.cat([first_logits, first_logits[:1].expand(pad_rows, -1)]) if pad_rows else first_logits
-        self._sample_into(batch, logits, 0, sampling, stop_mask, generator, out_tokens, out_logps)
+        self._sample_into(batch, logits, 0, sampling, stop_mask, generator, out_tokens, out_logps, seeds)
 
         can_stop = stop_mask is not None
         steps, compactions = 1, 0
@@ -157,7 +160,7 @@ class EngineBackend:
                     compactions += 1
             logits = self._decode(batch, batch.span_needed(t))  # [B, V]
             batch.positions += 1
-            self._sample_into(batch, logits, t, sampling, stop_mask, generator, out_tokens, out_logps)
+            self._sample_into(batch, logits, t, sampling, stop_mask, generator, out_tokens, out_logps, seeds)
             steps += 1
         return out_tokens[:N], (out_logps[:N] if out_logps is not None else None), steps, compactions
 
@@ -196,10 +199,12 @@ class EngineBackend:
         return DecodeStep(decode_logits)
 
     def _sample_into(self, batch: DecodeBatch, logits: torch.Tensor, t: int, sampling: SamplingParams,
-                     stop_mask, generator, out_tokens: torch.Tensor, out_logps: torch.Tensor | None) -> None:
+                     stop_mask, generator, out_tokens: torch.Tensor, out_logps: torch.Tensor | None,
+                     seeds: int | None = None) -> None:
         """Draw token t of every slot and record it, all on the device."""
         seen = batch.seen[:, :-1] if batch.seen is not None else None
-        tokens, logps = sample(logits, sampling, t, seen, stop_mask, generator, out_logps is not None)  # [B]
+        seed = None if seeds is None else (seeds + t) % 2**31  # a fresh random stream per step
+        tokens, logps = sample(logits, sampling, t, seen, stop_mask, generator, out_logps is not None, seed)  # [B]
         tokens = torch.where(batch.finished, self.pad_id, tokens)
         out_tokens[batch.rows, t] = tokens
         if out_logps is not None:
@@ -224,6 +229,15 @@ class EngineBackend:
                 lps.append(lp_rows[r][: len(ids[-1])])
         # Completions of prompt i are rows i*n .. i*n+n-1, as the interface asks.
         return RolloutOutput(ids, reasons, lps if lp_rows is not None else None)
+
+    def _kernel_seeds(self, sampling: SamplingParams, device: torch.device) -> int | None:
+        """Base seed of the one-pass sampler's random streams (host-side: no device sync), or None
+        when the PyTorch sampler runs. Seeded calls derive it from the seed, so they repeat."""
+        use = self.fused_sampler if self.fused_sampler is not None else device.type == "cuda"
+        if not use or sampling.greedy:
+            return None
+        source = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=source).item())
 
     def _stops(self, sampling: SamplingParams) -> set[int]:
         # vLLM's meaning: ignore_eos drops the model's EOS ids, explicit stop ids still stop.

@@ -76,10 +76,22 @@ def chosen_logprobs(processed: torch.Tensor, tokens: torch.Tensor) -> torch.Tens
     return processed.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
+def temperature_only(params: SamplingParams, step: int, stop_mask: torch.Tensor | None, vocab: int) -> bool:
+    """Whether this step's distribution is plain softmax(logits / T): no filter, no penalty active."""
+    return (not params.greedy and not 0 < params.top_k < vocab and params.top_p >= 1.0 and params.min_p <= 0.0
+            and params.repetition_penalty == 1.0 and (step >= params.min_tokens or stop_mask is None))
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, step: int, seen: torch.Tensor | None,
            stop_mask: torch.Tensor | None, generator: torch.Generator | None,
-           want_logprobs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One decode step's tokens [B] and, if asked, their log-probs [B]."""
+           want_logprobs: bool, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One decode step's tokens [B] and, if asked, their log-probs [B]. With `seed` (a fresh one per
+    step) a temperature-only step runs the one-pass Triton sampler (sample_kernel.py) instead."""
+    if seed is not None and temperature_only(params, step, stop_mask, logits.shape[-1]):
+        from .sample_kernel import gumbel_sample
+
+        tokens, logps = gumbel_sample(logits, params.temperature, seed)
+        return tokens, logps if want_logprobs else None
     processed = process(logits, params, step, seen, stop_mask)
     tokens = draw(processed, params, generator)
     return tokens, chosen_logprobs(processed, tokens) if want_logprobs else None
