@@ -9,13 +9,14 @@ element-wise sweeps over a tile are memory-bound and small next to them.
 Each chunk takes two sweeps over its vocabulary tiles: the first folds them into every token's
 log-sum-exp, the second turns each tile into d(logits) and feeds the two gradient GEMMs. A tile
 the first sweep kept in the workspace is reused; any other is recomputed (2 * chunk * tile * H
-FLOPs more). `make_plan` buys kept tiles with the workspace budget:
-- default, 64 MiB: one tile (8192 tokens x 4096 columns), nothing kept: 8NHV, and the only
-  buffers beyond the gradients are that tile and an fp32 [N, H] d(hidden) sum. All tokens share
-  one chunk when they fit, so each d(weight) tile is one GEMM with K = N written straight into
-  the gradient: no [V, H] accumulator, no rounding of partial sums.
-- a budget that holds a chunk's whole vocabulary keeps every tile: one pass, 6NHV, nothing
-  recomputed (with several chunks, d(weight) then adds up in an fp32 [V, H] buffer).
+FLOPs more). `make_plan` spends the workspace budget:
+- default, 320 MiB: one pass. Chunks of whole vocabulary rows (1024 tokens at V = 151936) stay
+  in memory between the sweeps: 6NHV, nothing recomputed. d(hidden) of a chunk is one GEMM
+  (K = V); d(weight) adds up over chunks in the weight's own dtype (fp32 math inside each GEMM).
+- a budget under MIN_ONE_PASS_TOKENS rows (e.g. 64 MiB): two sweeps over tiles of 8192 tokens x
+  4096 columns, all tokens in one chunk: 8NHV, but the only buffers beyond the gradients are
+  that tile and an fp32 [N, H] d(hidden) sum, and each d(weight) tile is a single GEMM (K = N)
+  written straight into the gradient. A larger budget keeps tiles between the sweeps.
 For the GRPO loss with token-level importance sampling a chunk's d(logp) is known as soon as its
 log-sum-exp is, so its second sweep follows its first directly. Sequence-level importance
 sampling (GSPO) needs every sequence's mean log-ratio first: the second sweep waits for all
@@ -43,12 +44,18 @@ from ._validation import check_linear_inputs, check_loss_inputs, loss_config
 from .grpo import LOSS, N_OUT, NORM, ROW, _LossLaunch, _LossTensors, _mask_view, _row_scale, _stats, _surrogate
 from .reference import masked_mean
 
-# Bytes of one tile of logits. 64 MiB is 8192 tokens x 4096 columns in bf16: cuBLAS runs such
-# GEMMs at full rate (K = H >= 896), and the tile stays well under the d(weight) gradient
-# (272 MiB at H = 896, V = 151936), which every fused head must allocate anyway.
+# Default bytes of logits in flight. 320 MiB holds 1024 tokens x the whole Qwen vocabulary
+# (151936) in bf16: one pass, 6NHV. Measured on an H200 at N = 8192 (RESULTS.md): one pass ran at
+# 500-630 TFLOP/s (as 6NHV) against 410-470 for two sweeps over 64 MiB tiles, which recompute the
+# logits (8NHV) but need 0.2-0.9 GiB less; `workspace_bytes=64 << 20` picks those.
+WORKSPACE_BYTES = 320 * 2**20
+# Fewer tokens per chunk than this and one pass loses to two sweeps: every chunk adds its
+# d(weight) into the [V, H] gradient (a read and a write of it), which at 2 bytes x V x H per
+# chunk costs more than recomputing the logits once chunks drop below ~330 tokens on an H200.
+MIN_ONE_PASS_TOKENS = 512
+# Bytes of one tile in the two-sweep schedule. 64 MiB is 8192 tokens x 4096 columns in bf16:
+# cuBLAS runs such GEMMs at full rate (K = H >= 896).
 TILE_BYTES = 64 * 2**20
-# Default bytes of logits in flight: one tile, so nothing is kept between the two sweeps.
-WORKSPACE_BYTES = TILE_BYTES
 # Fewer columns per tile than this and the GEMM launches (four per tile) start to show.
 MIN_TILE = 1024
 # Tokens per chunk in the two-pass schedule: one chunk keeps d(weight) exact without an fp32
@@ -193,14 +200,18 @@ def make_plan(n_tokens: int, vocab: int, elem_bytes: int, *, chunk_tokens: int |
               vocab_tile: int | None = None, workspace_bytes: int | None = None) -> Plan:
     """Tokens per chunk, columns per tile and tiles kept, for `n_tokens` rows; explicit sizes win.
 
-    The workspace budget buys tiles: one for the sweeps, each further one keeps a tile of the
-    log-sum-exp sweep for the gradient sweep and saves its recompute (2 * chunk * tile * H FLOPs).
+    A budget that holds MIN_ONE_PASS_TOKENS rows of the whole vocabulary gives one pass, chunks
+    as large as it holds. A smaller one gives two sweeps over tiles of TILE_BYTES with every
+    token in one chunk; there the budget buys kept tiles, each saving its recompute.
     """
     budget = WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
     n = max(1, n_tokens)
+    if chunk_tokens is None and vocab_tile is None:
+        rows = budget // (vocab * elem_bytes)
+        if rows >= min(n, MIN_ONE_PASS_TOKENS):
+            rows = rows // 128 * 128 if rows >= 256 else rows  # GEMM-friendly chunk sizes
+            return Plan(min(n, rows), vocab, vocab, keep=1)
     if chunk_tokens is None:
-        if vocab_tile is None and n * vocab * elem_bytes <= budget:
-            return Plan(n, vocab, vocab, keep=1)  # everything fits: one chunk, one tile, one pass
         chunk_tokens = min(n, MAX_CHUNK_TOKENS)
         if vocab_tile is not None and vocab_tile >= vocab:
             chunk_tokens = max(1, min(n, budget // (vocab * elem_bytes)))
@@ -339,7 +350,7 @@ class _Tokens:
 class _Grads:
     """Gradient buffers for hidden, weight and bias, filled chunk by chunk."""
 
-    def __init__(self, tokens: _Tokens, weight, bias, needs, multi_chunk: bool, hidden_dtype):
+    def __init__(self, tokens: _Tokens, weight, bias, needs, hidden_dtype):
         need_h, need_w, need_b = needs
         dev = weight.device
         self.h = None
@@ -349,9 +360,10 @@ class _Grads:
             self.h = alloc(tokens.rows.shape, device=dev, dtype=hidden_dtype)
         self.w = None
         if need_w:
-            # Several token chunks add into d(weight): fp32, never rounded partial sums. One
-            # chunk writes each tile once, straight into the gradient's own dtype.
-            self.w = torch.empty(weight.shape, device=dev, dtype=torch.float32 if multi_chunk else weight.dtype)
+            # Each chunk's GEMM accumulates in fp32 and adds into the gradient in the weight's own
+            # dtype: fp32 master weights keep fp32 sums; bf16 weights round once per chunk (one
+            # chunk: exactly once), which spares an fp32 [V, H] buffer (2.2 GB at H = 3584).
+            self.w = torch.empty(weight.shape, device=dev, dtype=weight.dtype)
         self.b = torch.zeros(bias.shape, device=dev, dtype=torch.float32) if need_b else None
 
     def add_tile(self, head: _Head, h, tile, v0, v1, first_chunk, h_acc):
@@ -467,7 +479,7 @@ class FusedLinearLogprobs(torch.autograd.Function):
         tokens = _Tokens(hidden, shape, None)
         head = _Head(weight, bias, temperature, cdtype)
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        grads = _Grads(tokens, weight, bias, needs, tokens.n > plan.chunk, hidden.dtype)
+        grads = _Grads(tokens, weight, bias, needs, hidden.dtype)
         g = (g_logp.reshape(-1).float().contiguous() if g_logp is not None
              else torch.zeros_like(lse))
         gh = g_ent.reshape(-1).float().contiguous() if (with_entropy and g_ent is not None) else None
@@ -504,7 +516,7 @@ class FusedLinearGRPOLoss(torch.autograd.Function):
         one = torch.ones((), device=dev, dtype=torch.float32)
         grads = None
         if any(needs) and tokens.n:
-            grads = _Grads(tokens, weight, bias, needs, tokens.n > plan.chunk, hidden.dtype)
+            grads = _Grads(tokens, weight, bias, needs, hidden.dtype)
         ws = _Workspace(plan, cdtype, dev)
         immediate = None
         if grads is not None and not cfg.sequence_level:

@@ -246,15 +246,16 @@ def test_runs_the_triton_path_under_the_interpreter(monkeypatch, gen):
 
 
 def test_plan_bounds_the_workspace():
-    one = make_plan(16, 151936, 2)  # 4.6 MiB of logits: one chunk, one tile, one pass
-    assert one.one_pass and one.chunk == 16
-    big = make_plan(8192, 151936, 2)
-    assert not big.one_pass and big.chunk == 8192 and big.chunk * big.tile * 2 <= 64 * 2**20
-    forced = make_plan(8192, 151936, 2, vocab_tile=151936, workspace_bytes=2**30)
-    assert forced.one_pass and forced.chunk * 151936 * 2 <= 2**30
-    assert make_plan(45, V, 4, **PLANS["tiles_kept"]).keep == 2
-    kept = make_plan(8192, 151936, 2, workspace_bytes=16 * 64 * 2**20)  # 16 tiles: 15 kept, one for the rest
+    V_QWEN, MiB = 151936, 2**20
+    small = make_plan(16, V_QWEN, 2)  # 4.6 MiB of logits: one chunk, one tile, one pass
+    assert small.one_pass and small.chunk == 16
+    default = make_plan(8192, V_QWEN, 2)  # one pass in chunks of whole vocabulary rows
+    assert default.one_pass and default.tile == V_QWEN and default.chunk * V_QWEN * 2 <= 320 * MiB
+    lean = make_plan(8192, V_QWEN, 2, workspace_bytes=64 * MiB)  # two sweeps, every token in one chunk
+    assert not lean.one_pass and lean.keep == 0 and lean.chunk == 8192 and lean.chunk * lean.tile * 2 <= 64 * MiB
+    kept = make_plan(8192, V_QWEN, 2, vocab_tile=4096, workspace_bytes=16 * 64 * MiB)  # 15 kept, one for the rest
     assert (kept.keep, kept.slots, kept.n_tiles) == (15, 16, 38) and not kept.one_pass
+    assert make_plan(45, V, 4, **PLANS["tiles_kept"]).keep == 2
 
 
 @pytest.mark.parametrize("hidden, weight, index, kwargs, match", [
