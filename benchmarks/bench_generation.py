@@ -198,7 +198,8 @@ def run_engine(model, prompts, new_tokens: int, device: str, repeats: int, label
     row.total_s = statistics.median(timed(lambda: engine.generate(prompts, full), device) for _ in range(repeats))
     row.peak_gib = peak_gib(device)
     print(f"  [{label}] {system}: first call {warm:.2f} s (graph capture), then {row.total_s:.3f} s; "
-          f"{len(engine.graphs or [])} graphs; KV cache {engine.cache.nbytes / 2**30:.2f} GiB", flush=True)
+          f"{len(engine.graphs or [])} graphs; KV cache {engine.cache.nbytes / 2**30:.2f} GiB; packed projections "
+          f"{(engine.packed.nbytes if engine.packed else 0) / 2**30:.2f} GiB; step {engine._step_fn().__name__}", flush=True)
     engine.close()
     return row
 

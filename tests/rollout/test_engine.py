@@ -47,6 +47,19 @@ def repeat(rows, n):
     return [r for r in rows for _ in range(n)]
 
 
+def as_hf_returns(out, pad_id, stops=()):
+    """The hf backend cannot tell a sampled pad token from padding, so it drops trailing pad ids of
+    unfinished rows (unless pad is a stop id); the engine returns what it sampled. This puts the
+    engine's rows in HF's convention for comparison."""
+    rows = []
+    for row, reason in zip(out.completion_ids, out.finish_reasons):
+        row = list(row)
+        while reason != FINISH_STOP and pad_id not in stops and row and row[-1] == pad_id:
+            row.pop()
+        rows.append(row)
+    return rows
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_matches_hf(models, tok, prompts, arch):
     model = models[arch]
@@ -59,16 +72,18 @@ def test_greedy_matches_hf(models, tok, prompts, arch):
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors need the Triton interpreter")
-@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
+@pytest.mark.parametrize("arch", ["qwen3", "mistral", "qwen2"])
 def test_fused_decode_kernels_match_hf(models, tok, prompts, arch):
-    """The Triton norm/rotary/KV-write kernels of the CUDA decode step, run by the interpreter
-    (Qwen3: with its per-head q/k norms; Mistral: plain norms, sliding window)."""
+    """The CUDA decode step's Triton kernels (norms, rotary + KV write, attention, SiLU) and packed
+    projections, run by the interpreter (Qwen3: per-head q/k norms; Mistral: sliding window;
+    Qwen2: q/k/v biases in the packed projection)."""
     model = models[arch]
-    ref = hf_greedy(model, tok, prompts, max_tokens=8)
+    ref = hf_greedy(model, tok, prompts, max_tokens=6)
     engine = EngineBackend(model, tok, fused_kernels=True)
-    out = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0))
+    out = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0))
     assert engine._step_fn().__name__ == "decode_logits_fused+triton_attention"
-    assert out.completion_ids == ref.completion_ids
+    assert engine.packed is not None and engine.packed.count == 2 * len(model.model.layers)
+    assert as_hf_returns(out, tok.pad_token_id, {tok.eos_token_id}) == ref.completion_ids
 
 
 def first_occurrence_stops(ref_rows, at=(3, 6, 9)):
@@ -179,28 +194,38 @@ def test_first_token_distribution_end_to_end(models, tok):
     assert p > 1e-3, f"chi-square p = {p:.2e}"
 
 
-def test_lora_policy(tok, prompts):
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_lora_policy(tok, prompts, fused):
+    if fused and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors need the Triton interpreter")
     peft = pytest.importorskip("peft")
     base = tiny_decoder("qwen2", tok, seed=1)
     # init_lora_weights=False: random A and B, so the adapter changes the outputs from the start.
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"],
                                                       init_lora_weights=False, lora_dropout=0.1))
     model.train()  # as the trainer holds it: the engine must sample without dropout and restore the mode
-    ref = hf_greedy(model, tok, prompts, max_tokens=16)
+    n_new = 6 if fused else 16  # the interpreter runs each Triton program in Python
+    ref = hf_greedy(model, tok, prompts, max_tokens=n_new)
     with model.disable_adapter():
-        plain = hf_greedy(model, tok, prompts, max_tokens=16)
+        plain = hf_greedy(model, tok, prompts, max_tokens=n_new)
     assert ref.completion_ids != plain.completion_ids
-    engine = build_backend("engine", model, tok)
-    out = engine.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0))
+    engine = build_backend("engine", model, tok, fused_kernels=fused)
+    out = engine.generate(prompts, SamplingParams(max_tokens=n_new, temperature=0.0))
     assert out.completion_ids == ref.completion_ids
     assert model.training
+    if fused:  # q/k/v and gate/up hold LoRA layers here: called as modules, never packed
+        assert all(layer.qkv is None and layer.gate_up is None for layer in engine.packed.layers)
 
 
-def test_samples_from_updated_weights_after_optimizer_step(tok, prompts):
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused-packed"])
+def test_samples_from_updated_weights_after_optimizer_step(tok, prompts, fused):
+    if fused and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors need the Triton interpreter")
     model = tiny_decoder("llama", tok, seed=2)
-    engine = build_backend("engine", model, tok)
-    greedy = SamplingParams(max_tokens=12, temperature=0.0)
-    before = engine.generate(prompts, greedy).completion_ids
+    engine = build_backend("engine", model, tok, fused_kernels=fused)
+    n_new = 5 if fused else 12  # the interpreter runs each Triton program in Python
+    greedy = SamplingParams(max_tokens=n_new, temperature=0.0)
+    before = engine.generate(prompts[:3], greedy).completion_ids
     # One step that makes the model prefer the digit "7" after every prompt.
     target = tok.convert_tokens_to_ids("7")
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -208,10 +233,12 @@ def test_samples_from_updated_weights_after_optimizer_step(tok, prompts):
     loss = sum(-model(p[None]).logits[0, -1].log_softmax(-1)[target] for p in batch)
     loss.backward()
     opt.step()
-    engine.update_weights(model)  # free: the engine reads the parameters in place
-    after = engine.generate(prompts, greedy).completion_ids
-    assert after != before
-    assert after == hf_greedy(model, tok, prompts, max_tokens=12).completion_ids
+    if not fused:
+        engine.update_weights(model)  # free: the engine reads the parameters in place
+    # (fused: no update_weights call at all; the packed copies notice the new versions by themselves)
+    after = engine.generate(prompts[:3], greedy)
+    assert after.completion_ids != before
+    assert as_hf_returns(after, tok.pad_token_id, {tok.eos_token_id}) == hf_greedy(model, tok, prompts[:3], max_tokens=n_new).completion_ids
 
 
 def test_refuses_unsupported_architectures_and_bad_prompts(tok, models):

@@ -10,7 +10,7 @@ from atlas_fast.rollout.engine import EngineBackend
 from tiny import char_tokenizer
 
 from .engine_models import ARCHS, tiny_decoder
-from .test_engine import TEXTS, first_occurrence_stops, repeat
+from .test_engine import TEXTS, as_hf_returns, first_occurrence_stops, repeat
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -27,19 +27,6 @@ def prompts(tok):
 
 def hf_greedy(model, tok, prompts, **sampling):
     return build_backend("hf", model, tok).generate(prompts, SamplingParams(temperature=0.0, **sampling))
-
-
-def as_hf_returns(out, pad_id, stops=()):
-    """The hf backend cannot tell a sampled pad token from padding, so it drops trailing pad ids of
-    unfinished rows (unless pad is a stop id); the engine returns what it sampled. Compare in HF's
-    convention."""
-    rows = []
-    for row, reason in zip(out.completion_ids, out.finish_reasons):
-        row = list(row)
-        while reason != FINISH_STOP and pad_id not in stops and row and row[-1] == pad_id:
-            row.pop()
-        rows.append(row)
-    return rows
 
 
 @pytest.mark.parametrize("attention", ["triton", "sdpa"])

@@ -69,7 +69,9 @@ def test_rope_store_matches_rope_then_cache_write(qk_norm):
     cos, sin = rope.lookup(positions[:, None])  # [B, 1, D]
     q_ref = apply_rope(q_ref[:, None], cos[:, :, None], sin[:, :, None])[:, 0]
     k_ref = apply_rope(k_ref[:, None], cos[:, :, None], sin[:, :, None])[:, 0]
-    out_q = rope_store(q.clone(), k, v, positions, rope.cos, rope.sin_signed, kc, vc, weights)
+    qkv = torch.cat([q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1)], 1)  # strided rows, as a packed projection gives
+    qs, ks, vs = qkv.split([HQ * D, HKV * D, HKV * D], 1)
+    out_q = rope_store(qs, ks, vs, positions, rope.cos, rope.sin_signed, kc, vc, weights)
     torch.testing.assert_close(out_q, q_ref, atol=1e-5, rtol=1e-5)
     for b, p in enumerate(positions.tolist()):
         torch.testing.assert_close(kc[b, :, p], k_ref[b], atol=1e-5, rtol=1e-5)
@@ -98,3 +100,12 @@ def test_add_rms_norm_matches_the_hf_module(with_delta):
     got = add_rms_norm(got_x, delta if with_delta else None, norm.weight.detach(), norm.variance_epsilon)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_x, want_x)
+
+
+def test_silu_mul_matches_hf_mlp_activation():
+    from atlas_fast.rollout.engine.kernels import silu_mul
+
+    g = torch.Generator().manual_seed(3)
+    gate_up = torch.randn(4, 2 * 1500, generator=g).to(DEVICE)  # N not a multiple of the block
+    gate, up = gate_up.chunk(2, -1)
+    torch.testing.assert_close(silu_mul(gate_up), F.silu(gate) * up, atol=1e-5, rtol=1e-5)

@@ -177,32 +177,23 @@ def test_sampling_is_seeded_and_independent_across_prompts(server, model_dir, to
         client.close()
 
 
-def server_trainer(url, *args, **kwargs):
-    """A GRPOTrainer whose rollout backend is the test's server."""
-    from atlas_fast import GRPOTrainer
-
-    class Trainer(GRPOTrainer):
-        def _rollout_options(self):
-            return {"base_url": url, "timeout": 30}
-
-    return Trainer(*args, **kwargs)
-
-
 def digit_reward(completion_ids, **kwargs):
     digits = set(char_tokenizer().convert_tokens_to_ids(list("0123456789")))
     return [sum(t in digits for t in ids) / max(len(ids), 1) for ids in completion_ids]
 
 
 def test_trainer_pushes_its_weights_and_the_server_follows(server, model_dir, tok, tmp_path):
-    from atlas_fast import GRPOConfig
+    from atlas_fast import GRPOConfig, GRPOTrainer
 
     model = local_model(model_dir)
+    # TRL's names for a vLLM server; they select the vllm_server backend
     config = GRPOConfig(output_dir=str(tmp_path / "run"), max_steps=1, num_generations=4,
                         per_device_train_batch_size=8, max_completion_length=8, learning_rate=5e-2,
                         lr_scheduler_type="constant", seed=0, use_kernels=False, disable_tqdm=True,
-                        rollout_backend="vllm_server")
-    trainer = server_trainer(server, config, model=model, tokenizer=tok, train_dataset=arithmetic_rows(8),
-                                 reward_funcs=[digit_reward])
+                        use_vllm=True, vllm_mode="server", vllm_server_base_url=server, vllm_server_timeout=30)
+    trainer = GRPOTrainer(config, model=model, tokenizer=tok, train_dataset=arithmetic_rows(8),
+                          reward_funcs=[digit_reward])
+    assert trainer.rollout.base_url == server
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     # the server may hold another test's weights: start from the trainer's
     trainer.rollout.update_weights(trainer.model)

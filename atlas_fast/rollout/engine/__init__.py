@@ -23,6 +23,7 @@ from .. import FINISH_LENGTH, FINISH_STOP, RolloutOutput, SamplingParams, right_
 from .batch import DecodeBatch, compact, new_batch
 from .cache import KVCache
 from .graphs import DecodeGraphs, batch_bucket, round_up
+from .packed import PackedWeights
 from .model import Decoder, decode_logits, decode_logits_fused, fusable, prefill_logits, resolve_decoder, rope_table
 from .sampling import sample
 
@@ -45,7 +46,8 @@ class EngineBackend:
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, dtype: torch.dtype | str | None = None,
                  cuda_graphs: bool = True, check_every: int = 8, span_step: int = 256,
                  prefill_tokens: int = 16384, max_rows: int = 0, max_length: int = 0,
-                 fused_kernels: bool | None = None, attention: str = "auto", fused_sampler: bool | None = None):
+                 fused_kernels: bool | None = None, attention: str = "auto", fused_sampler: bool | None = None,
+                 pack_projections: bool = True):
         """dtype: compute dtype (default bf16 on CUDA, the parameters' dtype elsewhere); float32
         parameters then run under autocast. check_every: decode steps between looks at which
         sequences finished (each look is a host sync). span_step: the attention span's rounding
@@ -55,7 +57,10 @@ class EngineBackend:
         kernels in the decode step (default: on CUDA when the model's norms are stock RMSNorms).
         attention: decode attention with the fused step, "triton" (reads each row's own KV length;
         one CUDA graph per batch bucket) or "sdpa" (over the span); "auto" is "triton".
-        fused_sampler: temperature-only steps sample in one Triton pass (default: on CUDA)."""
+        fused_sampler: temperature-only steps sample in one Triton pass (default: on CUDA).
+        pack_projections: with the fused step, q/k/v and gate/up of plain nn.Linear layers run as
+        one GEMM each over packed copies (packed.py: refreshed when the weights change; costs
+        their size in memory, ~0.47 GB for Qwen2.5-0.5B in bf16)."""
         if check_every < 1 or span_step < 1 or prefill_tokens < 1:
             raise ValueError("EngineBackend: check_every, span_step and prefill_tokens must be >= 1")
         if attention not in ("auto", "triton", "sdpa"):
@@ -70,6 +75,8 @@ class EngineBackend:
         self.fused_kernels = fused_kernels
         self.attention = attention
         self.fused_sampler = fused_sampler
+        self.pack_projections = pack_projections
+        self.packed: PackedWeights | None = None
         self.cache: KVCache | None = None
         self.graphs: DecodeGraphs | None = None
         self.rope = None
@@ -83,7 +90,7 @@ class EngineBackend:
         pad = getattr(self.tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
         self._param_ptrs = self._pointers()
-        self.graphs = None
+        self.graphs = self.packed = None
 
     def _pointers(self) -> tuple[int, ...]:
         return tuple(p.data_ptr() for p in self.model.parameters())
@@ -95,10 +102,12 @@ class EngineBackend:
             self._bind(model)
         elif self._pointers() != self._param_ptrs:
             self._param_ptrs = self._pointers()
-            self.graphs = None
+            self.graphs = self.packed = None
+        elif self.packed is not None:
+            self.packed.refresh_if_stale()  # a copy of the packed projections only (~0.2 ms for 0.5B)
 
     def close(self) -> None:
-        self.cache = self.graphs = self.rope = None
+        self.cache = self.graphs = self.rope = self.packed = None
 
     # ------------------------------------------------------------------ generate
     @torch.no_grad()
@@ -128,6 +137,8 @@ class EngineBackend:
         lens = [len(p) for p in prompts]
         size = batch_bucket(N)
         self._ensure_cache(size, max(lens) + T, device)
+        if self.packed is not None:
+            self.packed.refresh_if_stale()  # weights changed in place without update_weights: re-copy
         stops = self._stops(sampling)
         stop_mask = None
         if stops:
@@ -195,7 +206,9 @@ class EngineBackend:
         if use is None:
             use = self.cache.buf.device.type == "cuda"
         if use and fusable(self.dec, self.rope):
-            return DecodeStep(decode_logits_fused, triton_attention=self.attention != "sdpa")
+            if self.packed is None and self.pack_projections:
+                self.packed = PackedWeights(self.dec, self.cache.buf.dtype)
+            return DecodeStep(decode_logits_fused, triton_attention=self.attention != "sdpa", packed=self.packed)
         return DecodeStep(decode_logits)
 
     def _sample_into(self, batch: DecodeBatch, logits: torch.Tensor, t: int, sampling: SamplingParams,
@@ -287,7 +300,7 @@ class EngineBackend:
         dec = self.dec
         rows = max(rows, self.reserve[0], self.cache.rows if self.cache is not None else 0)
         length = round_up(max(length, self.reserve[1], self.cache.length if self.cache is not None else 0), 64)
-        self.cache = self.graphs = None  # release the old buffer before the new one is allocated
+        self.cache = self.graphs = self.packed = None  # release the old buffers before new ones are allocated
         self.cache = KVCache.allocate(dec.num_layers, rows, dec.num_kv_heads, length, dec.head_dim, dtype, device)
         self.rope = rope_table(dec, length, dtype, device)
         self._make_graphs(device)

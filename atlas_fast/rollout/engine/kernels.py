@@ -1,7 +1,7 @@
 """Two fused Triton kernels for the decode step, where every op is tiny and kernel count is time.
 
 At batch 64 a decode step of a 24-layer model spends more time between kernels than in them: HF's
-RMSNorm is ~7 elementwise kernels and the rotary embedding ~8 per layer. These two kernels replace
+RMSNorm is ~7 elementwise kernels and the rotary embedding ~8 per layer. These kernels replace
 them, reading the same parameters in place:
   add_rms_norm:  x += delta (the residual add), h = weight * rmsnorm(x), one program per row;
   rope_store:    (Qwen3: per-head q/k RMSNorm), rotary embedding of q and k, and the K/V write into
@@ -46,8 +46,8 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
 
 
 @triton.jit
-def _rope_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, kc_ptr, vc_ptr,
-                       HQ, HKV, eps, stride_cb, stride_ch, stride_cs,
+def _rope_store_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, kc_ptr, vc_ptr,
+                       HQ, HKV, eps, stride_q, stride_k, stride_v, stride_cb, stride_ch, stride_cs,
                        D: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)  # 0..HQ-1: query heads; HQ..HQ+HKV-1: key/value heads
@@ -60,10 +60,10 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, k
     is_q = h < HQ
     kh = h - HQ
     if is_q:
-        src = q_ptr + (b * HQ + h) * D
+        src = q_ptr + b * stride_q + h * D
         w_ptr = qw_ptr
     else:
-        src = k_ptr + (b * HKV + kh) * D
+        src = k_ptr + b * stride_k + kh * D
         w_ptr = kw_ptr
     x1 = tl.load(src + lo).to(tl.float32)
     x2 = tl.load(src + HALF + lo).to(tl.float32)
@@ -77,13 +77,14 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, k
     o1 = x1 * c1 + x2 * s1
     o2 = x2 * c2 + x1 * s2
     if is_q:
-        tl.store(src + lo, o1.to(q_ptr.dtype.element_ty))
-        tl.store(src + HALF + lo, o2.to(q_ptr.dtype.element_ty))
+        dst_q = qo_ptr + (b * HQ + h) * D
+        tl.store(dst_q + lo, o1.to(qo_ptr.dtype.element_ty))
+        tl.store(dst_q + HALF + lo, o2.to(qo_ptr.dtype.element_ty))
     else:
         dst = (b * stride_cb + kh * stride_ch + pos * stride_cs)
         tl.store(kc_ptr + dst + lo, o1.to(kc_ptr.dtype.element_ty))
         tl.store(kc_ptr + dst + HALF + lo, o2.to(kc_ptr.dtype.element_ty))
-        vsrc = v_ptr + (b * HKV + kh) * D
+        vsrc = v_ptr + b * stride_v + kh * D
         tl.store(vc_ptr + dst + lo, tl.load(vsrc + lo).to(vc_ptr.dtype.element_ty))
         tl.store(vc_ptr + dst + HALF + lo, tl.load(vsrc + HALF + lo).to(vc_ptr.dtype.element_ty))
 
@@ -91,15 +92,41 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, k
 def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                sin_signed: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                q_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
-    """q [B, Hq, D] (roped in place, returned), k/v [B, Hkv, D] -> roped k and v written at
-    k/v_cache[b, :, positions[b]] (caches [rows, Hkv, S, D]). cos/sin_signed [S, D].
-    q_norm: (q weight [D], k weight [D], eps) for Qwen3's per-head norms."""
-    B, HQ, D = q.shape
-    HKV = k.shape[1]
-    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and cos.shape[-1] == D
+    """q [B, Hq*D], k/v [B, Hkv*D] (rows may be strided: slices of one fused q/k/v projection) ->
+    roped q [B, Hq, D] (a new tensor), and roped k and v written at k/v_cache[b, :, positions[b]]
+    (caches [rows, Hkv, S, D]). cos/sin_signed [S, D]. q_norm: (q weight [D], k weight [D], eps)
+    for Qwen3's per-head norms."""
+    B, D = q.shape[0], cos.shape[-1]
+    HQ, HKV = q.shape[-1] // D, k.shape[-1] // D
+    for x in (q, k, v):
+        assert x.dim() == 2 and x.stride(1) == 1, "q/k/v must be [B, H*D] with unit stride along H*D"
     assert k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+    q_out = torch.empty((B, HQ, D), dtype=k_cache.dtype, device=q.device)
     qw, kw, eps = q_norm if q_norm is not None else (q, q, 0.0)
     _rope_store_kernel[(B, HQ + HKV)](
-        q, k, v, positions, cos, sin_signed, qw, kw, k_cache, v_cache, HQ, HKV, eps,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), D=D, HALF=D // 2, HAS_NORM=q_norm is not None)
-    return q
+        q, k, v, q_out, positions, cos, sin_signed, qw, kw, k_cache, v_cache, HQ, HKV, eps,
+        q.stride(0), k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        D=D, HALF=D // 2, HAS_NORM=q_norm is not None)
+    return q_out
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, out_ptr, N, stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    g = tl.load(gu_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride + N + cols, mask=mask, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)  # HF rounds act_fn(gate) first
+    tl.store(out_ptr + row * N + cols, (act * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [R, 2N] (a fused gate/up projection) -> silu(gate) * up [R, N], one kernel."""
+    R, N2 = gate_up.shape
+    assert gate_up.stride(1) == 1 and N2 % 2 == 0
+    N = N2 // 2
+    out = torch.empty((R, N), dtype=gate_up.dtype, device=gate_up.device)
+    BLOCK = 1024
+    _silu_mul_kernel[(R, triton.cdiv(N, BLOCK))](gate_up, out, N, gate_up.stride(0), BLOCK=BLOCK)
+    return out

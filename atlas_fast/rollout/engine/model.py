@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import RopeTable, apply_rope, decode_attention, decode_mask, prefill_attention
@@ -178,35 +179,41 @@ def fusable(dec: Decoder, rope: RopeTable) -> bool:
 
 
 def decode_logits_fused(dec: Decoder, cache: KVCache, rope: RopeTable, tokens: torch.Tensor, positions: torch.Tensor,
-                        span: int, triton_attention: bool = True) -> torch.Tensor:
-    """`decode_logits` with the norms, rotary embedding and KV write in fused kernels (kernels.py)
-    and, with `triton_attention`, attention that reads each row's own KV length (decode_kernel.py;
-    `span` is then ignored): about 15 kernels per layer instead of about 40. The same modules for
-    everything that has weights."""
+                        span: int, triton_attention: bool = True, packed=None) -> torch.Tensor:
+    """`decode_logits` with the norms, rotary embedding and KV write in fused kernels (kernels.py);
+    with `triton_attention`, attention that reads each row's own KV length (decode_kernel.py;
+    `span` is then ignored); with `packed` (packed.py), one GEMM for q/k/v and one for gate/up
+    where those layers are plain nn.Linear. About 11 kernels per layer instead of about 40."""
     from .decode_kernel import decode_attention_triton
-    from .kernels import add_rms_norm, rope_store
+    from .kernels import add_rms_norm, rope_store, silu_mul
 
-    B, Hq, Hkv, D = tokens.shape[0], dec.num_heads, dec.num_kv_heads, dec.head_dim
+    B = tokens.shape[0]
     dtype = cache.buf.dtype
     masks = {} if triton_attention else {w: decode_mask(positions, span, w, dtype) for w in set(dec.windows)}
     x = dec.embed(tokens).contiguous()  # [B, H]: the residual stream, updated in place by add_rms_norm
     delta = None  # the previous layer's MLP output, added to x by the next norm
     for i, layer in enumerate(dec.layers):
-        attn = layer.self_attn
+        attn, mlp = layer.self_attn, layer.mlp
+        pk = packed.layers[i] if packed is not None else None
         norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
         h = add_rms_norm(x, delta, norm_in.weight, norm_in.variance_epsilon)  # [B, H]
-        q = attn.q_proj(h).view(B, Hq, D)
-        k = attn.k_proj(h).view(B, Hkv, D)
-        v = attn.v_proj(h).view(B, Hkv, D)
+        if pk is not None and pk.qkv is not None:
+            q, k, v = F.linear(h, pk.qkv.weight, pk.qkv.bias).split(pk.qkv.splits, -1)  # strided [B, H*D] views
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)  # [B, Hq*D], [B, Hkv*D] x 2
         qk_norm = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon) if hasattr(attn, "q_norm") else None
         q = rope_store(q.to(dtype), k.to(dtype), v.to(dtype), positions, rope.cos, rope.sin_signed,
-                       cache.keys(i), cache.values(i), qk_norm)
+                       cache.keys(i), cache.values(i), qk_norm)  # [B, Hq, D]; K/V now in the cache
         if triton_attention:
             o = decode_attention_triton(q, cache.keys(i), cache.values(i), positions, dec.scaling, dec.windows[i])
         else:
             o = decode_attention(q, cache.keys(i)[:B, :, :span], cache.values(i)[:B, :, :span],
                                  masks[dec.windows[i]], dec.scaling)  # [B, Hq*D]
         h = add_rms_norm(x, attn.o_proj(o).contiguous(), norm_post.weight, norm_post.variance_epsilon)
-        delta = layer.mlp(h).contiguous()
+        if pk is not None and pk.gate_up is not None:
+            act = silu_mul(F.linear(h, pk.gate_up.weight, pk.gate_up.bias))  # [B, I]
+            delta = mlp.down_proj(act).contiguous()
+        else:
+            delta = mlp(h).contiguous()
     h = add_rms_norm(x, delta, dec.norm.weight, dec.norm.variance_epsilon)
     return dec.lm_head(h)  # [B, V]
