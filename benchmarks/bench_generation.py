@@ -173,8 +173,9 @@ def short(exc: BaseException) -> str:
 # leaves a timed engine row (and the error of the one that broke).
 ENGINE_VARIANTS = (("engine (ours)", {}),
                    ("engine, SDPA decode attention", {"attention": "sdpa"}),
-                   ("engine, eager norms/rope/attention (no Triton)", {"fused_kernels": False}),
-                   ("engine, no CUDA graphs", {"fused_kernels": False, "cuda_graphs": False}))
+                   ("engine, unpacked projections, PyTorch sampler", {"pack_projections": False, "fused_sampler": False}),
+                   ("engine, no Triton (eager norms/rope/attention/sampler)", {"fused_kernels": False, "fused_sampler": False}),
+                   ("engine, no CUDA graphs, no Triton", {"fused_kernels": False, "fused_sampler": False, "cuda_graphs": False}))
 # Also timed for comparison, on the first shape: the SDPA decode attention over a rounded span.
 COMPARE_VARIANT = ("engine, SDPA decode attention", {"attention": "sdpa"})
 
