@@ -275,7 +275,9 @@ def diagnose_engine(model, prompts, device: str) -> str:
         logits = engine.graphs(tokens, positions, span).clone()
         params = SamplingParams(max_tokens=8, temperature=1.0)
         sampler = per_call_ms(lambda: sample(logits, params, 1, None, None, None, False))
-        lines.append(f"batch {B}, span {span}: graph replay {replay:.3f} ms/step, sampler (temperature 1) {sampler:.3f} ms/step")
+        one_pass = per_call_ms(lambda: sample(logits, params, 1, None, None, None, False, seed=7))
+        lines.append(f"batch {B}, span {span}: graph replay {replay:.3f} ms/step; sampler (temperature 1): "
+                     f"PyTorch {sampler:.3f} ms, one-pass Triton {one_pass:.3f} ms")
         step = engine._step_fn()
         step(engine.dec, engine.cache, engine.rope, tokens, positions, span)
         torch.cuda.synchronize()
