@@ -50,12 +50,17 @@ class HFBackend:
 
     def _generate_chunk(self, prompt_ids, sampling: SamplingParams):
         device = next(self.model.parameters()).device
+        n = sampling.n
+        if sampling.greedy and n > 1:
+            # transformers refuses num_return_sequences > 1 without sampling: repeat the prompts.
+            prompt_ids = [p for p in prompt_ids for _ in range(n)]
+            n = 1
         ids, mask = left_pad(prompt_ids, self.pad_id, device)
         stops = self.eos_ids | set(sampling.stop_token_ids)
         kwargs: dict[str, Any] = dict(
             max_new_tokens=sampling.max_tokens,
             min_new_tokens=sampling.min_tokens or None,
-            num_return_sequences=sampling.n,
+            num_return_sequences=n,
             pad_token_id=self.pad_id,
             eos_token_id=None if sampling.ignore_eos else (sorted(stops) or None),
             use_cache=True,  # gradient checkpointing switches it off for training; decoding needs it

@@ -1,0 +1,33 @@
+"""The hf backend: n completions per prompt, grouped, greedy or sampled, cut at the first stop."""
+import torch
+
+from atlas_fast.rollout import FINISH_LENGTH, FINISH_STOP, SamplingParams, build_backend
+from tests.tiny import char_tokenizer, tiny_model
+
+
+def _backend():
+    tok = char_tokenizer()
+    model = tiny_model(tok, seed=3).eval()
+    return build_backend("hf", model, tok), tok
+
+
+def test_greedy_with_n_repeats_each_prompts_greedy_completion():
+    backend, tok = _backend()
+    prompts = [tok("1+2=", add_special_tokens=False)["input_ids"], tok("34+5=", add_special_tokens=False)["input_ids"]]
+    one = backend.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0))
+    three = backend.generate(prompts, SamplingParams(max_tokens=8, n=3, temperature=0.0))
+    assert three.completion_ids == [ids for ids in one.completion_ids for _ in range(3)]
+    assert len(three.finish_reasons) == 6
+
+
+def test_sampled_groups_are_contiguous_and_reasons_match_the_stop():
+    backend, tok = _backend()
+    eos = tok.eos_token_id
+    prompts = [tok("7+7=", add_special_tokens=False)["input_ids"]] * 2
+    torch.manual_seed(0)
+    out = backend.generate(prompts, SamplingParams(max_tokens=6, n=4, temperature=1.0, logprobs=True))
+    assert len(out.completion_ids) == 8
+    for ids, reason, lps in zip(out.completion_ids, out.finish_reasons, out.logprobs):
+        assert reason == (FINISH_STOP if ids and ids[-1] == eos else FINISH_LENGTH)
+        assert eos not in ids[:-1]
+        assert len(lps) == len(ids) and all(lp <= 0 for lp in lps)
