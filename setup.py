@@ -5,9 +5,14 @@ from setuptools import find_packages, setup
 here = Path(__file__).parent
 
 
-def requirements(name):
+def requirements(name, floor=False):
+    """The pins of requirements/<name>. With `floor`, `==` becomes `>=`: the pins make the test and
+    demo virtualenvs reproducible, while an installed package only needs versions at least as new
+    (the code runs on torch 2.11+, triton 3.6+, transformers 5.17+), so that extras such as
+    `vllm`, which pins transformers itself, can resolve next to it."""
     lines = (here / "requirements" / name).read_text().splitlines()
-    return [l.split("#")[0].strip() for l in lines if l.strip() and not l.startswith(("#", "-r"))]
+    reqs = [l.split("#")[0].strip() for l in lines if l.strip() and not l.startswith(("#", "-r"))]
+    return [r.replace("==", ">=") for r in reqs] if floor else reqs
 
 
 def config_packages():
@@ -17,6 +22,10 @@ def config_packages():
 
 
 CONFIG_PACKAGES = config_packages()
+# Lowest versions the code is known to run on (the GPU image's), where they are older than the pins.
+OLDEST = {"torch": "2.11.0", "triton": "3.6.0", "transformers": "5.17.0"}
+FLOORS = [f"{r.split('>=')[0]}>={OLDEST.get(r.split('>=')[0], r.split('>=')[-1])}"
+          for r in requirements("base.txt", floor=True)]
 
 
 setup(
@@ -33,9 +42,9 @@ setup(
     # about data folders nor drops them.
     packages=find_packages(include=["atlas_fast", "atlas_fast.*"]) + ["atlas_kernels"] + CONFIG_PACKAGES,
     package_dir={"atlas_kernels": "kernels", "atlas_fast.configs": "configs"},
-    package_data={"atlas_fast.demo": ["assets/*", "assets/*/*"], **{p: ["*.yaml"] for p in CONFIG_PACKAGES}},
+    package_data={"atlas_fast.demo": ["assets/*", "assets/**/*"], **{p: ["*.yaml"] for p in CONFIG_PACKAGES}},
     include_package_data=False,
-    install_requires=requirements("base.txt"),
+    install_requires=FLOORS,
     extras_require={
         "test": requirements("test.txt"),
         "bench": ["pytest-benchmark==5.3.1", "trl==1.16.0", "liger-kernel==0.8.5"],
