@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import sys
 import time
@@ -35,7 +36,7 @@ import atlas_kernels
 from atlas_kernels import reference as kernels_reference
 
 from . import checkpoint as ckpt
-from .batch import MicroBatch, completion_logits, trim
+from .batch import LMHead, MicroBatch, completion_hidden, completion_logits, split_lm_head, trim
 from .config import GRPOConfig
 from .data import PromptSampler, is_conversational, load_dataset_any, render_prompt
 from .memory import enable_gradient_checkpointing, on_device
@@ -137,6 +138,7 @@ class GRPOTrainer:
         self.rollout_func = resolve_rollout_func(rollout_func if rollout_func is not None else config.rollout_func)
         self.rollout = self._build_rollout()
         self.kernels = atlas_kernels if config.use_kernels else kernels_reference
+        self.lm_head = self._fused_head(self.model)  # None: the policy's log-probs come from its logits
         self.compute_metrics = compute_metrics
         self.callbacks = list(callbacks or [])
         self.state = TrainerState(max_steps=self.max_steps, logging_steps=config.logging_steps,
@@ -351,9 +353,16 @@ class GRPOTrainer:
 
     def _loss(self, mb: MicroBatch):
         c = self.args
-        logits = completion_logits(self.model, mb)  # [B, C + 1, V]: the kernels skip the last position
-        loss, stats = self.kernels.grpo_loss_from_logits(
-            logits, mb.completion_ids, mb.old_logps, mb.ref_logps, mb.advantages, mb.completion_mask,
+        if self.lm_head is not None:
+            # The body up to its final norm, then the head fused with the loss: no [B, C + 1, V] logits.
+            hidden = completion_hidden(self.lm_head, mb)  # [B, C + 1, H]: the kernels skip the last position
+            inputs = (hidden, self.lm_head.weight)
+            loss_fn = functools.partial(self.kernels.fused_linear_grpo_loss, bias=self.lm_head.bias)
+        else:
+            inputs = (completion_logits(self.model, mb),)  # [B, C + 1, V]: the kernels skip the last position
+            loss_fn = self.kernels.grpo_loss_from_logits
+        loss, stats = loss_fn(
+            *inputs, mb.completion_ids, mb.old_logps, mb.ref_logps, mb.advantages, mb.completion_mask,
             temperature=c.temperature, beta=c.beta, epsilon_low=c.epsilon, epsilon_high=c.epsilon_high,
             delta=c.delta, loss_type=c.loss_type, importance_sampling_level=c.importance_sampling_level,
             max_completion_length=c.max_completion_length, use_bias_correction_kl=c.use_bias_correction_kl,
@@ -497,17 +506,37 @@ class GRPOTrainer:
         return old, ref
 
     def _batched_logps(self, model, batch: MicroBatch, size: int) -> torch.Tensor:
+        head = self.lm_head if model is self.model else self._fused_head(model)
         out = []
         was_training = model.training
         model.eval()  # the sampling policy's and the reference's log-probs: no dropout
         for i in range(0, len(batch.advantages), size):
             mb = batch.slice(slice(i, i + size))
             with self._autocast():
-                logits = completion_logits(model, mb)
-                out.append(self.kernels.selective_logprobs(logits, mb.completion_ids, temperature=self.args.temperature,
-                                                           validate=False))
+                if head is not None:
+                    out.append(self.kernels.fused_linear_logprobs(
+                        completion_hidden(head, mb), head.weight, mb.completion_ids, bias=head.bias,
+                        temperature=self.args.temperature, validate=False))
+                else:
+                    logits = completion_logits(model, mb)
+                    out.append(self.kernels.selective_logprobs(logits, mb.completion_ids,
+                                                               temperature=self.args.temperature, validate=False))
         model.train(was_training)
         return torch.cat(out)
+
+    def _fused_head(self, model) -> LMHead | None:
+        """The model split for the fused LM head (`fused_lm_head`), or None to score its logits:
+        heads that are more than a linear map (soft-capping, logit scaling, an adapter) say why."""
+        if not self.args.fused_lm_head:
+            return None
+        # Hooks on the whole model's forward (frozen-model offload, accelerate's device maps)
+        # would be skipped by calling its body alone.
+        head = split_lm_head(model) if not (model._forward_pre_hooks or model._forward_hooks) else (
+            f"{type(model).__name__} has hooks on its forward (offload or device placement)")
+        if isinstance(head, str):
+            print(f"note: fused_lm_head: scoring logits instead: {head}", file=sys.stderr)
+            return None
+        return head
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
