@@ -239,6 +239,16 @@ def test_samples_from_updated_weights_after_optimizer_step(tok, prompts, fused):
     after = engine.generate(prompts[:3], greedy)
     assert after.completion_ids != before
     assert as_hf_returns(after, tok.pad_token_id, {tok.eos_token_id}) == hf_greedy(model, tok, prompts[:3], max_tokens=n_new).completion_ids
+    # A write through `.data` (as an offloaded optimizer uploads weights) moves no version counter:
+    # update_weights is what the trainer calls after every step, and it must be enough.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight.data.copy_(layer.mlp.up_proj.weight.data.flip(0))
+            layer.self_attn.k_proj.weight.data.mul_(-1.0)
+    engine.update_weights(model)
+    flipped = engine.generate(prompts[:3], greedy)
+    assert as_hf_returns(flipped, tok.pad_token_id, {tok.eos_token_id}) == hf_greedy(model, tok, prompts[:3], max_tokens=n_new).completion_ids
+    assert flipped.completion_ids != after.completion_ids
 
 
 def test_refuses_unsupported_architectures_and_bad_prompts(tok, models):

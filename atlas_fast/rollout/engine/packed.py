@@ -4,9 +4,10 @@ At batch 64 a projection is a skinny [64, H] x [H, N] GEMM that costs a kernel l
 partly idle GPU more than its bytes: on an H200, q, k and v of Qwen2.5-0.5B took ~4 us each and the
 gate/up pair ~5 us each, for 2 MB and 17 MB of weights. One GEMM over the packed weights reads the
 same bytes in one launch. The packs are copies in the compute dtype (bf16 also saves the per-step
-cast of float32 weights), so they are refreshed whenever a source parameter changed: its autograd
-version counter moves on every in-place update (optimizer steps, load_state_dict), and the buffers
-are rewritten in place so captured CUDA graphs stay valid. Only plain nn.Linear layers are packed:
+cast of float32 weights), so they are refreshed by `update_weights` (after every optimizer step)
+and whenever a source's autograd version counter moved (in-place updates through autograd-visible
+ops: optimizer steps, load_state_dict; writes through `.data` move none, hence the former). The
+buffers are rewritten in place, so captured CUDA graphs stay valid. Only plain nn.Linear layers are packed:
 a LoRA-wrapped projection is called as its module, so the adapter applies.
 """
 from __future__ import annotations
@@ -76,14 +77,17 @@ class PackedWeights:
         return tuple(t._version for p in self._packs() for m in p.sources
                      for t in (m.weight, m.bias) if t is not None)
 
+    def refresh(self) -> None:
+        for p in self._packs():
+            p.refresh()
+        self._stamp = self._versions()
+
     def refresh_if_stale(self) -> bool:
         """Re-copy the packs if any source changed since the last copy (a host-side check)."""
         stamp = self._versions()
         if stamp == self._stamp:
             return False
-        for p in self._packs():
-            p.refresh()
-        self._stamp = self._versions()
+        self.refresh()
         return True
 
     @property
