@@ -24,7 +24,7 @@ import functools
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -59,6 +59,18 @@ class EvalPrediction:
     completions: list
     rewards: dict[str, list[float]]
     columns: dict[str, list]
+
+
+@dataclass
+class Rollout:
+    """One generation batch as sampled: N = prompts x G completions, each group contiguous."""
+
+    prompts: list  # [N] what reward functions receive as `prompts`
+    prompt_ids: list[list[int]]  # [N] the exact ids each completion was sampled from: the loss conditions on them
+    completion_ids: list[list[int]]  # [N]
+    finished: list[bool]  # [N] ended on EOS or a stop id
+    columns: dict[str, list]  # [N] per column: the reward functions' extra keyword arguments
+    metrics: dict[str, float] = field(default_factory=dict)  # logged with the step
 
 
 class GRPOTrainer:
@@ -398,16 +410,14 @@ class GRPOTrainer:
         rows = self.sampler.next_batch()
         self._announce_epochs(self.sampler.epochs_begun)  # those the sampler could not foresee
         self._epochs_ended += len(self.sampler.epochs_ended)
-        unique_ids = self._tokenize_prompts([row["prompt"] for row in rows])
-        rows = [row for row in rows for _ in range(G)]  # each prompt G times, groups contiguous
-        prompts = [row["prompt"] for row in rows]
-        prompt_ids = [ids for ids in unique_ids for _ in range(G)]
-        completion_ids, finished = self._generate(prompts, unique_ids)
+        rollout = self._rollout_batch(rows)
+        prompts, prompt_ids, completion_ids = rollout.prompts, rollout.prompt_ids, rollout.completion_ids
+        finished = rollout.finished
 
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         completions = [[{"role": "assistant", "content": t}] if is_conversational(p) else t
                        for p, t in zip(prompts, texts)]
-        columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
+        columns = rollout.columns
         per_func = compute_rewards(self.reward_funcs, prompts, completions, completion_ids, columns,
                                    trainer_state=self.state)  # [N, K]
         rewards = combine_rewards(per_func, c.reward_weights)  # [N]
@@ -440,6 +450,7 @@ class GRPOTrainer:
             "completions/min_length": float(lengths.min()),
             "completions/max_length": float(lengths.max()),
             "completions/clipped_ratio": float(1 - finished.float().mean()),
+            **rollout.metrics,
         }
         # What reward functions report on their call (e.g. RIM: rim_rewards/<judge>, rationales).
         extra_metrics, tables = reward_reports(self.reward_funcs)
@@ -451,6 +462,17 @@ class GRPOTrainer:
                 {"prompt": p, "completion": t, "reward": float(r), "advantage": float(a)}
                 for p, t, r, a in zip(prompts, texts, rewards, advantages)])
         return batch
+
+    def _rollout_batch(self, rows: list[dict]) -> Rollout:
+        """G completions for each row: plain sampling from the policy. A protocol that samples
+        differently (the teacher's, atlas_fast.teaching) overrides this one method."""
+        G = self.args.num_generations
+        unique_ids = self._tokenize_prompts([row["prompt"] for row in rows])
+        rows = [row for row in rows for _ in range(G)]  # each prompt G times, groups contiguous
+        prompts = [row["prompt"] for row in rows]
+        completion_ids, finished = self._generate(prompts, unique_ids)
+        columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
+        return Rollout(prompts, [ids for ids in unique_ids for _ in range(G)], completion_ids, finished, columns)
 
     def _tokenize_prompts(self, prompts: list) -> list[list[int]]:
         texts = [render_prompt(p, self.tokenizer, **(self.args.chat_template_kwargs or {})) for p in prompts]

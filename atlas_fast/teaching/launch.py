@@ -22,7 +22,8 @@ STUDENT_KEYS = ("student_name_or_path", "student_tokenizer_name_or_path")
 
 
 def train_teacher(values: dict, config_text: str) -> int:
-    """The whole command for a teaching run; returns the exit code (2 for a config mistake)."""
+    """The rest of `atlas-fast train` for a teaching run, from the checked config's plain values;
+    returns the exit code (2 for a config mistake, reported as one `error:` line)."""
     from atlas_fast import cli
 
     try:
@@ -36,6 +37,7 @@ def train_teacher(values: dict, config_text: str) -> int:
             values[section][key] = demo_asset(values[section].get(key), f"{section}.{key}")
         student = {k: demo_asset(v, f"teaching.{k}") for k, v in student.items()}
         spec = cli.resolve(values)
+        cli.check_run_folder(spec)
         trainer = build_teacher_trainer(spec, teaching, student)
         cli.start(trainer, spec)
     except ValueError as err:  # ConfigError, GRPOConfig's and TeachingConfig's validation

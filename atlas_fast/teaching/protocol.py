@@ -75,7 +75,7 @@ class TeacherTrainer:
         self.teaching = load_teaching_config(teaching_config)
         if isinstance(student_model, (str, Path)):
             source = student_model
-            student_model = load_causal_lm(student_model, trust_remote_code)
+            student_model = load_causal_lm(student_model, trust_remote_code, dtype="auto")  # frozen: as saved (often bf16)
         else:
             source = getattr(getattr(student_model, "config", None), "_name_or_path", None)
         if student_tokenizer is None:
