@@ -11,6 +11,9 @@ _EXPORTS = {
     "GRPOConfig": "atlas_fast.config",
     "GRPOTrainer": "atlas_fast.trainer",
     "EvalPrediction": "atlas_fast.trainer",
+    "TeacherGRPOTrainer": "atlas_fast.teaching.trainer",
+    "TeacherTrainer": "atlas_fast.teaching.protocol",
+    "DiagnosticResult": "atlas_fast.teaching.diagnostic",
     "RIMReward": "atlas_fast.rewards.rim",
 }
 __all__ = list(_EXPORTS)
