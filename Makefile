@@ -21,7 +21,9 @@ $(VENV)/.complete: requirements/base.txt requirements/test.txt
 	touch $@
 
 setup: $(VENV)/.complete
-	$(PY) -m pip install -q --no-deps -e .
+	# setuptools reports every editable install of a package_dir layout (kernels/ installs as
+	# atlas_kernels) with a 10-line "Editable installation." notice; it is informational only.
+	$(PY) -W "ignore:Editable installation:UserWarning" -m pip install -q --no-deps -e .
 
 demo: setup
 	$(VENV)/bin/atlas-fast train

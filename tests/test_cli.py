@@ -104,6 +104,11 @@ def test_atlas_teacher_recipe():
     assert c.offload_untrained_models and c.gradient_checkpointing and c.eval_steps == 10
     assert not c.use_bias_correction_kl
     assert c.output_dir == "outputs/atlas_teacher"
+    # It says what it runs here (one process, one problem per optimizer step), not ATLAS's 8-GPU run.
+    assert c.per_device_train_batch_size * c.gradient_accumulation_steps == c.num_generations
+    header = (CONFIGS / "recipe" / "atlas_teacher.yaml").read_text().split("output_dir:")[0]
+    assert "one process" in header and "one problem (32 completions) per optimizer step" in header
+    assert "8xH100 in the original" not in header
 
 
 def test_lora_model_config():

@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import pytest
 
@@ -165,3 +166,26 @@ def test_activation_checkpointing_is_the_same_switch():
     assert GRPOConfig(activation_checkpointing=True).gradient_checkpointing
     with pytest.raises(ValueError, match="disagree"):
         GRPOConfig(activation_checkpointing=True, gradient_checkpointing=False)
+
+
+def test_the_readme_trainer_snippet_runs_as_written(monkeypatch):
+    """Every name it uses is defined, and its GRPOConfig is valid (the trainer is stood in for)."""
+    import atlas_fast
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## The trainer"):]
+    code = section[section.index("```python") + len("```python"): section.index("```", section.index("```python") + 9)]
+    seen = {}
+
+    class StandIn:
+        def __init__(self, config, **kwargs):
+            assert isinstance(config, GRPOConfig)
+            assert all(callable(f) for f in kwargs["reward_funcs"])
+            seen.update(kwargs)
+
+        def train(self, **kwargs):
+            seen["trained"] = True
+
+    monkeypatch.setattr(atlas_fast, "GRPOTrainer", StandIn, raising=False)
+    exec(compile(code, "README.md", "exec"), {})
+    assert seen["trained"]
