@@ -3,13 +3,17 @@
     generate(prompts [P], n) = prefill each prompt once -> fan its KV out to its n cache rows
                                -> sample token 0 -> decode steps (CUDA graphs) until done
 
-No weights are copied: the forward calls the model's modules (LoRA wrappers included), so an
-optimizer step is visible at the next `generate` and `update_weights` has nothing to do. Sampling
-runs on the device; the host looks at which sequences finished only every `check_every` steps,
-and then moves the live ones into a smaller batch bucket when they fit one.
+The forward calls the model's modules (LoRA wrappers included), so an optimizer step is visible at
+the next `generate`; the one copy is of plain q/k/v and gate/up weights packed for one GEMM each
+(packed.py), re-copied by `update_weights`. Sampling runs on the device; the host looks at which
+sequences finished only every `check_every` steps, and then moves the live ones into a smaller
+batch bucket when they fit one.
 
-Modules: model.py (the forward over HF modules), attention.py (rope, SDPA prefill/decode),
-cache.py (the KV cache), batch.py (per-sequence decode state), sampling.py, graphs.py.
+Modules: model.py (the forward over HF modules; eager and fused decode steps), attention.py (rope,
+SDPA prefill/decode), cache.py (the KV cache), batch.py (per-sequence decode state), sampling.py
+(the PyTorch sampler, the reference), graphs.py (CUDA graphs), packed.py, and the Triton kernels of
+the CUDA step: kernels.py (norm, rope + KV write, SiLU-mul), decode_kernel.py (attention),
+sample_kernel.py (one-pass temperature sampling).
 """
 from __future__ import annotations
 
@@ -23,8 +27,8 @@ from .. import FINISH_LENGTH, FINISH_STOP, RolloutOutput, SamplingParams, right_
 from .batch import DecodeBatch, compact, new_batch
 from .cache import KVCache
 from .graphs import DecodeGraphs, batch_bucket, round_up
-from .packed import PackedWeights
 from .model import Decoder, decode_logits, decode_logits_fused, fusable, prefill_logits, resolve_decoder, rope_table
+from .packed import PackedWeights
 from .sampling import sample
 
 __all__ = ["EngineBackend"]

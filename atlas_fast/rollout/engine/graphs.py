@@ -1,11 +1,12 @@
 """CUDA graphs of the decode step, one per (batch bucket, attention span), captured lazily.
 
-A decode step of a 24-layer model is ~900 small kernels; launched one by one from Python it takes
-milliseconds of CPU time while the GPU needs a fraction of one. Replaying a captured graph launches
-them all at once. Shapes must be static, so the batch is padded up to a bucket (finished rows leave
-by compaction into a smaller bucket) and attention reads a span of the cache rounded up to a step
-(so a short prompt does not pay for the cache's full length). All graphs share one memory pool:
-they never run at the same time.
+A decode step of a 24-layer model is 250-900 small kernels; launched one by one from Python it takes
+milliseconds of CPU time while the GPU needs about one. Replaying a captured graph launches them all
+at once. Shapes must be static, so the batch is padded up to a bucket (finished rows leave by
+compaction into a smaller bucket). With SDPA attention the span of the cache it reads is rounded up
+to a step, one graph per span; the Triton attention reads each row's own length, so its step has
+one span (the cache length) and one graph per bucket. All graphs share one memory pool: they never
+run at the same time.
 """
 from __future__ import annotations
 

@@ -6,6 +6,11 @@ training, and an optimizer step is visible at the next decode step with nothing 
 write ourselves is what HF's forward would do through its cache object: rotary embedding,
 attention over our KV cache, and the residual wiring of the four supported families, which share
 one layer layout (pre-norm attention + pre-norm gated MLP; Qwen3 adds per-head q/k RMSNorm).
+
+Two decode steps: `decode_logits` (PyTorch ops and module calls: the CPU path and the reference)
+and `decode_logits_fused` (CUDA): the stock RMSNorms computed from their weights by a Triton kernel,
+plain q/k/v and gate/up layers through packed copies (packed.py); LoRA-wrapped layers are still
+called as modules there.
 """
 from __future__ import annotations
 
