@@ -107,6 +107,7 @@ def test_atlas_teacher_recipe():
     # It says what it runs here (one process, one problem per optimizer step), not ATLAS's 8-GPU run.
     assert c.per_device_train_batch_size * c.gradient_accumulation_steps == c.num_generations
     header = (CONFIGS / "recipe" / "atlas_teacher.yaml").read_text().split("output_dir:")[0]
+    header = " ".join(line.lstrip("# ") for line in header.splitlines())
     assert "one process" in header and "one problem (32 completions) per optimizer step" in header
     assert "8xH100 in the original" not in header
 

@@ -347,3 +347,12 @@ def test_sampler_rejects_empty_and_bad_batch_size():
         PromptSampler(load_dataset_any(rows(3)), 0)
     with pytest.raises(ValueError, match="empty"):
         next(PromptSampler(iterable([]), 2))
+
+
+@pytest.mark.parametrize("rows, per_batch", [(5, 2), (4, 2), (3, 7), (6, 6)])
+def test_upcoming_epochs_foresee_what_the_next_batch_begins(rows, per_batch):
+    sampler = PromptSampler([{"prompt": str(i)} for i in range(rows)], per_batch, shuffle=True, seed=1)
+    for _ in range(7):
+        foreseen = sampler.upcoming_epochs()
+        sampler.next_batch()
+        assert foreseen == sampler.epochs_begun
