@@ -28,10 +28,15 @@ class Pack:
     splits: list[int]  # out_features of each source
 
     def refresh(self) -> None:
+        """Copy the sources into their rows (copy_ also casts float32 weights to the compute dtype)."""
         with torch.no_grad():
-            torch.cat([m.weight for m in self.sources], out=self.weight)
-            if self.bias is not None:
-                torch.cat([m.bias for m in self.sources], out=self.bias)
+            start = 0
+            for m in self.sources:
+                rows = slice(start, start + m.out_features)
+                self.weight[rows].copy_(m.weight)
+                if self.bias is not None:
+                    self.bias[rows].copy_(m.bias)
+                start += m.out_features
 
 
 def _plain(m: nn.Module) -> bool:
