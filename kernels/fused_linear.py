@@ -271,9 +271,16 @@ class _Head:
         self.weight, self.bias, self.dtype = weight, bias, compute_dtype
         self.inv_temp = 1.0 / temperature
         self.vocab = weight.shape[0]
+        self._cast = None
 
     def w(self, v0: int, v1: int) -> torch.Tensor:
-        return self.weight[v0:v1].to(self.dtype)  # a view unless autocast asks for a cast
+        if self.weight.dtype == self.dtype:
+            return self.weight[v0:v1]
+        # fp32 master weights under bf16 autocast: cast once per call, as autocast caches its cast
+        # of a Linear's weight, rather than once per chunk and GEMM.
+        if self._cast is None:
+            self._cast = self.weight.detach().to(self.dtype)
+        return self._cast[v0:v1]
 
     def logits(self, h: torch.Tensor, v0: int, v1: int, out: torch.Tensor) -> torch.Tensor:
         if self.bias is None:
