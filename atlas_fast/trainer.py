@@ -39,7 +39,8 @@ from . import checkpoint as ckpt
 from .batch import LMHead, MicroBatch, completion_hidden, completion_logits, split_lm_head, trim
 from .config import GRPOConfig
 from .data import PromptSampler, is_conversational, load_dataset_any, render_prompt
-from .memory import enable_gradient_checkpointing, on_device
+from .memory import (MemoryReport, OffloadedAdamW, enable_gradient_checkpointing, on_device, packed_completion_hidden,
+                     packed_completion_logits, place_frozen, prepare_packing, split_micro_batches)
 from .metrics import MetricsLogger, format_metrics, plot_metrics
 from .modeling import load_causal_lm, load_tokenizer
 from .rewards import (append_reward_tables, combine_rewards, compute_rewards, prepare_reward_funcs,
@@ -100,7 +101,7 @@ class GRPOTrainer:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if config.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
+            enable_gradient_checkpointing(self.model, offload=config.activation_offload)
         if config.disable_dropout:
             for module in self.model.modules():
                 if isinstance(module, torch.nn.Dropout):
@@ -112,13 +113,16 @@ class GRPOTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if config.fp16 else None
 
         self.ref_model = self._reference_model(ref_model)
-        self.offload_device = torch.device("cpu") if config.offload_untrained_models else self.device
+        # Padding-free rows need both models ready for them; a model that cannot keeps padded batches.
+        self.padding_free = config.padding_free and all(
+            prepare_packing(m) for m in (self.model, self.ref_model) if m is not None)
+        self._completion_logits = packed_completion_logits if self.padding_free else completion_logits
+        self._completion_hidden = packed_completion_hidden if self.padding_free else completion_hidden
         if self.ref_model is not None:
-            self.ref_model.to(self.offload_device)
+            place_frozen(self.ref_model, self.device, offload=config.offload_untrained_models, mode=config.offload_mode)
         self.reward_funcs = prepare_reward_funcs(reward_funcs, reward_model)
         for _, fn in self.reward_funcs:
-            if hasattr(fn, "to"):
-                fn.to(self.offload_device)
+            place_frozen(fn, self.device, offload=config.offload_untrained_models, mode=config.offload_mode)
             if isinstance(fn, torch.nn.Module):
                 fn.eval()  # frozen: no dropout
         n_funcs = len(self.reward_funcs)
@@ -136,6 +140,12 @@ class GRPOTrainer:
 
         self.optimizer, self.lr_scheduler = optimizers
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if config.optimizer_offload and self.optimizer is not None:
+            raise ValueError("optimizer_offload builds its own CPU AdamW: pass optimizers=(None, scheduler) or turn it off")
+        if config.optimizer_offload:  # fp32 masters and moments in CPU memory; the model keeps autocast-dtype weights
+            self.optimizer = OffloadedAdamW(
+                self._trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                eps=config.adam_epsilon, weight_decay=config.weight_decay, weight_dtype=self.autocast_dtype)
         if self.optimizer is None:
             self.optimizer = torch.optim.AdamW(
                 self._trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
@@ -164,6 +174,7 @@ class GRPOTrainer:
         self._epochs_ended = 0  # epochs whose last rows this step trains on: on_epoch_end after the step
         self._stream = self._micro_batches()
         self._num_tokens = 0
+        self.memory = MemoryReport(self.device)  # memory/<phase>_peak_gib in each step's metrics (CUDA)
         self._epochs_announced: set[int] = set()  # epochs whose on_epoch_begin has fired
         self._last_good: dict | None = None  # state at the end of the last good step (NaN guard)
 
@@ -330,11 +341,12 @@ class GRPOTrainer:
         for _ in range(c.gradient_accumulation_steps):
             mb = next(self._stream)
             self.model.train()  # generation and log-prob passes switch to eval mode
-            with self._autocast():
-                loss, stats = self._loss(mb)
-            if not torch.isfinite(loss):
-                self._on_bad_loss(loss)
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            with self.memory.phase("update"):
+                with self._autocast():
+                    loss, stats = self._loss(mb)
+                if not torch.isfinite(loss):
+                    self._on_bad_loss(loss)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             tokens += int(mb.attention_mask.sum())
             for k, v in {"loss": loss.detach(), **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v)  # host sync, once per micro-batch, for logging
@@ -343,11 +355,12 @@ class GRPOTrainer:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, max_norm)
         lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step uses, before the schedule advances
-        if self.scaler:
-            self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        with self.memory.phase("optimizer"):
+            if self.scaler:
+                self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
+                self.scaler.update()
+            else:
+                self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.rollout.update_weights(self.model)  # free for in-place backends; a push for servers
@@ -358,6 +371,7 @@ class GRPOTrainer:
         if "kl" in metrics:
             self.current_kl = torch.tensor([metrics["kl"]])
         metrics.update(self._generation_metrics)
+        metrics.update(self.memory.metrics())
         self._generation_metrics = {}
         metrics["_tokens"] = tokens
         metrics["learning_rate"] = lr
@@ -367,11 +381,11 @@ class GRPOTrainer:
         c = self.args
         if self.lm_head is not None:
             # The body up to its final norm, then the head fused with the loss: no [B, C + 1, V] logits.
-            hidden = completion_hidden(self.lm_head, mb)  # [B, C + 1, H]: the kernels skip the last position
+            hidden = self._completion_hidden(self.lm_head, mb)  # [B, C + 1, H]: the kernels skip the last position
             inputs = (hidden, self.lm_head.weight)
             loss_fn = functools.partial(self.kernels.fused_linear_grpo_loss, bias=self.lm_head.bias)
         else:
-            inputs = (completion_logits(self.model, mb),)  # [B, C + 1, V]: the kernels skip the last position
+            inputs = (self._completion_logits(self.model, mb),)  # [B, C + 1, V]: the kernels skip the last position
             loss_fn = self.kernels.grpo_loss_from_logits
         loss, stats = loss_fn(
             *inputs, mb.completion_ids, mb.old_logps, mb.ref_logps, mb.advantages, mb.completion_mask,
@@ -400,7 +414,9 @@ class GRPOTrainer:
         c = self.args
         batch = self._generate_and_score()
         size = c.per_device_train_batch_size
-        chunks = [batch.slice(slice(i, i + size)) for i in range(0, len(batch.advantages), size)]
+        # Packed rows cost what their tokens cost: balance them, keeping rows per micro-batch equal
+        # (bnpo normalises by each micro-batch's own tokens, so regrouping would change its objective).
+        chunks = split_micro_batches(batch, size, balance=self.padding_free and c.loss_type != "bnpo")
         self._pending = [trim(mb) for _ in range(c.num_iterations) for mb in chunks]
 
     # ------------------------------------------------------------------ rollout and scoring
@@ -437,7 +453,8 @@ class GRPOTrainer:
             old_logps=None, ref_logps=None,
             num_items=float(c_mask.sum()),
         )
-        batch.old_logps, batch.ref_logps = self._rollout_logps(batch)
+        with self.memory.phase("reference"):
+            batch.old_logps, batch.ref_logps = self._rollout_logps(batch)
 
         self.current_rewards = rewards
         lengths = torch.tensor([len(x) for x in completion_ids], dtype=torch.float32)
@@ -470,7 +487,8 @@ class GRPOTrainer:
         unique_ids = self._tokenize_prompts([row["prompt"] for row in rows])
         rows = [row for row in rows for _ in range(G)]  # each prompt G times, groups contiguous
         prompts = [row["prompt"] for row in rows]
-        completion_ids, finished = self._generate(prompts, unique_ids)
+        with self.memory.phase("generation"):
+            completion_ids, finished = self._generate(prompts, unique_ids)
         columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
         return Rollout(prompts, [ids for ids in unique_ids for _ in range(G)], completion_ids, finished, columns)
 
@@ -537,10 +555,10 @@ class GRPOTrainer:
             with self._autocast():
                 if head is not None:
                     out.append(self.kernels.fused_linear_logprobs(
-                        completion_hidden(head, mb), head.weight, mb.completion_ids, bias=head.bias,
+                        self._completion_hidden(head, mb), head.weight, mb.completion_ids, bias=head.bias,
                         temperature=self.args.temperature, validate=False))
                 else:
-                    logits = completion_logits(model, mb)
+                    logits = self._completion_logits(model, mb)
                     out.append(self.kernels.selective_logprobs(logits, mb.completion_ids,
                                                                temperature=self.args.temperature, validate=False))
         model.train(was_training)
