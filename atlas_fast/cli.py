@@ -132,6 +132,8 @@ def run_schema() -> type:
         ("data", DataSchema, field(default_factory=DataSchema)),
         ("trainer", trainer_schema(), field(default_factory=trainer_schema())),
         ("reward", RewardSchema, field(default_factory=RewardSchema)),
+        # reward_system/ (RIM's judges): checked by its own schema, atlas_fast.rewards.rim.config.
+        ("reward_system", Optional[Dict[str, Any]], field(default=None)),
         ("output_dir", str, field(default=MISSING)),
         ("seed", int, field(default=42)),
         ("resume_from_checkpoint", Any, field(default=None)),  # null, true or a checkpoint path
@@ -306,6 +308,7 @@ class RunSpec:
     reward_model: str | None
     evaluate_before_after: bool
     resume_from_checkpoint: str | bool | None
+    reward_system: dict | None = None  # RIMReward's config, scored after the other rewards
 
 
 def resolve(cfg: dict) -> RunSpec:
@@ -316,11 +319,18 @@ def resolve(cfg: dict) -> RunSpec:
     reward_model = reward.get("reward_model")
     weights = reward.get("weights")
     n_funcs = len(funcs) + (reward_model is not None)
-    if n_funcs == 0:
+    reward_system = cfg.get("reward_system")
+    if n_funcs == 0 and reward_system is None:
         raise ConfigError("reward.funcs is empty and reward.reward_model is null: nothing scores the completions")
     if weights is not None and len(weights) != n_funcs:
         raise ConfigError(f"reward.weights has {len(weights)} entries for {n_funcs} reward functions "
                           "(reward.funcs, then reward.reward_model)")
+    if reward_system is not None:
+        from .rewards.rim import load_rim_config
+
+        rim_weight = load_rim_config(reward_system).weight  # errors name reward_system.<key>
+        if weights is not None or rim_weight != 1.0:
+            weights = [*(weights if weights is not None else [1.0] * n_funcs), rim_weight]
 
     values = {**trainer, "output_dir": str(cfg["output_dir"]), "seed": cfg["seed"],
               "trust_remote_code": bool(model.get("trust_remote_code", False)),
@@ -349,6 +359,7 @@ def resolve(cfg: dict) -> RunSpec:
         reward_model=reward_model,
         evaluate_before_after=bool(cfg.get("evaluate_before_after", True)),
         resume_from_checkpoint=resume,
+        reward_system=reward_system,
     )
 
 
@@ -455,6 +466,13 @@ def build_trainer(spec: RunSpec):
             [("reward.reward_model", spec.reward_model)] if spec.reward_model is not None else []):
         with blame(key, item):
             rewards.append(resolve_reward_func(item)[1])
+    if spec.reward_system is not None:
+        from .rewards.rim import RIMReward
+
+        try:
+            rewards.append(RIMReward(spec.reward_system))
+        except ValueError as err:  # e.g. the API key's environment variable is unset
+            raise ConfigError(str(err)) from err
 
     final_eval = FinalEvaluation() if evaluation is not None and spec.evaluate_before_after else None
     with blame("model.name_or_path", spec.model):

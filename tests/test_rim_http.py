@@ -131,6 +131,14 @@ def test_identical_calls_are_served_from_the_cache():
         assert reward.last_metrics["rim/requests"] == 0 and reward.last_metrics["rim/cache_hits"] == 6
         reward(["2+2?"], ["5"])  # a different completion is a different call
         assert len(server.calls) == sent + 2 * 3
+    assert len(set(server.peers)) <= 4  # max_parallel workers, each keeping its connection
+
+
+def test_a_connection_the_server_dropped_is_replaced_without_a_retry():
+    with JudgeServer(lambda c, h: judgement(0.6), close_after_reply=True) as server:
+        reward = RIMReward(rim_config(server.base_url, judges=["accuracy"], max_parallel=1, max_retries=0))
+        assert reward(["q1", "q2"], ["a", "b"]) == [0.6, 0.6]
+    assert len(server.calls) == 6 and len(set(server.peers)) == 6
 
 
 def test_cache_can_be_disabled():
@@ -161,6 +169,9 @@ def test_concurrency_is_bounded_by_max_parallel():
 def test_client_rejects_bad_urls_and_non_chat_replies():
     with pytest.raises(ValueError, match="http"):
         OpenAIClient("127.0.0.1:8000/v1")
+    with pytest.raises(ValueError, match="must not hold credentials") as err:
+        OpenAIClient(f"https://user:{SECRET}@judge.example/v1")
+    assert SECRET not in str(err.value)
     with JudgeServer(lambda c, h: (200, b'{"object": "list"}')) as server:
         reward = RIMReward(rim_config(server.base_url, judges=["accuracy"], temperatures=[0.2]))
         _, [info] = reward(["q"], ["a"], return_info=True)
@@ -205,3 +216,52 @@ def test_grpo_trainer_logs_judges_and_writes_explanations(tmp_path, one_thread):
     assert len(rows) == 2 * 8 and {r["step"] for r in rows} == {0, 1}
     assert rows[0]["explanations"]["process"] == "process: checked the digits"
     assert set(rows[0]["rewards"]) == {"accuracy", "process"}
+
+
+# -- the CLI -----------------------------------------------------------------------------------
+
+
+def test_cli_appends_rim_with_its_weight():
+    from atlas_fast import cli
+    from omegaconf import OmegaConf
+
+    def spec(*overrides):
+        cfg = cli.compose_config(["reward=demo", *overrides])
+        return cli.resolve(OmegaConf.to_container(cfg, resolve=True))
+
+    plain = spec()
+    assert plain.reward_system is None and plain.config.reward_weights == [1.0, 0.2]
+    rim = spec("reward_system=interpretation_offline", "reward_system.weight=0.5")
+    assert rim.reward_system["judges"] == ["helpfulness", "process"]
+    assert rim.config.reward_weights == [1.0, 0.2, 0.5]  # funcs, then RIM
+    unweighted = spec("reward=accuracy", "reward_system=interpretation", "reward_system.weight=2.0")
+    assert unweighted.config.reward_weights == [1.0, 2.0]
+    with pytest.raises(ValueError, match="reward_system.variance_threshold"):
+        spec("reward_system=interpretation", "reward_system.variance_threshold=-1")
+
+
+def test_cli_trains_with_rim_against_a_loopback_judge(tmp_path, capsys, one_thread):
+    from atlas_fast import cli
+
+    tok = char_tokenizer()
+    tiny_model(tok).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(4)))
+    out = tmp_path / "run"
+    with JudgeServer(lambda c, h: judgement(0.7, rationale=f"{c.judge} fine")) as server:
+        code = cli.main([
+            "train", f"model.name_or_path={tmp_path / 'model'}", "data=jsonl",
+            f"data.train_file={tmp_path / 'train.jsonl'}", "reward=accuracy", "recipe=default",
+            "reward_system=interpretation_offline", f"reward_system.small_model.base_url={server.base_url}",
+            f"reward_system.large_model.base_url={server.base_url}", "reward_system.backoff_s=0.01",
+            "trainer.max_steps=1", "trainer.num_generations=2", "trainer.per_device_train_batch_size=2",
+            "trainer.max_completion_length=2", "trainer.disable_tqdm=true", "evaluate_before_after=false",
+            f"output_dir={out}",
+        ])
+    assert code == 0, capsys.readouterr().out
+    [record] = [r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
+    assert record["rim_rewards/helpfulness"] == pytest.approx(0.7) and "rim_rewards/accuracy" not in record
+    assert record["rewards/rim/mean"] == pytest.approx(0.7)
+    rows = (out / "rim_explanations.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and json.loads(rows[0])["explanations"]["process"] == "process fine"
+    assert {c.model for c in server.calls} == {"Qwen/Qwen2.5-7B-Instruct"}
