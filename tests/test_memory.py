@@ -259,8 +259,9 @@ def test_pack_layout():
     assert packed.input_ids.shape == (1, 8)
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3]]
     assert packed.cu_seqlens.tolist() == [0, 4, 8] and packed.max_seqlen == 4
-    # Completion token j of row b is predicted by the packed position before it; padding reads 0.
-    assert packed.index.tolist() == [[1, 2, 0], [4, 5, 6]]
+    # Completion token j of row b is scored at the packed position before it; padding and the last
+    # column (which scores nothing, as in the padded layout) read 0.
+    assert packed.index.tolist() == [[1, 2, 0, 0], [4, 5, 6, 0]]
     assert torch.equal(packed.input_ids[0, 2:4], mb.completion_ids[0, :2])
 
 
@@ -274,7 +275,10 @@ def test_packing_keeps_loss_and_gradients(tok, varlen):
     assert_same(loss_and_grads(model, mb, packed_completion_logits), expected)
     with torch.no_grad():
         padded, packed = completion_logits(model, mb), packed_completion_logits(model, mb)
-    torch.testing.assert_close(packed[mb.completion_mask], padded[:, :-1][mb.completion_mask], **TOL)
+    C = mb.completion_ids.shape[1]
+    assert packed.shape == padded.shape == (len(mb.advantages), C + 1, model.config.vocab_size)
+    mask = mb.completion_mask
+    torch.testing.assert_close(packed[:, :C][mask], padded[:, :C][mask], **TOL)
 
 
 def test_packing_with_checkpointing_and_offload(tok):
@@ -301,7 +305,28 @@ def test_models_that_cannot_pack_are_reported():
             return input_ids
 
     assert not supports_packing(Custom())
-    assert not prepare_packing(Custom())
+    with pytest.warns(UserWarning, match="keeps padded batches"):
+        assert not prepare_packing(Custom())
+
+
+def test_packed_hidden_states_match_the_padded_body(tok):
+    import atlas_fast.batch as batch
+
+    if not hasattr(batch, "split_lm_head"):
+        pytest.skip("no hidden-state path in atlas_fast.batch")
+    from atlas_fast.memory import packed_completion_hidden
+
+    model = tiny_model(tok, layers=2)
+    mb = micro_batch(seed=5)
+    head = batch.split_lm_head(model)
+    with torch.no_grad():
+        padded = batch.completion_hidden(head, mb)
+        prepare_packing(model, varlen=True)
+        packed = packed_completion_hidden(head, mb)
+    assert packed.shape == padded.shape
+    mask = mb.completion_mask
+    C = mask.shape[1]
+    torch.testing.assert_close(packed[:, :C][mask], padded[:, :C][mask], **TOL)
 
 
 def test_balance_rows_by_tokens():
@@ -334,3 +359,80 @@ def test_memory_report_is_silent_on_cpu():
     with report.phase("update"):
         torch.ones(4)
     assert report.metrics() == {}
+
+
+# ---------------------------------------------------------------------- through the trainer
+def _fixed_rollout(prompts, trainer):
+    """Completions of 1-6 tokens that differ within each group, some ending in EOS: ragged rows."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        k = i % trainer.args.num_generations
+        ids = trainer.tokenizer("12ab34"[: 1 + (k + len(str(prompt))) % 6], add_special_tokens=False)["input_ids"]
+        out.append(ids + ([trainer.tokenizer.eos_token_id] if k % 2 == 0 else []))
+    return out
+
+
+def _trainer(tmp_path, tok, name, **overrides):
+    from atlas_fast import GRPOConfig, GRPOTrainer
+    from tiny import arithmetic_rows
+
+    values = dict(output_dir=str(tmp_path / name), max_steps=2, num_generations=4, per_device_train_batch_size=4,
+                  gradient_accumulation_steps=2, max_completion_length=6, learning_rate=1e-2,
+                  lr_scheduler_type="constant", seed=0, use_kernels=False, disable_tqdm=True, beta=0.1,
+                  rollout_func=_fixed_rollout, report_to="none")
+    values.update(overrides)
+    return GRPOTrainer(GRPOConfig(**values), model=tiny_model(tok, layers=2), tokenizer=tok,
+                       train_dataset=arithmetic_rows(16), reward_funcs=[lambda completion_ids, **kw: [
+                           sum(t % 3 == 0 for t in ids) / max(len(ids), 1) for ids in completion_ids]])
+
+
+ALL_OPTIONS = dict(gradient_checkpointing=True, activation_offload=True, offload_untrained_models=True,
+                   optimizer_offload=True, padding_free=True)
+
+
+def test_trainer_with_every_memory_option_matches_the_plain_run(tmp_path, tok):
+    plain = _trainer(tmp_path, tok, "plain")
+    plain.train()
+    lean = _trainer(tmp_path, tok, "lean", **ALL_OPTIONS)
+    assert lean.ref_model is not None and all(p.device.type == "cpu" for p in lean.ref_model.parameters())
+    lean.train()
+    for key in ("loss", "grad_norm", "kl"):
+        expected = [r[key] for r in plain.state.log_history if key in r]
+        got = [r[key] for r in lean.state.log_history if key in r]
+        assert len(got) == len(expected) == 2
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-6, msg=key)
+    for (name, a), b in zip(plain.model.named_parameters(), lean.model.parameters()):
+        if name.endswith("k_proj.bias"):
+            continue  # softmax ignores it: its gradient is rounding noise that Adam scales up to lr
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_trainer_resume_with_optimizer_offload_is_exact(tmp_path, tok):
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 2
+
+    options = dict(max_steps=4, optimizer_offload=True, padding_free=True)
+    straight = _trainer(tmp_path, tok, "straight", **options)
+    straight.train()
+    first = _trainer(tmp_path, tok, "resumed", save_steps=2, **options)
+    first.callbacks.append(StopAt())
+    first.train()
+    second = _trainer(tmp_path, tok, "resumed", save_steps=2, **options)
+    second.train(resume_from_checkpoint=True)
+    assert second.state.global_step == 4
+    for (name, a), b in zip(straight.model.named_parameters(), second.model.parameters()):
+        assert torch.equal(a, b), name
+    masters = second.optimizer.masters
+    assert all(torch.equal(m, s) for m, s in zip(masters, straight.optimizer.masters))
+
+
+def test_impossible_memory_options_are_clear_errors(tmp_path, tok):
+    from atlas_fast import GRPOConfig
+
+    with pytest.raises(ValueError, match="activation_offload .* set gradient_checkpointing=True"):
+        GRPOConfig(activation_offload=True)
+    with pytest.raises(ValueError, match="offload_mode must be one of"):
+        GRPOConfig(offload_mode="always")
