@@ -39,8 +39,9 @@ from . import checkpoint as ckpt
 from .batch import LMHead, MicroBatch, completion_hidden, completion_logits, split_lm_head, trim
 from .config import GRPOConfig
 from .data import PromptSampler, is_conversational, load_dataset_any, render_prompt
-from .memory import (MemoryReport, OffloadedAdamW, enable_gradient_checkpointing, on_device, packed_completion_hidden,
-                     packed_completion_logits, place_frozen, prepare_packing, split_micro_batches)
+from .memory import (MemoryReport, OffloadedAdamW, enable_gradient_checkpointing, frozen_offload, on_device,
+                     packed_completion_hidden, packed_completion_logits, place_frozen, prepare_packing,
+                     split_micro_batches)
 from .metrics import MetricsLogger, format_metrics, plot_metrics
 from .modeling import load_causal_lm, load_tokenizer
 from .rewards import (append_reward_tables, combine_rewards, compute_rewards, prepare_reward_funcs,
@@ -569,9 +570,11 @@ class GRPOTrainer:
         heads that are more than a linear map (soft-capping, logit scaling, an adapter) say why."""
         if not self.args.fused_lm_head:
             return None
-        # Hooks on the whole model's forward (frozen-model offload, accelerate's device maps)
-        # would be skipped by calling its body alone.
-        head = split_lm_head(model) if not (model._forward_pre_hooks or model._forward_hooks) else (
+        # Hooks on the whole model's forward (accelerate's device maps) would be skipped by calling
+        # its body alone. A frozen-model offload's are not needed: inside on_device() its non-layer
+        # weights stay resident and its layers stream through hooks of their own.
+        hooked = (model._forward_pre_hooks or model._forward_hooks) and frozen_offload(model) is None
+        head = split_lm_head(model) if not hooked else (
             f"{type(model).__name__} has hooks on its forward (offload or device placement)")
         if isinstance(head, str):
             print(f"note: fused_lm_head: scoring logits instead: {head}", file=sys.stderr)

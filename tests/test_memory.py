@@ -436,3 +436,23 @@ def test_impossible_memory_options_are_clear_errors(tmp_path, tok):
         GRPOConfig(activation_offload=True)
     with pytest.raises(ValueError, match="offload_mode must be one of"):
         GRPOConfig(offload_mode="always")
+
+
+@pytest.mark.parametrize("mode", ["layer", "model"])
+def test_offloaded_model_runs_its_body_and_head_apart_inside_a_visit(tok, mode):
+    # The fused linear head calls the decoder body, then applies the head's weight itself.
+    import atlas_fast.batch as batch
+
+    if not hasattr(batch, "split_lm_head"):
+        pytest.skip("no hidden-state path in atlas_fast.batch")
+    model = tiny_model(tok, layers=3)
+    twin = copy.deepcopy(model)
+    mb = micro_batch(seed=7)
+    with torch.no_grad():
+        expected = batch.completion_hidden(batch.split_lm_head(model), mb) @ model.lm_head.weight.T
+        offload = offload_frozen(twin, "cpu", mode=mode)
+        head = batch.split_lm_head(twin)
+        with on_device(twin, torch.device("cpu")):
+            got = batch.completion_hidden(head, mb) @ head.weight.T
+        assert offload.on_device_tensors() == 0
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

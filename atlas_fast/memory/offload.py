@@ -83,7 +83,7 @@ class FrozenOffload:
         self.stream = torch.cuda.Stream(self.device) if pin else None
         self._inflight: dict[int, tuple[list[torch.Tensor], Any]] = {}
         self._present: set[int] = set()
-        self._visit_wholesale = False
+        self._visit: str | None = None  # inside visit(): "wholesale" or "layers" (non-layer weights resident)
         self._rest = len(self._groups) - 1
         self._handles = [model.register_forward_pre_hook(self._model_pre, with_kwargs=True),
                          model.register_forward_hook(self._model_post)]
@@ -95,19 +95,24 @@ class FrozenOffload:
     # ------------------------------------------------------------------ public
     @contextlib.contextmanager
     def visit(self) -> Iterator[torch.nn.Module]:
-        """A block of forwards: wholesale residency for the whole block when the mode allows it."""
-        if self._visit_wholesale or not self._wholesale_fits():
+        """A block of forwards: the whole model resident for the block when the mode allows it;
+        otherwise the non-layer weights (embeddings, final norm, head) stay resident and the layers
+        stream. Either way the body and the head can also be called on their own inside the block
+        (the fused linear head calls the decoder body, then reads the head's weight itself)."""
+        if self._visit is not None:
             yield self.model
             return
-        self._visit_wholesale = True
-        for g in range(len(self._groups)):
+        self._visit = "wholesale" if self._wholesale_fits() else "layers"
+        groups = range(len(self._groups)) if self._visit == "wholesale" else [self._rest]
+        for g in groups:
             self._enter(g)
         try:
             yield self.model
         finally:
-            for g in range(len(self._groups)):
+            for g in list(self._present):
                 self._leave(g)
-            self._visit_wholesale = False
+            self._inflight.clear()
+            self._visit = None
 
     def on_device_tensors(self) -> int:
         """How many of the model's tensors are on the device right now (0 between forwards)."""
@@ -132,31 +137,33 @@ class FrozenOffload:
     # ------------------------------------------------------------------ hooks
     def _model_pre(self, module, args, kwargs):
         args, kwargs = _to_device((args, kwargs), self.device)
-        if not self._visit_wholesale:
-            if self.mode == "model":
-                for g in range(len(self._groups)):
-                    self._enter(g)
-            else:
-                self._enter(self._rest)  # embeddings, final norm, head: needed first and last
-                self._fetch(0)
+        if self._visit is None and self.mode == "model":
+            for g in range(len(self._groups)):
+                self._enter(g)
+        elif self._visit != "wholesale":
+            self._enter(self._rest)  # embeddings, final norm, head: needed first and last
+            self._fetch(0)
         return args, kwargs
 
     def _model_post(self, module, args, output):
-        if not self._visit_wholesale:
+        if self._visit is None:
             for g in list(self._present):
                 self._leave(g)
             self._inflight.clear()
         return output
 
+    def _streams_layers(self) -> bool:
+        return self._visit == "layers" or (self._visit is None and self.mode != "model")
+
     def _layer_pre(self, i: int) -> None:
-        if self._visit_wholesale or self.mode == "model":
+        if not self._streams_layers():
             return
         self._enter(i)
         if i + 1 < self._rest:
             self._fetch(i + 1)  # overlaps with layer i's compute
 
     def _layer_post(self, i: int) -> None:
-        if not (self._visit_wholesale or self.mode == "model"):
+        if self._streams_layers():
             self._leave(i)
 
     # ------------------------------------------------------------------ transfers
