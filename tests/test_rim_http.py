@@ -61,7 +61,7 @@ def test_api_key_comes_from_the_environment_and_never_leaks(monkeypatch, caplog)
     assert len(server.calls) == 3 + 2
 
     monkeypatch.delenv("RIM_TEST_KEY")
-    with pytest.raises(ValueError, match="RIM_TEST_KEY is not set"):
+    with pytest.raises(ValueError, match="reward_system.small_model: .*RIM_TEST_KEY is not set"):
         RIMReward(cfg)
 
 

@@ -52,13 +52,12 @@ class RIMReward:
         self.templates = self.config.templates()
         self.__name__ = "rim"
         c = self.config
-        small = small_client or build_client(c.small_model, batch_size=c.max_parallel)
+        small = small_client or _client(c, "small_model")
         if large_client is None:
             # One backend object when both tiers name the same endpoint or local model, so a local
             # model is loaded once.
             same = _endpoint(c.small_model) == _endpoint(c.large_model)
-            large_client = small if same and small_client is None else build_client(
-                c.large_model, batch_size=c.max_parallel)
+            large_client = small if same and small_client is None else _client(c, "large_model")
         limits = dict(max_parallel=c.max_parallel, timeout_s=c.timeout_s, max_retries=c.max_retries,
                       backoff_s=c.backoff_s, parse_retries=c.parse_retries, cache_size=c.cache_size)
         self.small = JudgeCaller(small, **limits)
@@ -217,6 +216,13 @@ class RIMReward:
         metrics["rim/requests"] = float(sent["requests"] - sent_before["requests"])
         metrics["rim/cache_hits"] = float(sent["cache_hits"] - sent_before["cache_hits"])
         return metrics
+
+
+def _client(config: RIMConfig, key: str) -> JudgeClient:
+    try:
+        return build_client(getattr(config, key), batch_size=config.max_parallel)
+    except ValueError as err:
+        raise ValueError(f"reward_system.{key}: {err}") from err
 
 
 def _endpoint(m: JudgeModelConfig) -> tuple[Any, ...]:
