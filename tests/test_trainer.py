@@ -492,8 +492,8 @@ def test_completion_ids_outside_the_vocabulary_are_named(tmp_path, tok):
 def test_nan_loss_stops_with_a_loadable_checkpoint_of_the_last_good_state(tmp_path, tok):
     model = tiny_model(tok)
     poison = {"on": False}
-    # NaN logits from step 3 on: what an overflow in the forward pass looks like to the trainer.
-    handle = model.lm_head.register_forward_hook(lambda mod, args, out: out * math.nan if poison["on"] else out)
+    # NaN hidden states (so NaN logits) from step 3 on: what an overflow in the forward pass looks like to the trainer.
+    handle = model.model.norm.register_forward_hook(lambda mod, args, out: out * math.nan if poison["on"] else out)
 
     class PoisonAfter2(GRPOTrainer):
         def on_step_end(self, args, state, control, **kwargs):
@@ -708,8 +708,8 @@ def test_resume_after_nan_trains_on_the_rows_of_an_uninterrupted_run(tmp_path, t
 
     model = tiny_model(tok)
     poison = {"on": False}
-    # NaN logits in the update only (generation runs without gradients and stays finite).
-    model.lm_head.register_forward_hook(
+    # NaN hidden states in the update only (generation runs without gradients and stays finite).
+    model.model.norm.register_forward_hook(
         lambda mod, args, out: out * math.nan if poison["on"] and torch.is_grad_enabled() else out)
 
     class PoisonAfter(GRPOTrainer):
@@ -814,7 +814,7 @@ def test_mixed_precision(tmp_path, tok, precision):
     trainer = trainer_for(tmp_path, tok, max_steps=2, **{precision: True}, save_steps=2,
                           trainer_kwargs=dict(rollout_func=fixed_rollout))
     seen = []
-    trainer.model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    trainer.model.model.layers[0].mlp.down_proj.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
     trainer.train()
     assert set(seen) == {getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[precision])}
     assert (trainer.scaler is not None) == (precision == "fp16")
@@ -872,3 +872,32 @@ def test_logging_eval_and_save_strategies(tmp_path, tok, strategy):
     assert [r["step"] for r in records if "reward" in r] == expected
     assert [r["step"] for r in records if "eval/reward" in r] == expected
     assert sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")) == expected
+
+
+def test_logging_first_step_eval_on_start_and_data_seed(tmp_path, tok):
+    prompts = {}
+
+    def recording_rollout(batch_prompts, trainer):
+        prompts.setdefault(trainer.args.output_dir, []).append(list(batch_prompts))
+        return fixed_rollout(batch_prompts, trainer)
+
+    kwargs = dict(max_steps=3, logging_steps=2, trainer_kwargs=dict(eval_dataset=arithmetic_rows(2, seed=1),
+                                                                   rollout_func=recording_rollout))
+    trainer = trainer_for(tmp_path, tok, logging_first_step=True, eval_on_start=True, **kwargs)
+    trainer.train()
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records if "eval/reward" in r] == [0]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    # data_seed orders the prompts; seed alone no longer does once data_seed is set.
+    for name, extra in (("a", dict(seed=1, data_seed=5)), ("b", dict(seed=2, data_seed=5)), ("c", dict(seed=2))):
+        trainer_for(tmp_path, tok, name=name, **extra, **kwargs).train()
+    runs = {name: prompts[str(tmp_path / name)] for name in "abc"}
+    assert runs["a"] == runs["b"] != runs["c"]
+
+
+def test_chat_template_kwargs_reach_the_template(tmp_path, tok):
+    tok = char_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{{ suffix | default('') }}"
+    trainer = trainer_for(tmp_path, tok, chat_template_kwargs={"suffix": "="})
+    ids = trainer._tokenize_prompts([[{"role": "user", "content": "1+2"}]])
+    assert ids[0] == tok("1+2=", add_special_tokens=False)["input_ids"]
