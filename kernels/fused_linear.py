@@ -322,38 +322,49 @@ def _finish(state, with_entropy):
 
 
 class _Tokens:
-    """Which rows of the flat hidden states [R, H] the tokens of this call read, chunk by chunk."""
+    """Which rows of the hidden states the tokens of this call read, and where their gradient rows
+    go in a contiguous [R, H] gradient shaped like hidden, chunk by chunk."""
 
     def __init__(self, hidden: torch.Tensor, index_shape: torch.Size, keep: torch.Tensor | None):
-        self.H = hidden.shape[-1]
-        self.rows = hidden.reshape(-1, self.H)  # [R, H], a view when hidden is contiguous
-        T = index_shape[-1] if len(index_shape) else 1
-        S = hidden.shape[-2] if hidden.dim() >= 2 else 1
+        H = self.H = hidden.shape[-1]
+        T = index_shape[-1]
+        S = hidden.shape[-2]
+        self.grad_rows = hidden.numel() // H if H else 0  # R
         n_all = 1
         for d in index_shape:
             n_all *= d
-        self.flat = keep  # flat token ids (into index) of the tokens computed; None = all of them
         self.n = n_all if keep is None else keep.numel()
-        if keep is None and S == T:
-            self.row_ids = None  # identity: chunks are slices of `rows`
+        step = S  # rows between consecutive sequences in `rows`
+        if hidden.is_contiguous():
+            self.rows = hidden.view(-1, H)
+        elif (hidden.dim() == 3 and hidden.shape[0] > 0 and hidden.stride(2) == 1 and hidden.stride(1) == H
+              and hidden.stride(0) % H == 0):
+            # A slice of a longer sequence, such as last_hidden_state[:, -(C + 1):]: read it where it
+            # lies instead of copying B * (C + 1) rows.
+            step = hidden.stride(0) // H
+            self.rows = hidden.as_strided(((hidden.shape[0] - 1) * step + S, H), (H, 1))
         else:
-            ids = keep if keep is not None else torch.arange(n_all, device=hidden.device)
-            # [B, C+1, H] hidden for [B, C] ids: token (b, t) reads row b * (C + 1) + t.
-            self.row_ids = ids if S == T else (ids // T) * S + ids % T
+            self.rows = hidden.reshape(-1, H)
+        same = keep is None and S == T
+        ids = None if same and step == S else (keep if keep is not None else torch.arange(n_all, device=hidden.device))
+        # Token (b, t) of [B, T] ids is row b * step + t of `rows` and row b * S + t of the gradient
+        # (S = T + 1 for [B, T + 1, H] hidden states, whose last position scores nothing).
+        self.read_ids = None if ids is None else (ids // T) * step + ids % T
+        self.write_ids = None if same else (ids // T) * S + ids % T
 
     def chunks(self, plan: Plan):
         for a in range(0, self.n, plan.chunk):
             yield a, min(a + plan.chunk, self.n)
 
     def hidden(self, a, b, dtype):
-        h = self.rows[a:b] if self.row_ids is None else self.rows.index_select(0, self.row_ids[a:b])
+        h = self.rows[a:b] if self.read_ids is None else self.rows.index_select(0, self.read_ids[a:b])
         return h.to(dtype)
 
     def put(self, grad_rows: torch.Tensor, a, b, value: torch.Tensor):
-        if self.row_ids is None:
+        if self.write_ids is None:
             grad_rows[a:b].copy_(value)
         else:
-            grad_rows.index_copy_(0, self.row_ids[a:b], value.to(grad_rows.dtype))
+            grad_rows.index_copy_(0, self.write_ids[a:b], value.to(grad_rows.dtype))
 
 
 class _Grads:
@@ -364,9 +375,8 @@ class _Grads:
         dev = weight.device
         self.h = None
         if need_h:
-            full = tokens.row_ids is None
-            alloc = torch.empty if full else torch.zeros  # rows never computed (padding) get 0
-            self.h = alloc(tokens.rows.shape, device=dev, dtype=hidden_dtype)
+            alloc = torch.empty if tokens.write_ids is None else torch.zeros  # rows never computed get 0
+            self.h = alloc(tokens.grad_rows, tokens.H, device=dev, dtype=hidden_dtype)
         self.w = None
         if need_w:
             # Each chunk's GEMM accumulates in fp32 and adds into the gradient in the weight's own
@@ -442,7 +452,7 @@ def _grad_chunk(head, tokens, grads, plan, ws, a, b, h, idx, lse, ent, g, gh, re
     if grads.h is not None:
         # One tile: d(hidden) is a single GEMM (K = V), written in place when the rows line up.
         # Several: a sum over tiles, kept in fp32.
-        direct = plan.n_tiles == 1 and tokens.row_ids is None and grads.h.dtype == head.dtype
+        direct = plan.n_tiles == 1 and tokens.write_ids is None and grads.h.dtype == head.dtype
         if direct:
             h_acc = grads.h[a:b]
         else:

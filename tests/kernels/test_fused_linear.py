@@ -91,6 +91,26 @@ def test_hidden_with_one_extra_position_skips_it(gen):
     assert (hidden.grad[:, -1] == 0).all() and (hidden.grad[:, :-1] != 0).any()
 
 
+def test_a_slice_of_longer_hidden_states_is_read_in_place(gen):
+    # The trainer's input: last_hidden_state[:, -(C + 1):] of prompt + completion, not contiguous.
+    B, P, C = 3, 4, 5
+    full, weight, _ = make_head(gen, (B, P + C + 1), torch.float32, bias=False)
+    index = torch.randint(0, V, (B, C), generator=gen)
+    mask = torch.arange(C)[None, :] < torch.tensor([5, 2, 4])[:, None]
+    adv = torch.randn(B, generator=gen)
+    hidden = full[:, -(C + 1):]
+    assert not hidden.is_contiguous()
+    loss, _ = fused_linear_grpo_loss(hidden, weight, index, None, None, adv, mask, loss_type="bnpo")
+    loss.backward()
+    twin, wtwin = float64_twins(full, weight)
+    rloss, _ = reference.fused_linear_grpo_loss(twin[:, -(C + 1):], wtwin, index, None, None, adv.double(), mask,
+                                                loss_type="bnpo")
+    rloss.backward()
+    torch.testing.assert_close(loss.double(), rloss, atol=1e-6, rtol=1e-5)
+    check_grads([full.grad, weight.grad], [twin.grad, wtwin.grad], torch.float32)
+    assert (full.grad[:, : P] == 0).all()
+
+
 def make_batch(gen, B, C, *, extra_position):
     hidden, weight, b = make_head(gen, (B, C + int(extra_position)), torch.float32)
     index = torch.randint(0, V, (B, C), generator=gen)
