@@ -138,6 +138,8 @@ def run_schema() -> type:
         ("seed", int, field(default=42)),
         ("resume_from_checkpoint", Any, field(default=None)),  # null, true or a checkpoint path
         ("evaluate_before_after", bool, field(default=True)),
+        # The teacher-student protocol (recipe=teacher_demo); TeachingConfig checks its keys.
+        ("teaching", Optional[Dict[str, Any]], field(default=None)),
     ])
 
 
@@ -191,6 +193,10 @@ def train_command(args: argparse.Namespace) -> int:
             return 0
         cfg = checked(cfg)
         values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # "???" left unset
+        if values.get("teaching") is not None:  # a teacher trained to guide a frozen student
+            from .teaching.launch import train_teacher
+
+            return train_teacher(values, OmegaConf.to_yaml(cfg, resolve=True))
         spec = resolve(values)
         check_run_folder(spec)
         trainer, final_eval = build_trainer(spec)
@@ -475,7 +481,9 @@ def build_trainer(spec: RunSpec):
             raise ConfigError(str(err)) from err
 
     final_eval = FinalEvaluation() if evaluation is not None and spec.evaluate_before_after else None
-    with blame("model.name_or_path", spec.model):
+    # Only the model's loading errors (OSError) are blamed on model.name_or_path: the trainer's own
+    # ValueErrors (datasets, rewards, config) name what they are about.
+    with blame("model.name_or_path", spec.model, kinds=(OSError,)):
         trainer = GRPOTrainer(
             c,
             model=spec.model,
@@ -493,12 +501,12 @@ def build_trainer(spec: RunSpec):
 
 
 @contextlib.contextmanager
-def blame(key: str, value: Any):
+def blame(key: str, value: Any, kinds: tuple = (ValueError, OSError)):
     try:
         yield
     except ConfigError:
         raise
-    except (ValueError, OSError) as err:
+    except kinds as err:
         raise ConfigError(f"{key}={value}: {err}") from err
 
 
