@@ -436,6 +436,17 @@ def test_impossible_memory_options_are_clear_errors(tmp_path, tok):
         GRPOConfig(activation_offload=True)
     with pytest.raises(ValueError, match="offload_mode must be one of"):
         GRPOConfig(offload_mode="always")
+    with pytest.raises(ValueError, match="optimizer_offload does not combine with fp16"):
+        GRPOConfig(optimizer_offload=True, fp16=True)
+    from atlas_fast import GRPOTrainer
+    from tiny import arithmetic_rows
+
+    model = tiny_model(tok)
+    with pytest.raises(ValueError, match="optimizer_offload builds its own CPU AdamW"):
+        GRPOTrainer(GRPOConfig(output_dir=str(tmp_path / "x"), optimizer_offload=True, num_generations=4,
+                               per_device_train_batch_size=4, disable_tqdm=True),
+                    model=model, tokenizer=tok, train_dataset=arithmetic_rows(4), reward_funcs=["format"],
+                    optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
 
 
 @pytest.mark.parametrize("mode", ["layer", "model"])
