@@ -447,7 +447,7 @@ def build_trainer(spec: RunSpec):
     from .data import load_dataset_any, train_eval_split
     from .modeling import load_tokenizer
     from .rewards import resolve_reward_func
-    from .trainer import GRPOTrainer
+    from .trainer import GRPOTrainer, check_reward_columns
 
     with blame("data.train_file", spec.train_file):
         train = load_dataset_any(spec.train_file)
@@ -479,6 +479,9 @@ def build_trainer(spec: RunSpec):
             rewards.append(RIMReward(spec.reward_system))
         except ValueError as err:  # e.g. the API key's environment variable is unset
             raise ConfigError(str(err)) from err
+
+    for label, dataset in (("train", train), ("eval", evaluation)):  # before the model loads
+        check_reward_columns([(getattr(f, "__name__", type(f).__name__), f) for f in rewards], dataset, label)
 
     final_eval = FinalEvaluation() if evaluation is not None and spec.evaluate_before_after else None
     # Only the model's loading errors (OSError) are blamed on model.name_or_path: the trainer's own

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import functools
 import math
 import sys
@@ -134,6 +135,8 @@ class GRPOTrainer:
             raise ValueError("GRPOTrainer needs a train_dataset")
         self.train_dataset = load_dataset_any(train_dataset)
         self.eval_dataset = load_dataset_any(eval_dataset) if eval_dataset is not None else None
+        for label, dataset in (("train", self.train_dataset), ("eval", self.eval_dataset)):
+            check_reward_columns(self.reward_funcs, dataset, label)
         seed = config.data_seed if config.data_seed is not None else config.seed
         self.sampler = PromptSampler(self.train_dataset, config.prompts_per_generation,
                                      shuffle=config.shuffle_dataset, seed=seed)
@@ -747,6 +750,29 @@ class GRPOTrainer:
 def _nanstd(x: torch.Tensor) -> torch.Tensor:
     x = x[~torch.isnan(x)]
     return x.std() if x.numel() > 1 else torch.zeros(())
+
+
+# What the reward runner passes besides the dataset's columns.
+REWARD_ARGUMENTS = {"prompts", "completions", "completion_ids", "trainer_state"}
+
+
+def check_reward_columns(reward_funcs, dataset, label: str) -> None:
+    """A reward function's required arguments must be supplied: checked before the first step
+    rather than discovered after a generation (a dataset without the column is a data mistake)."""
+    columns = getattr(dataset, "column_names", None)
+    if dataset is None or columns is None:  # a stream whose columns are unknown until read
+        return
+    for name, func in reward_funcs:
+        try:
+            params = inspect.signature(func).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        required = {p.name for p in params if p.default is inspect.Parameter.empty
+                    and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+        missing = sorted(required - REWARD_ARGUMENTS - set(columns))
+        if missing:
+            raise ValueError(f"reward function {name!r} needs the column(s) {missing}, which the {label} dataset "
+                             f"lacks (its columns: {', '.join(columns)})")
 
 
 def is_peft(model: torch.nn.Module) -> bool:

@@ -292,3 +292,16 @@ def test_schema_checks(override, message, capsys):
     assert cli.main(["train", *LOCAL, override]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_data_mistake_found_by_the_trainer_is_one_error_line(tiny_run_inputs, tmp_path, capsys):
+    root, _ = tiny_run_inputs
+    (tmp_path / "no_answers.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+1="}) + "\n" for i in range(4)))
+    args = tiny_run_args(root, tmp_path / "run")
+    args[args.index(f"data.train_file={root / 'train.jsonl'}")] = f"data.train_file={tmp_path / 'no_answers.jsonl'}"
+    assert cli.main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "error: reward function 'accuracy_reward' needs the column(s) ['ground_truth'], which the train dataset "
+        "lacks (its columns: prompt)\n")
+    assert "trainer:" not in captured.out and not (tmp_path / "run").exists()

@@ -901,3 +901,12 @@ def test_chat_template_kwargs_reach_the_template(tmp_path, tok):
     trainer = trainer_for(tmp_path, tok, chat_template_kwargs={"suffix": "="})
     ids = trainer._tokenize_prompts([[{"role": "user", "content": "1+2"}]])
     assert ids[0] == tok("1+2=", add_special_tokens=False)["input_ids"]
+
+
+def test_a_column_a_reward_function_needs_is_checked_before_training(tmp_path, tok):
+    def needs_answer(completions, answer_key, **kwargs):
+        return [0.0] * len(completions)
+
+    with pytest.raises(ValueError, match=r"reward function 'needs_answer' needs the column\(s\) \['answer_key'\], which "
+                                         r"the train dataset lacks \(its columns: prompt, ground_truth\)"):
+        trainer_for(tmp_path, tok, reward_funcs=[needs_answer])
