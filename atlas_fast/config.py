@@ -27,8 +27,11 @@ Where we differ from TRL, and why:
 - bf16 = None (TRL says True): bf16 autocast when a CUDA GPU supports it, so the same config
   runs on a CPU, where TRL's default is an error.
 - logging_steps = 1 (TRL 10) and save_steps = None (TRL 500: no checkpoints unless asked for).
-- report_to = "none" writes no integration logs; `output_dir/metrics.jsonl` is always written:
-  it is the run's own record, read by the plot and extended by a resumed run.
+- eval_steps set while eval_strategy = "no" is an error here (TRL ignores eval_steps then).
+- gradient_checkpointing_kwargs may only hold use_reentrant=False: our per-layer checkpointing
+  is non-reentrant, the one variant that works with frozen inputs (LoRA).
+report_to = "none" (TRL's default too) writes no integration logs; `output_dir/metrics.jsonl` is
+always written: it is the run's own record, read by the plot and extended by a resumed run.
 """
 from __future__ import annotations
 
