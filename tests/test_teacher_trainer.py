@@ -217,6 +217,7 @@ def test_rewards_see_the_protocol_columns(tmp_path):
                 "ground_truth", "baseline_tokens", "student_tokens", "guidance_tokens"):
         assert len(seen[key]) == 4, key
     assert seen["prompts"][0] in [r["prompt"] for r in arithmetic_rows(4)]  # the problem, for judges
+    assert set(trainer.rollout_columns) <= set(seen)
 
 
 def test_student_is_offloaded_between_uses_when_asked(tmp_path, monkeypatch):

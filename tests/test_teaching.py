@@ -106,6 +106,8 @@ def test_teaching_reward_function_reads_protocol_columns():
                  guidance=["carry 0", "carry 0", "carry 0", "the answer is 2", "x"],
                  baseline_tokens=[5] * 5, student_tokens=[5] * 5, guidance_tokens=[2] * 5)
     assert out[0] > 1 and 0 < out[1] < 1 and out[2] == -1.0 and out[3] == -1.0 and out[4] is None
+    with pytest.raises(ValueError, match=r"teaching_reward needs the column\(s\) \['baseline_answer'"):
+        reward(prompts=["1+1="], completions=["g"], ground_truth=["2"])
 
 
 def test_teacher_metrics():

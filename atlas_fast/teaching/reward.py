@@ -114,10 +114,18 @@ class TeachingReward:
         self.weights = weights or TeachingRewardWeights()
         self.weights.validate()
 
-    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], *, ground_truth: Sequence[Any],
-                 baseline_answer: Sequence[str], student_answer: Sequence[str], guidance: Sequence[str],
-                 baseline_tokens: Sequence[int], student_tokens: Sequence[int], guidance_tokens: Sequence[int],
-                 **_: Any) -> list[float | None]:
+    # The protocol's columns arrive with the rollout, not with the dataset, so they are read from
+    # **columns (a trainer's up-front check of dataset columns must not ask the dataset for them).
+    COLUMNS = ("ground_truth", "baseline_answer", "student_answer", "guidance", "baseline_tokens", "student_tokens",
+               "guidance_tokens")
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]:
+        missing = [k for k in self.COLUMNS if k not in columns]
+        if missing:
+            raise ValueError(f"teaching_reward needs the column(s) {missing}: TeacherGRPOTrainer adds all but "
+                             "ground_truth, which the dataset must hold")
+        ground_truth, baseline_answer, student_answer, guidance, baseline_tokens, student_tokens, guidance_tokens = (
+            columns[k] for k in self.COLUMNS)
         out: list[float | None] = []
         for i, truth in enumerate(ground_truth):
             if truth is None or (isinstance(truth, str) and not truth.strip()):

@@ -32,6 +32,10 @@ class TeacherGRPOTrainer(GRPOTrainer, TeacherTrainer):
     Reward functions default to `["teaching"]`, the teaching reward with the config's weights;
     the string "teaching" may be listed beside others (e.g. a RIMReward)."""
 
+    # Reward-function columns the rollout adds to the dataset's own, one value per guidance.
+    rollout_columns = ("baseline_answer", "student_answer", "probe", "guidance", "teacher_prompt", "tier",
+                       "capability", "baseline_tokens", "student_tokens", "guidance_tokens")
+
     def __init__(self, *args: Any, student_model: Any = None, student_tokenizer: Any = None,
                  teaching_config: Any = None, **kwargs: Any):
         if student_model is None:
