@@ -556,8 +556,10 @@ def make_plan(device: str, quick: bool) -> Plan:
                 STEP_PROMPT_LENS)
 
 
-def collect(plan: Plan, cases: set[str], systems: list[str], models: Path, device: str) -> list[Result]:
-    rows: list[Result] = []
+def collect(plan: Plan, cases: set[str], systems: list[str], models: Path, device: str,
+            rows: list[Result] | None = None, on_row: Callable[[], None] = lambda: None) -> list[Result]:
+    """Run the cases, appending each result to `rows` and calling `on_row` after each."""
+    rows = [] if rows is None else rows
     if "update" in cases:
         for key in plan.shapes:
             shape = SHAPES[key]
@@ -566,6 +568,7 @@ def collect(plan: Plan, cases: set[str], systems: list[str], models: Path, devic
                 for system in systems:
                     rows.append(run_case("update", shape, path, system, update_workload(shape, C), plan.steps,
                                          plan.warmup, device))
+                    on_row()
     if "fit" in cases:
         for key in plan.fit_shapes:
             shape = SHAPES[key]
@@ -574,6 +577,7 @@ def collect(plan: Plan, cases: set[str], systems: list[str], models: Path, devic
                 for C in plan.fit_lengths:
                     r = run_case("fit", shape, path, system, update_workload(shape, C), 1, 0, device)
                     rows.append(r)
+                    on_row()
                     if not r.ok:
                         break
     if "step" in cases:
@@ -583,6 +587,7 @@ def collect(plan: Plan, cases: set[str], systems: list[str], models: Path, devic
             work = step_workload(shape, plan.step_tokens, plan.step_prompts, plan.step_prompt_lens)
             for system in [s for s in systems if s in ("atlas-fast", "TRL")]:
                 rows.append(run_case("step", shape, path, system, work, plan.steps, plan.warmup, device))
+                on_row()
     return rows
 
 
@@ -639,8 +644,33 @@ def main(argv=None) -> int:
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
+    out = args.out if args.out is not None else (None if device != "cuda" else DEFAULT_OUT)
+    order = {s: i for i, s in enumerate(SYSTEMS)}
+    rows: list[Result] = []
+
+    def body() -> str:
+        def of(case):
+            return sorted((r for r in rows if r.case == case),
+                          key=lambda r: (r.shape, r.completion, order.get(r.system, 9)))
+
+        sections = [header(device, plan.mode, plan.steps, plan.warmup)] + checks
+        if "update" in cases:
+            sections.append(result_table(of("update"), "Update phase (reference log-probs, policy forward, loss, "
+                                         f"backward, optimizer step; 8 generations of a {PROMPT_TOKENS}-token prompt, "
+                                         f"fixed completions, beta {BETA})"))
+        if "fit" in cases:
+            sections.append(fit_table(sorted((r for r in rows if r.case == "fit"),
+                                             key=lambda r: (r.shape, order.get(r.system, 9), r.completion))))
+        if "step" in cases:
+            sections.append(step_table(of("step")))
+        return "\n\n".join(sections)
+
+    def publish() -> None:  # after every case: a run cut short by a time limit keeps what it measured
+        if out is not None:
+            write_section(out, body())
+
     isolated = [s for s in systems if s == "TRL+Liger"]
-    rows = collect(plan, cases, [s for s in systems if s not in isolated], models, device)
+    collect(plan, cases, [s for s in systems if s not in isolated], models, device, rows, publish)
     if isolated:
         gc.collect()
         if device == "cuda":
@@ -650,25 +680,9 @@ def main(argv=None) -> int:
             i = argv.index("--systems")
             parent_argv = argv[:i] + argv[i + 2:]
         rows += run_isolated(parent_argv, isolated, models)
-    order = {s: i for i, s in enumerate(SYSTEMS)}
-    def of(case):
-        return sorted((r for r in rows if r.case == case), key=lambda r: (r.shape, r.completion, order.get(r.system, 9)))
-
-    sections = [header(device, plan.mode, plan.steps, plan.warmup)] + checks
-    if "update" in cases:
-        sections.append(result_table(of("update"), "Update phase (reference log-probs, policy forward, loss, backward, "
-                                     f"optimizer step; 8 generations of a {PROMPT_TOKENS}-token prompt, fixed completions, "
-                                     f"beta {BETA})"))
-    if "fit" in cases:
-        fit_rows = sorted((r for r in rows if r.case == "fit"), key=lambda r: (r.shape, order.get(r.system, 9), r.completion))
-        sections.append(fit_table(fit_rows))
-    if "step" in cases:
-        sections.append(step_table(of("step")))
-    body = "\n\n".join(sections)
-    print("\n" + body)
-    out = args.out if args.out is not None else (None if device != "cuda" else DEFAULT_OUT)
+    print("\n" + body())
     if out is not None:
-        write_section(out, body)
+        publish()
         print(f"\nwritten to {out}")
     if not args.models:
         shutil.rmtree(models, ignore_errors=True)
