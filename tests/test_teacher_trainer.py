@@ -257,3 +257,25 @@ def test_evaluate_reports_guided_and_baseline_accuracy(trainer):
     metrics = trainer.evaluate()
     for key in ("eval/student_accuracy", "eval/baseline_accuracy", "eval/accuracy_delta", "eval/token_efficiency"):
         assert key in metrics and metrics[key] == metrics[key], key
+
+
+def test_rim_reward_judges_the_teaching_from_the_protocol_columns(tmp_path):
+    from rim_helpers import JudgeServer, judgement, rim_config
+
+    from atlas_fast import RIMReward
+
+    with JudgeServer(lambda call, headers: judgement(0.7)) as server:
+        rim = RIMReward(rim_config(server.base_url, judges=["helpfulness"]))
+        trainer = make_trainer(tmp_path, reward_funcs=["teaching", rim], max_steps=1)
+        trainer.train()
+    teaching = trainer.last_teaching
+    prompts = [c.user for c in server.calls]
+    assert 0 < len(prompts) <= 8 * 3  # each distinct guidance judged at three temperatures
+    G = teaching.group_size
+    for i, raw in enumerate(teaching.texts["guidance_raw"]):
+        p = i // G
+        judged = [u for u in prompts if f"Teaching given to the student:\n{raw}\n" in u
+                  and f"first answer, without help:\n{teaching.texts['baseline'][p]}\n" in u
+                  and f"described approach:\n{teaching.texts['probe'][p]}\n" in u]
+        assert judged, (raw, prompts[0])
+    assert trainer.state.log_history[-1]["rim_rewards/helpfulness"] == pytest.approx(0.7)
