@@ -5,6 +5,7 @@ token forever, and a greedy comparison that never branches proves little.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
@@ -34,3 +35,14 @@ def tiny_decoder(arch: str, tokenizer, seed: int = 0, layers: int = 2):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Imported by the engine's test modules. Their decode steps are ~[16, 64] x [64, 96] matmuls:
+    a second intra-op thread only adds synchronisation, and costs 10x in wall time when other
+    processes share the two cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from atlas_fast.rollout.engine.attention import RopeTable, apply_rope, decode_attention, decode_mask
 
+from .engine_models import one_thread  # noqa: F401 (an autouse fixture)
+
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs CUDA or the Triton interpreter")
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"

@@ -17,6 +17,8 @@ import torch
 from atlas_fast.rollout import SamplingParams
 from atlas_fast.rollout.engine.sampling import chosen_logprobs, process, sample
 
+from .engine_models import one_thread  # noqa: F401 (an autouse fixture)
+
 LOGITS = [0.7, 2.0, -1.0, 1.2, -3.0, 1.5, 0.0, -0.4, 0.3, -1.5, 1.9]  # V = 11, ranks not in index order
 DRAWS = 40_000
 
