@@ -22,8 +22,9 @@ Neither model ever writes the sum in its guidance, and the teaching reward score
 that contains the answer as a leak (see atlas_fast/teaching/reward.py), so the teacher cannot
 learn to hand the answer over.
 
-Everything is seeded; a rebuild on the same torch version gives the same data and, up to
-floating-point reduction order, the same weights.
+Everything is seeded and the build runs on one thread, so a rebuild on the same torch version
+writes bit-identical weights and data (checked: the shipped safetensors hash the same). It costs
+about 4 minutes of CPU time (student 96x3, 333k parameters; teacher 64x2, 105k).
 """
 from __future__ import annotations
 
