@@ -136,7 +136,7 @@ class GRPOTrainer:
         self.train_dataset = load_dataset_any(train_dataset)
         self.eval_dataset = load_dataset_any(eval_dataset) if eval_dataset is not None else None
         for label, dataset in (("train", self.train_dataset), ("eval", self.eval_dataset)):
-            check_reward_columns(self.reward_funcs, dataset, label)
+            check_reward_columns(self.reward_funcs, dataset, label, extra=getattr(self, "rollout_columns", ()))
         seed = config.data_seed if config.data_seed is not None else config.seed
         self.sampler = PromptSampler(self.train_dataset, config.prompts_per_generation,
                                      shuffle=config.shuffle_dataset, seed=seed)
@@ -756,9 +756,10 @@ def _nanstd(x: torch.Tensor) -> torch.Tensor:
 REWARD_ARGUMENTS = {"prompts", "completions", "completion_ids", "trainer_state"}
 
 
-def check_reward_columns(reward_funcs, dataset, label: str) -> None:
+def check_reward_columns(reward_funcs, dataset, label: str, extra=()) -> None:
     """A reward function's required arguments must be supplied: checked before the first step
-    rather than discovered after a generation (a dataset without the column is a data mistake)."""
+    rather than discovered after a generation (a dataset without the column is a data mistake).
+    `extra`: columns that the rollout adds (a subclass's `rollout_columns`)."""
     columns = getattr(dataset, "column_names", None)
     if dataset is None or columns is None:  # a stream whose columns are unknown until read
         return
@@ -769,7 +770,7 @@ def check_reward_columns(reward_funcs, dataset, label: str) -> None:
             continue
         required = {p.name for p in params if p.default is inspect.Parameter.empty
                     and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
-        missing = sorted(required - REWARD_ARGUMENTS - set(columns))
+        missing = sorted(required - REWARD_ARGUMENTS - set(columns) - set(extra))
         if missing:
             raise ValueError(f"reward function {name!r} needs the column(s) {missing}, which the {label} dataset "
                              f"lacks (its columns: {', '.join(columns)})")
