@@ -89,7 +89,7 @@ class GRPOConfig:
     repetition_penalty: float = 1.0
     generation_kwargs: dict | None = None  # extra keyword arguments for the rollout backend's sampler
     chat_template_kwargs: dict | None = None  # e.g. {"enable_thinking": False}
-    rollout_backend: str = "hf"  # atlas_fast.rollout: hf, engine, vllm_server, vllm
+    rollout_backend: str = "auto"  # atlas_fast.rollout: auto (engine on a GPU, else hf), hf, engine, vllm_server, vllm
     rollout_func: Any = None  # callable or "module:function"; replaces generation
     # TRL's vLLM switches: use_vllm=True picks rollout_backend "vllm_server" (vllm_mode="server")
     # or "vllm" (vllm_mode="colocate").
@@ -175,7 +175,7 @@ class GRPOConfig:
             if self.vllm_mode not in VLLM_MODES:
                 raise ValueError(f"vllm_mode must be one of {tuple(VLLM_MODES)}, got {self.vllm_mode!r}")
             backend = VLLM_MODES[self.vllm_mode]
-            if self.rollout_backend not in ("hf", backend):
+            if self.rollout_backend not in ("auto", "hf", backend):
                 raise ValueError(f"use_vllm=True with vllm_mode={self.vllm_mode!r} means rollout_backend={backend!r}, "
                                  f"but rollout_backend={self.rollout_backend!r}: set one of them")
             self.rollout_backend = backend

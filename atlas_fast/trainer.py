@@ -47,7 +47,8 @@ from .metrics import MetricsLogger, format_metrics, plot_metrics
 from .modeling import load_causal_lm, load_tokenizer
 from .rewards import (append_reward_tables, combine_rewards, compute_rewards, prepare_reward_funcs,
                       reward_metrics, reward_reports)
-from .rollout import FINISH_STOP, SamplingParams, build_backend, left_pad, resolve_rollout_func, right_pad, stop_ids
+from .rollout import (FINISH_STOP, SamplingParams, build_backend, left_pad, resolve_backend, resolve_rollout_func,
+                      right_pad, stop_ids)
 
 
 # Curves drawn into output_dir/metrics.png at the end of training (absent keys are skipped).
@@ -212,16 +213,17 @@ class GRPOTrainer:
     def _rollout_options(self) -> dict:
         """The chosen backend's keyword arguments, read from the config in this one place."""
         c = self.args
-        if c.rollout_backend == "hf":
+        backend = resolve_backend(c.rollout_backend, self.model)
+        if backend == "hf":
             return {"generation_kwargs": c.generation_kwargs} if c.generation_kwargs else {}
-        if c.rollout_backend == "vllm_server":
+        if backend == "vllm_server":
             base_url = c.vllm_server_base_url or f"http://{c.vllm_server_host}:{c.vllm_server_port}"
             return {"base_url": base_url, "timeout": c.vllm_server_timeout}
-        if c.rollout_backend == "vllm":
+        if backend == "vllm":
             prompt = c.max_prompt_length or getattr(self.model.config, "max_position_embeddings", 0) - c.max_completion_length
             return {"gpu_memory_utilization": c.vllm_gpu_memory_utilization, "enable_sleep_mode": c.vllm_enable_sleep_mode,
                     "max_model_len": c.vllm_max_model_length or prompt + c.max_completion_length}
-        if c.rollout_backend == "engine":
+        if backend == "engine":
             # Decode in the precision the update computes in (autocast over float32 weights).
             return {"dtype": self.autocast_dtype or next(self.model.parameters()).dtype}
         return {}

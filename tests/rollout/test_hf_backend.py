@@ -31,3 +31,19 @@ def test_sampled_groups_are_contiguous_and_reasons_match_the_stop():
         assert reason == (FINISH_STOP if ids and ids[-1] == eos else FINISH_LENGTH)
         assert eos not in ids[:-1]
         assert len(lps) == len(ids) and all(lp <= 0 for lp in lps)
+
+
+def test_auto_backend_is_generate_without_a_gpu_and_named_backends_pass_through(monkeypatch):
+    from atlas_fast.rollout import resolve_backend
+    from atlas_fast.rollout.hf import HFBackend
+
+    tok = char_tokenizer()
+    model = tiny_model(tok)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_backend("auto", model) == "hf"
+    assert isinstance(build_backend("auto", model, tok), HFBackend)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_backend("auto", model) == "engine"  # a Qwen2 model: the engine knows it
+    assert resolve_backend("hf", model) == "hf"
+    model.config.model_type = "gpt_neox"
+    assert resolve_backend("auto", model) == "hf"  # an architecture the engine does not know
