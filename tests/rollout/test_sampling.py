@@ -182,3 +182,25 @@ def test_one_pass_triton_sampler_follows_softmax_over_temperature(temperature):
     again, _ = gumbel_sample(logits[:50], temperature, seed=99)
     other, _ = gumbel_sample(logits[:50], temperature, seed=100)
     assert torch.equal(again, first) and not torch.equal(first, other)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="needs CUDA or the Triton interpreter")
+def test_one_pass_sampler_splits_the_vocabulary_without_changing_draws(monkeypatch):
+    from atlas_fast.rollout.engine import sample_kernel
+
+    device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    g = torch.Generator().manual_seed(4)
+    logits = (3 * torch.randn(20, 50, generator=g)).to(device)
+    logits[:, 7] = float("-inf")  # a banned token must never be drawn
+    monkeypatch.setattr(sample_kernel, "BLOCK_V", 16)
+    monkeypatch.setattr(sample_kernel, "PROGRAMS_PER_SM", 1)
+    one, lp_one = sample_kernel.gumbel_sample(logits, 0.9, seed=11)  # one chunk per row
+    monkeypatch.setattr(sample_kernel, "PROGRAMS_PER_SM", 10_000)
+    assert sample_kernel._chunks(20, 50, torch.device(device))[0] == 4
+    four, lp_four = sample_kernel.gumbel_sample(logits, 0.9, seed=11)  # four chunks of 16
+    assert torch.equal(one, four)  # the random stream is keyed by (row, token), not by chunk
+    want = (logits.double() / 0.9).log_softmax(-1).gather(1, four[:, None]).squeeze(1)
+    torch.testing.assert_close(lp_four.double(), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lp_one, lp_four, atol=1e-6, rtol=0)
+    assert not (four == 7).any()
