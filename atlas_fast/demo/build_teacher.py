@@ -16,7 +16,8 @@ character tokenizer:
   quality: the correct carry hint, a carry hint that forgets the carry (65% of the time when
   there is one), and an unhelpful `add units`. Its greedy guidance is therefore `carry 0` on every
   problem: helpful only where the student needed no help. GRPO has to find that `carry 1` on
-  carry problems is what lifts the student.
+  carry problems is what lifts the student. A quarter of its warm-up rates probes
+  (`37+45=72|rate>` -> `1`, a right guess -> `5`), the teacher's half of the diagnostic.
 
 Neither model ever writes the sum in its guidance, and the teaching reward scores any guidance
 that contains the answer as a leak (see atlas_fast/teaching/reward.py), so the teacher cannot
@@ -51,6 +52,7 @@ N_TRAIN = 2000
 FORGET = 0.65  # the student's (and the warm teacher's) chance of dropping a units carry
 USELESS_HINT = "add units"  # guidance that tells the student nothing it can use
 USELESS_RATE = 0.15  # share of the warm teacher's guidance that is unhelpful
+RATING_RATE = 0.25  # share of the teacher's warm-up spent rating probes (the diagnostic's teacher half)
 TIER_TAGS = ("walk", "hint", "check")  # low / medium / high tier instructions of configs/teaching/demo.yaml
 
 
@@ -80,6 +82,10 @@ def teacher_prompt(problem: str, probe: str, tier_tag: str) -> str:
     return f"{problem}{probe}|{tier_tag}>"  # configs/teaching/demo.yaml: guidance
 
 
+def rating_prompt(problem: str, probe: str) -> str:
+    return f"{problem}{probe}|rate>"  # configs/teaching/demo.yaml: rating
+
+
 def warm_teacher_guidance(a: int, b: int, rng: random.Random) -> str:
     if rng.random() < USELESS_RATE:
         return USELESS_HINT
@@ -105,6 +111,8 @@ def student_example(a: int, b: int, rng: random.Random) -> tuple[str, str]:
 
 def teacher_example(a: int, b: int, rng: random.Random) -> tuple[str, str]:
     probe = str(careless_sum(a, b, rng))
+    if rng.random() < RATING_RATE:  # rate the probe: 5 when the guess is right, 1 when not
+        return rating_prompt(format_prompt(a, b), probe), "5" if probe == str(a + b) else "1"
     return teacher_prompt(format_prompt(a, b), probe, rng.choice(TIER_TAGS)), warm_teacher_guidance(a, b, rng)
 
 
@@ -185,6 +193,7 @@ def check_models(student, teacher, tok, pairs) -> dict[str, float]:
     probes = greedy(student, tok, [p + "?" for p in problems])
     teach = greedy(teacher, tok, [teacher_prompt(p, g, "hint") for p, g in zip(problems, probes)])
     samples = sampled(teacher, tok, [teacher_prompt(p, g, "hint") for p, g in zip(problems, probes)], n=8)
+    ratings = greedy(teacher, tok, [rating_prompt(p, g) for p, g in zip(problems, probes)], max_new_tokens=1)
     right = [s.strip() == carry_hint(int(c)) for s, c in zip(samples, [c for c in carry for _ in range(8)])]
     carry_rows = [r for r, c in zip(right, [c for c in carry for _ in range(8)]) if c]
     return {
@@ -196,6 +205,8 @@ def check_models(student, teacher, tok, pairs) -> dict[str, float]:
         "teacher_greedy_hint_right": sum(t.strip() == carry_hint(int(c)) for t, c in zip(teach, carry)) / len(carry),
         "teacher_sampled_hint_right_on_carry": sum(carry_rows) / max(len(carry_rows), 1),
         "carry_share": sum(carry) / len(carry),
+        "teacher_rating_right": sum(r.strip() == ("5" if g.strip() == y else "1")
+                                    for r, g, y in zip(ratings, probes, truth)) / len(truth),
     }
 
 
