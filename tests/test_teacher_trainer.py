@@ -253,6 +253,15 @@ def test_student_is_offloaded_between_uses_when_asked(tmp_path, monkeypatch):
             assert events == [] and len(inside) == 3
 
 
+def test_offload_refuses_a_student_backend_that_keeps_weights_on_the_gpu(tmp_path):
+    with pytest.raises(ValueError, match="teaching.student_backend=engine .* offload_untrained_models"):
+        TeacherGRPOTrainer(GRPOConfig(output_dir=str(tmp_path), num_generations=2, per_device_train_batch_size=2,
+                                      report_to=(), offload_untrained_models=True),
+                           model=tiny_model(char_tok()), tokenizer=char_tok(), train_dataset=arithmetic_rows(2),
+                           student_model=tiny_model(char_tok()), student_tokenizer=char_tok(),
+                           teaching_config={**TEACHING, "student_backend": "engine"})
+
+
 def test_evaluate_reports_guided_and_baseline_accuracy(trainer):
     metrics = trainer.evaluate()
     for key in ("eval/student_accuracy", "eval/baseline_accuracy", "eval/accuracy_delta", "eval/token_efficiency"):

@@ -30,13 +30,14 @@ import torch
 from atlas_fast.data import is_conversational
 from atlas_fast.memory import module_device, on_device
 from atlas_fast.modeling import load_causal_lm, load_tokenizer
-from atlas_fast.rollout import RolloutOutput, SamplingParams, build_backend, left_pad
+from atlas_fast.rollout import RolloutOutput, SamplingParams, build_backend, left_pad, resolve_backend
 
 from .config import TeachingConfig, load_teaching_config
 from .diagnostic import DiagnosticResult, assess_probe, capability_tier
 from .reward import is_correct, teacher_metrics
 
 GUIDANCE_MIN_TOKENS = 10  # the seed's floor for generate_guidance's max_tokens
+RESIDENT_BACKENDS = ("engine", "vllm")  # in-process backends that hold the model's weights on the GPU
 
 
 @dataclass
@@ -90,7 +91,14 @@ class TeacherTrainer:
         self.student_tokenizer = student_tokenizer
         self.student_offload = offload
         self.student.to(torch.device("cpu") if offload else self.device)
-        name = self.teaching.student_backend or backend
+        name = resolve_backend(self.teaching.student_backend or backend, self.student)
+        if offload and name in RESIDENT_BACKENDS:
+            # These keep the weights (CUDA graphs, a colocated engine) on the GPU: moving the
+            # student away between uses would leave them pointing at freed memory.
+            if self.teaching.student_backend:
+                raise ValueError(f"teaching.student_backend={name} keeps the student on the GPU; it cannot be "
+                                 "combined with offload_untrained_models (use hf, or vllm_server)")
+            name = "hf"
         self.student_rollout = build_backend(name, self.student, student_tokenizer, **self.teaching.student_backend_options)
         digits = [first_token_id(self.tokenizer, d) for d in self.teaching.rating_digits]
         self._rating_ids = torch.tensor(digits, dtype=torch.long)
