@@ -13,7 +13,7 @@ import dataclasses
 import sys
 
 EXIT_ERROR = 2
-BACKEND_NAMES = ("hf", "engine", "vllm_server", "vllm")  # atlas_fast.rollout.BACKENDS, without importing torch
+BACKEND_NAMES = ("auto", "hf", "engine", "vllm_server", "vllm")  # atlas_fast.rollout.BACKENDS, without importing torch
 
 
 def add_commands(commands) -> None:
@@ -38,7 +38,7 @@ def add_commands(commands) -> None:
                "--prompt hi --n 4",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     gen.add_argument("--model", required=True, help="model folder or hub id")
-    gen.add_argument("--backend", default="hf", metavar="NAME", help=f"one of {', '.join(BACKEND_NAMES)}")
+    gen.add_argument("--backend", default="auto", metavar="NAME", help=f"one of {', '.join(BACKEND_NAMES)}")
     gen.add_argument("--prompt", required=True, help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     gen.add_argument("--max-tokens", type=int, default=64)

@@ -94,7 +94,7 @@ def test_generate_prints_completions_greedy_is_deterministic(model_dir, capsys):
 
 def test_generate_errors_are_one_line(model_dir, capsys):
     code, _, err = run_generate(capsys, "--model", str(model_dir), "--backend", "nope", "--prompt", "1")
-    assert code == 2 and "--backend must be one of hf, engine, vllm_server, vllm" in err
+    assert code == 2 and "--backend must be one of auto, hf, engine, vllm_server, vllm" in err
     code, _, err = run_generate(capsys, "--model", str(model_dir), "--prompt", "1", "--temperature", "-1")
     assert code == 2 and "temperature must be >= 0" in err
     code, _, err = run_generate(capsys, "--model", str(model_dir), "--backend", "vllm_server", "--prompt", "1",
