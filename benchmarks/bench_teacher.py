@@ -20,8 +20,8 @@ Phases (CUDA-synchronised wall time, one warm-up step then the median of --steps
     python benchmarks/bench_teacher.py --backend engine                          # our decode engine
     python benchmarks/bench_teacher.py --device cpu --quick                      # harness smoke, tiny shapes
 
-The table is printed and written into --out (default benchmarks/RESULTS.md on CUDA) between the
-markers below, leaving the rest of that file alone.
+The table is printed and written into --out (default benchmarks/RESULTS.md on CUDA) between
+`<!-- teacher-BACKEND:start/end -->` markers (one section per backend), leaving the rest alone.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE))
 from bench_e2e import SHAPES, load_tok, prompt_texts, save_model  # noqa: E402
 from bench_kernels import _git_commit  # noqa: E402
 
-MARK_START, MARK_END = "<!-- teacher:start -->", "<!-- teacher:end -->"
+MARK = "<!-- teacher-{backend}:{edge} -->"  # one section per rollout backend
 PHASES = ("baseline", "probe", "guidance", "guided answers", "judges", "update", "other")
 
 
@@ -168,12 +168,13 @@ def header(args) -> str:
             f"{args.steps} steps.\n")
 
 
-def write_section(path: Path, body: str) -> None:
-    block = f"{MARK_START}\n{body.rstrip()}\n{MARK_END}\n"
+def write_section(path: Path, body: str, backend: str) -> None:
+    mark_start, mark_end = MARK.format(backend=backend, edge="start"), MARK.format(backend=backend, edge="end")
+    block = f"{mark_start}\n{body.rstrip()}\n{mark_end}\n"
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start, end = text.find(MARK_START), text.find(MARK_END)
+    start, end = text.find(mark_start), text.find(mark_end)
     if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(MARK_END):].lstrip("\n")
+        text = text[:start] + block + text[end + len(mark_end):].lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text)
@@ -207,7 +208,7 @@ def main(argv=None) -> int:
     print(body)
     out = args.out or (HERE / "RESULTS.md" if args.device == "cuda" else None)
     if out is not None:
-        write_section(out, body)
+        write_section(out, body, args.backend)
         print(f"wrote {out}")
     return 0
 
