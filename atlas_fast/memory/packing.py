@@ -160,7 +160,7 @@ def _varlen_runs(model: torch.nn.Module) -> bool:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     q = torch.zeros(4, heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    cu = torch.tensor([0, 1, 4], device=device, dtype=torch.int32)
+    cu = torch.tensor([0, 1, 4], device="cuda", dtype=torch.int32)
     try:
         varlen_attention_forward(torch.nn.Module(), q.transpose(0, 1)[None], q.transpose(0, 1)[None],
                                  q.transpose(0, 1)[None], None, cu_seq_lens_q=cu, max_length_q=3)
