@@ -582,7 +582,10 @@ class GRPOTrainer:
         head = split_lm_head(model) if not hooked else (
             f"{type(model).__name__} has hooks on its forward (offload or device placement)")
         if isinstance(head, str):
-            print(f"note: fused_lm_head: scoring logits instead: {head}", file=sys.stderr)
+            notes = self.__dict__.setdefault("_head_notes", set())  # once per reason, not per batch
+            if head not in notes:
+                notes.add(head)
+                print(f"note: fused_lm_head: scoring logits instead: {head}", file=sys.stderr)
             return None
         return head
 
