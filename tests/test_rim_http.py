@@ -265,3 +265,22 @@ def test_cli_trains_with_rim_against_a_loopback_judge(tmp_path, capsys, one_thre
     rows = (out / "rim_explanations.jsonl").read_text().splitlines()
     assert len(rows) == 2 and json.loads(rows[0])["explanations"]["process"] == "process fine"
     assert {c.model for c in server.calls} == {"Qwen/Qwen2.5-7B-Instruct"}
+
+
+def test_teacher_cli_appends_rim_to_the_teaching_reward(tmp_path, capsys, one_thread):
+    from atlas_fast import cli
+
+    out = tmp_path / "teacher"
+    with JudgeServer(lambda c, h: judgement(0.4, rationale=f"{c.judge} ok")) as server:
+        code = cli.main([
+            "train", "recipe=teacher_demo", "reward_system=interpretation_offline",
+            f"reward_system.small_model.base_url={server.base_url}",
+            f"reward_system.large_model.base_url={server.base_url}", "reward_system.backoff_s=0.01",
+            "trainer.max_steps=1", "trainer.per_device_train_batch_size=16", "trainer.disable_tqdm=true",
+            "evaluate_before_after=false", f"output_dir={out}",
+        ])
+    assert code == 0, capsys.readouterr().out
+    [record] = [r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]
+    assert record["rim_rewards/process"] == pytest.approx(0.4)
+    assert "rewards/teaching_reward/mean" in record and record["rewards/rim/mean"] == pytest.approx(0.4)
+    assert len((out / "rim_explanations.jsonl").read_text().splitlines()) == 16

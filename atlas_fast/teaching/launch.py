@@ -94,6 +94,13 @@ def build_teacher_trainer(spec, teaching: dict, student: dict):
     if spec.reward_model is not None:
         with blame("reward.reward_model", spec.reward_model):
             rewards.append(resolve_reward_func(spec.reward_model)[1])
+    if spec.reward_system is not None:  # RIM's judges score the guidance after the other rewards
+        from atlas_fast.rewards.rim import RIMReward
+
+        try:
+            rewards.append(RIMReward(spec.reward_system))
+        except ValueError as err:  # e.g. the API key's environment variable is unset
+            raise cli.ConfigError(str(err)) from err
     peft = lora_config(spec.peft) if spec.peft else None
     with blame("model.name_or_path", spec.model):
         return TeacherGRPOTrainer(c, model=spec.model, ref_model=spec.ref_model, tokenizer=tokenizer,
