@@ -271,6 +271,8 @@ def test_plan_bounds_the_workspace():
     assert small.one_pass and small.chunk == 16
     default = make_plan(8192, V_QWEN, 2)  # one pass in chunks of whole vocabulary rows
     assert default.one_pass and default.tile == V_QWEN and default.chunk * V_QWEN * 2 <= 320 * MiB
+    wide = make_plan(8192, V_QWEN, 2, hidden_size=3584)  # wider heads: longer chunks, fewer d(weight) updates
+    assert wide.one_pass and wide.chunk == 2048
     lean = make_plan(8192, V_QWEN, 2, workspace_bytes=64 * MiB)  # two sweeps, every token in one chunk
     assert not lean.one_pass and lean.keep == 0 and lean.chunk == 8192 and lean.chunk * lean.tile * 2 <= 64 * MiB
     kept = make_plan(8192, V_QWEN, 2, vocab_tile=4096, workspace_bytes=16 * 64 * MiB)  # 15 kept, one for the rest
