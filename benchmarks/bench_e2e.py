@@ -65,10 +65,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_kernels import _git_commit  # noqa: E402
+import results_md  # noqa: E402  (benchmarks/ is on sys.path)
 
 DEFAULT_OUT = HERE / "RESULTS.md"
-MARK_START = "<!-- e2e:start -->"
-MARK_END = "<!-- e2e:end -->"
 G = 8  # generations per prompt, every case
 PROMPT_TOKENS = 256  # update and fit cases (benchmarking.md)
 BETA = 0.04  # update and fit: the reference model takes part
@@ -518,14 +517,7 @@ def header(device: str, mode: str, steps: int, warmup: int) -> str:
 
 
 def write_section(path: Path, body: str) -> None:
-    block = f"{MARK_START}\n{body.rstrip()}\n{MARK_END}\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(MARK_END):].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
+    results_md.write_section(path, "e2e", body)
 
 
 # ---------------------------------------------------------------------- main

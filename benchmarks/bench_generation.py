@@ -38,10 +38,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_kernels import _git_commit  # noqa: E402
+import results_md  # noqa: E402  (benchmarks/ is on sys.path)
 
 DEFAULT_OUT = HERE / "RESULTS.md"
-MARK_START = "<!-- generation:start -->"
-MARK_END = "<!-- generation:end -->"
 PROMPTS, SAMPLES = 8, 8
 PROMPT_LENS = (30, 256)
 PAD_ID, EOS_ID = 0, 1
@@ -344,14 +343,7 @@ def header(device: str, mode: str, rate: float) -> str:
 
 
 def write_section(path: Path, body: str) -> None:
-    block = f"{MARK_START}\n{body.rstrip()}\n{MARK_END}\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(MARK_END):].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
+    results_md.write_section(path, "generation", body)
 
 
 # ------------------------------------------------------------------------------------ main

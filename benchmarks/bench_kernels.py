@@ -57,10 +57,11 @@ from typing import Any, Callable
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_md sits beside this file, however it is loaded
+import results_md  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "RESULTS.md"
-MARK_START = "<!-- kernels:start -->"
-MARK_END = "<!-- kernels:end -->"
 
 API = ("selective_logprobs", "group_advantages", "grpo_loss", "grpo_loss_from_logits", "kl_k3")
 TEMPERATURE = 1.0
@@ -1111,15 +1112,7 @@ def header(dev: Device, shapes: Shapes, mode: str, copy: tuple[float, Timing, in
 
 def write_results(path: Path, body: str) -> None:
     """Replace this script's section of the file (between the markers), or append one."""
-    block = f"{MARK_START}\n{body.rstrip()}\n{MARK_END}\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(MARK_END):].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    results_md.write_section(path, "kernels", body)
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,8 +40,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_e2e import SHAPES, load_tok, prompt_texts, save_model  # noqa: E402
 from bench_kernels import _git_commit  # noqa: E402
+import results_md  # noqa: E402  (benchmarks/ is on sys.path)
 
-MARK = "<!-- teacher-{backend}:{edge} -->"  # one section per rollout backend
 PHASES = ("baseline", "probe", "guidance", "guided answers", "judges", "update", "other")
 
 
@@ -169,15 +169,7 @@ def header(args) -> str:
 
 
 def write_section(path: Path, body: str, backend: str) -> None:
-    mark_start, mark_end = MARK.format(backend=backend, edge="start"), MARK.format(backend=backend, edge="end")
-    block = f"{mark_start}\n{body.rstrip()}\n{mark_end}\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start, end = text.find(mark_start), text.find(mark_end)
-    if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(mark_end):].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
+    results_md.write_section(path, f"teacher-{backend}", body)  # one section per rollout backend
 
 
 def main(argv=None) -> int:

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_md sits beside this file, however it is loaded
+import results_md  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 DEFAULT_OUT = HERE / "RESULTS.md"
-MARK_START = "<!-- bench_vllm_sync:start -->"
-MARK_END = "<!-- bench_vllm_sync:end -->"
 SHAPES = {  # Qwen2.5 shapes (tied embeddings, as the real checkpoints)
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, vocab_size=512),
@@ -128,14 +129,7 @@ def table(result: dict) -> str:
 
 
 def write_section(path: Path, body: str) -> None:
-    block = f"{MARK_START}\n{body.rstrip()}\n{MARK_END}\n"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(MARK_END):].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
+    results_md.write_section(path, "bench_vllm_sync", body)
 
 
 def main(argv=None) -> int:
