@@ -441,22 +441,46 @@ def demo_path(value: Any, key: str, demo_attr: str, allow_null: bool = False) ->
 
 
 # ---------------------------------------------------------------------- building
-def build_trainer(spec: RunSpec):
-    """Load data, tokenizer and rewards and construct the trainer (which loads the model).
-    Loading errors are re-raised as ConfigError naming the key whose value failed."""
+def load_run_data(spec: RunSpec):
+    """The run's train and eval datasets; without an eval file, the eval set is split off the train set."""
     from .data import load_dataset_any, train_eval_split
-    from .modeling import load_tokenizer
-    from .rewards import resolve_reward_func
-    from .trainer import GRPOTrainer, check_reward_columns
 
     with blame("data.train_file", spec.train_file):
         train = load_dataset_any(spec.train_file)
     if spec.eval_file is not None:
         with blame("data.eval_file", spec.eval_file):
-            evaluation = load_dataset_any(spec.eval_file)
-    else:
-        with blame("data.eval_fraction", spec.eval_fraction):
-            train, evaluation = train_eval_split(train, spec.eval_fraction, seed=spec.split_seed)
+            return train, load_dataset_any(spec.eval_file)
+    with blame("data.eval_fraction", spec.eval_fraction):
+        return train_eval_split(train, spec.eval_fraction, seed=spec.split_seed)
+
+
+def build_rewards(spec: RunSpec, passthrough: tuple[str, ...] = ()) -> list:
+    """The run's reward functions in weight order: reward.funcs, reward.reward_model, then RIM's judges
+    (reward_system). Names in `passthrough` stay names, for a trainer that builds them itself."""
+    from .rewards import resolve_reward_func
+
+    rewards = []
+    for key, item in [(f"reward.funcs[{i}]", f) for i, f in enumerate(spec.reward_funcs)] + (
+            [("reward.reward_model", spec.reward_model)] if spec.reward_model is not None else []):
+        with blame(key, item):
+            rewards.append(item if item in passthrough else resolve_reward_func(item)[1])
+    if spec.reward_system is not None:
+        from .rewards.rim import RIMReward
+
+        try:
+            rewards.append(RIMReward(spec.reward_system))
+        except ValueError as err:  # e.g. the API key's environment variable is unset
+            raise ConfigError(str(err)) from err
+    return rewards
+
+
+def build_trainer(spec: RunSpec):
+    """Load data, tokenizer and rewards and construct the trainer (which loads the model).
+    Loading errors are re-raised as ConfigError naming the key whose value failed."""
+    from .modeling import load_tokenizer
+    from .trainer import GRPOTrainer, check_reward_columns
+
+    train, evaluation = load_run_data(spec)
     print(f"model: {spec.model}")
     print(f"data: {len(train)} train prompts ({spec.train_file}), "
           + (f"{len(evaluation)} eval prompts" if evaluation is not None else "no eval set"), flush=True)
@@ -467,19 +491,7 @@ def build_trainer(spec: RunSpec):
     tokenizer_key = "model.name_or_path" if spec.tokenizer == spec.model else "model.tokenizer_name_or_path"
     with blame(tokenizer_key, spec.tokenizer):
         tokenizer = load_tokenizer(spec.tokenizer, c.trust_remote_code)
-    rewards = []
-    for key, item in [(f"reward.funcs[{i}]", f) for i, f in enumerate(spec.reward_funcs)] + (
-            [("reward.reward_model", spec.reward_model)] if spec.reward_model is not None else []):
-        with blame(key, item):
-            rewards.append(resolve_reward_func(item)[1])
-    if spec.reward_system is not None:
-        from .rewards.rim import RIMReward
-
-        try:
-            rewards.append(RIMReward(spec.reward_system))
-        except ValueError as err:  # e.g. the API key's environment variable is unset
-            raise ConfigError(str(err)) from err
-
+    rewards = build_rewards(spec)
     for label, dataset in (("train", train), ("eval", evaluation)):  # before the model loads
         check_reward_columns([(getattr(f, "__name__", type(f).__name__), f) for f in rewards], dataset, label)
 

@@ -61,23 +61,14 @@ def demo_asset(value: Any, key: str) -> Any:
 
 
 def build_teacher_trainer(spec, teaching: dict, student: dict):
-    from atlas_fast.cli import blame, lora_config
-    from atlas_fast.data import load_dataset_any, train_eval_split
+    from atlas_fast.cli import blame, build_rewards, load_run_data, lora_config
     from atlas_fast.modeling import load_tokenizer
-    from atlas_fast.rewards import resolve_reward_func
 
     from .config import TeachingConfig
     from .trainer import TeacherGRPOTrainer
 
     teaching_config = TeachingConfig.from_dict(teaching)
-    with blame("data.train_file", spec.train_file):
-        train = load_dataset_any(spec.train_file)
-    if spec.eval_file is not None:
-        with blame("data.eval_file", spec.eval_file):
-            evaluation = load_dataset_any(spec.eval_file)
-    else:
-        with blame("data.eval_fraction", spec.eval_fraction):
-            train, evaluation = train_eval_split(train, spec.eval_fraction, seed=spec.split_seed)
+    train, evaluation = load_run_data(spec)
     print(f"teacher: {spec.model}\nstudent: {student['student_name_or_path']}")
     print(f"data: {len(train)} train problems ({spec.train_file}), "
           + (f"{len(evaluation)} eval problems" if evaluation is not None else "no eval set"), flush=True)
@@ -87,20 +78,7 @@ def build_teacher_trainer(spec, teaching: dict, student: dict):
     student_tok_path = student["student_tokenizer_name_or_path"] or student["student_name_or_path"]
     with blame("teaching.student_name_or_path", student_tok_path):
         student_tokenizer = load_tokenizer(student_tok_path, c.trust_remote_code)
-    rewards = []
-    for i, item in enumerate(spec.reward_funcs):
-        with blame(f"reward.funcs[{i}]", item):
-            rewards.append(item if item == "teaching" else resolve_reward_func(item)[1])
-    if spec.reward_model is not None:
-        with blame("reward.reward_model", spec.reward_model):
-            rewards.append(resolve_reward_func(spec.reward_model)[1])
-    if spec.reward_system is not None:  # RIM's judges score the guidance after the other rewards
-        from atlas_fast.rewards.rim import RIMReward
-
-        try:
-            rewards.append(RIMReward(spec.reward_system))
-        except ValueError as err:  # e.g. the API key's environment variable is unset
-            raise cli.ConfigError(str(err)) from err
+    rewards = build_rewards(spec, passthrough=("teaching",))  # the trainer builds the teaching reward
     peft = lora_config(spec.peft) if spec.peft else None
     with blame("model.name_or_path", spec.model):
         return TeacherGRPOTrainer(c, model=spec.model, ref_model=spec.ref_model, tokenizer=tokenizer,
