@@ -66,6 +66,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_kernels import _git_commit  # noqa: E402
 import results_md  # noqa: E402  (benchmarks/ is on sys.path)
+from shapes import QWEN_05B, QWEN_15B, Shape  # noqa: E402
 
 DEFAULT_OUT = HERE / "RESULTS.md"
 G = 8  # generations per prompt, every case
@@ -74,20 +75,9 @@ BETA = 0.04  # update and fit: the reference model takes part
 STEP_PROMPTS, STEP_TOKENS, STEP_PROMPT_LENS = 8, 512, (30, 256)  # issue 7's workload
 
 
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-
-
 SHAPES = {
-    "0.5b": Shape("Qwen2.5-0.5B", 896, 24, 14, 2, 4864, 151936),
-    "1.5b": Shape("Qwen2.5-1.5B", 1536, 28, 12, 2, 8960, 151936),
+    "0.5b": QWEN_05B,
+    "1.5b": QWEN_15B,
     "tiny": Shape("tiny (CPU smoke)", 64, 2, 4, 2, 128, 500),
 }
 

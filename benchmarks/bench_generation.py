@@ -39,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_kernels import _git_commit  # noqa: E402
 import results_md  # noqa: E402  (benchmarks/ is on sys.path)
+from shapes import QWEN_05B, QWEN_15B, Shape  # noqa: E402
 
 DEFAULT_OUT = HERE / "RESULTS.md"
 PROMPTS, SAMPLES = 8, 8
@@ -46,19 +47,6 @@ PROMPT_LENS = (30, 256)
 PAD_ID, EOS_ID = 0, 1
 
 
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-
-
-QWEN_05B = Shape("Qwen2.5-0.5B", 896, 24, 14, 2, 4864, 151936)
-QWEN_15B = Shape("Qwen2.5-1.5B", 1536, 28, 12, 2, 8960, 151936)
 CPU_TINY = Shape("tiny (CPU smoke)", 64, 2, 4, 2, 128, 512)
 
 
