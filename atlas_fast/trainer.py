@@ -592,13 +592,8 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, eval_dataset: Any = None) -> dict:
-        dataset = load_dataset_any(eval_dataset) if eval_dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ValueError("evaluate() needs an eval_dataset (pass one to the trainer or to evaluate)")
         c = self.args
-        rows = [dict(r) for r in dataset]
-        if c.eval_max_samples:
-            rows = rows[: c.eval_max_samples]
+        rows = self._eval_rows(eval_dataset)
         prompts = [r["prompt"] for r in rows]
         prompt_ids = self._tokenize_prompts(prompts)
         greedy = SamplingParams(max_tokens=c.max_completion_length, temperature=0.0)
@@ -617,6 +612,18 @@ class GRPOTrainer:
         if self.compute_metrics is not None:
             pred = EvalPrediction(prompts, completions, {n: per_func[:, k].tolist() for k, n in enumerate(names)}, columns)
             metrics.update({f"eval/{k}": v for k, v in (self.compute_metrics(pred) or {}).items()})
+        return self._report_eval(metrics)
+
+    def _eval_rows(self, eval_dataset: Any = None) -> list[dict]:
+        """The evaluation rows: `eval_dataset`, else the trainer's, cut to eval_max_samples."""
+        dataset = load_dataset_any(eval_dataset) if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset (pass one to the trainer or to evaluate)")
+        rows = [dict(r) for r in dataset]
+        return rows[: self.args.eval_max_samples] if self.args.eval_max_samples else rows
+
+    def _report_eval(self, metrics: dict) -> dict:
+        """Log evaluation metrics and run the on_evaluate hook and callbacks."""
         self.control.should_evaluate = False
         self.log(metrics)
         self.on_evaluate(self.args, self.state, self.control, metrics=metrics)

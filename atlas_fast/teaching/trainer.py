@@ -133,22 +133,10 @@ class TeacherGRPOTrainer(GRPOTrainer, TeacherTrainer):
     def evaluate(self, eval_dataset: Any = None) -> dict:
         """The greedy protocol on held-out problems: eval/student_accuracy (with guidance),
         eval/baseline_accuracy (alone), and the other teacher metrics."""
-        from atlas_fast.data import load_dataset_any
-
-        dataset = load_dataset_any(eval_dataset) if eval_dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ValueError("evaluate() needs an eval_dataset (pass one to the trainer or to evaluate)")
         c = self.args
-        rows = [dict(r) for r in dataset]
-        if c.eval_max_samples:
-            rows = rows[: c.eval_max_samples]
+        rows = self._eval_rows(eval_dataset)
         if "ground_truth" not in rows[0]:
             raise ValueError("evaluating the teacher needs a ground_truth column to score the student's answers")
         found, _ = self.evaluate_teaching([r["prompt"] for r in rows], [r["ground_truth"] for r in rows],
                                           c.max_completion_length, c.per_device_eval_batch_size)
-        metrics = {f"eval/{k}": v for k, v in found.items()}
-        self.control.should_evaluate = False
-        self.log(metrics)
-        self.on_evaluate(self.args, self.state, self.control, metrics=metrics)
-        self._event("on_evaluate", metrics=metrics)
-        return metrics
+        return self._report_eval({f"eval/{k}": v for k, v in found.items()})
