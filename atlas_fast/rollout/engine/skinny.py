@@ -1,0 +1,205 @@
+"""Skinny GEMMs of the decode step in Triton, each with its neighbour fused into the epilogue.
+
+At batch 64 a projection reads 1.6-17 MB of weights and computes almost nothing; on an H200 the
+cuBLAS kernels ran at 0.5-2.5 TB/s, and the rotary/KV-write and SiLU-mul that follow each cost a
+launch of their own. Here one program owns a block of output columns for every row of the batch,
+streams its weight slice once, and finishes the job in registers:
+  qkv_rope_store:  x @ Wqkv^T + b, (Qwen3: per-head RMSNorm,) rotary embedding, q out and K/V into
+                   the cache at each row's position; one program per head, the two rotary halves
+                   as two accumulators (so no register shuffles are needed to rotate);
+  gate_up_silu:    silu(x @ Wg^T) * (x @ Wu^T), gate and up columns as two accumulators;
+  linear:          x @ W^T (+ b), for o_proj and down_proj.
+They round where HF's bf16 modules round (the projection's output, the activation, the product), so
+their outputs match the cuBLAS path they replace up to the order of the fp32 accumulation.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Per-kernel launch settings (BLOCK_N, BLOCK_K, num_warps, num_stages), picked on an H200 by
+# benchmarks/bench_decode_step.py at batch 64 for the Qwen2.5-0.5B and 1.5B shapes.
+LINEAR_CONFIG = (32, 128, 4, 3)
+GATE_UP_CONFIG = (32, 128, 4, 3)
+QKV_CONFIG = (0, 128, 4, 3)  # BLOCK_N is the head dimension
+MAX_ROWS = 64  # rows per program; more rows take more programs along the second grid axis
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # float32 stays float32 (tests, the CPU path)
+
+
+def _block_m(M: int) -> int:
+    return min(MAX_ROWS, max(16, triton.next_power_of_2(M)))  # tl.dot needs 16 rows at least
+
+
+@triton.jit
+def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask, nmask = rm < M, rn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        kmask = rk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mmask[:, None] & nmask[None, :])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype."""
+    M, K = x.shape
+    N = weight.shape[0]
+    assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == K
+    BN, BK, warps, stages = config or LINEAR_CONFIG
+    BM = _block_m(M)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    _linear_kernel[(triton.cdiv(N, BN), triton.cdiv(M, BM))](
+        x, weight, bias if bias is not None else weight, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=min(BK, max(16, triton.next_power_of_2(K))), HAS_BIAS=bias is not None,
+        PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages)
+    return out
+
+
+@triton.jit
+def _gate_up_silu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, I, K, stride_xm, stride_wn,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # gate rows rn, up rows I + rn of the packed weight
+    mmask, nmask = rm < M, rn < I
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        kmask = rk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        wmask = nmask[:, None] & kmask[None, :]
+        wg = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=wmask, other=0.0)
+        wu = tl.load(w_ptr + (I + rn)[:, None] * stride_wn + rk[None, :], mask=wmask, other=0.0)
+        acc_g = tl.dot(x, tl.trans(wg), acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(x, tl.trans(wu), acc_u, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc_g += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(b_ptr + I + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    dtype = out_ptr.dtype.element_ty
+    g = acc_g.to(dtype).to(tl.float32)  # HF rounds each projection's output, then act_fn(gate), then the product
+    u = acc_u.to(dtype).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    tl.store(out_ptr + rm[:, None] * I + rn[None, :], (act * u).to(dtype), mask=mmask[:, None] & nmask[None, :])
+
+
+def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K], weight [2I, K] (gate rows, then up rows) -> silu(x @ Wg^T) * (x @ Wu^T) [M, I]."""
+    M, K = x.shape
+    I = weight.shape[0] // 2
+    assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape == (2 * I, K)
+    BN, BK, warps, stages = config or GATE_UP_CONFIG
+    BM = _block_m(M)
+    out = torch.empty((M, I), dtype=x.dtype, device=x.device)
+    _gate_up_silu_kernel[(triton.cdiv(I, BN), triton.cdiv(M, BM))](
+        x, weight, bias if bias is not None else weight, out, M, I, K, x.stride(0), weight.stride(0),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=min(BK, max(16, triton.next_power_of_2(K))), HAS_BIAS=bias is not None,
+        PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages)
+    return out
+
+
+@triton.jit
+def _qkv_rope_store_kernel(x_ptr, w_ptr, b_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, qo_ptr, kc_ptr, vc_ptr,
+                           M, K, HQ, HKV, eps, stride_xm, stride_wn, stride_cb, stride_ch, stride_cs,
+                           D: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, PRECISION: tl.constexpr):
+    h = tl.program_id(0)  # 0..HQ-1: query heads; then HKV key heads; then HKV value heads
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = rm < M
+    j = tl.arange(0, HALF)
+    lo_rows = h * D + j  # rows of the packed [(HQ + 2 HKV) * D, K] weight
+    hi_rows = lo_rows + HALF
+    acc_lo = tl.zeros([BLOCK_M, HALF], tl.float32)
+    acc_hi = tl.zeros([BLOCK_M, HALF], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        kmask = rk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        w_lo = tl.load(w_ptr + lo_rows[:, None] * stride_wn + rk[None, :], mask=kmask[None, :], other=0.0)
+        w_hi = tl.load(w_ptr + hi_rows[:, None] * stride_wn + rk[None, :], mask=kmask[None, :], other=0.0)
+        acc_lo = tl.dot(x, tl.trans(w_lo), acc_lo, input_precision=PRECISION)
+        acc_hi = tl.dot(x, tl.trans(w_hi), acc_hi, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc_lo += tl.load(b_ptr + lo_rows).to(tl.float32)[None, :]
+        acc_hi += tl.load(b_ptr + hi_rows).to(tl.float32)[None, :]
+    dtype = x_ptr.dtype.element_ty
+    x1 = acc_lo.to(dtype).to(tl.float32)  # the projection's output, rounded as HF's module returns it
+    x2 = acc_hi.to(dtype).to(tl.float32)
+    pos = tl.load(pos_ptr + rm, mask=mmask, other=0)
+    cache_at = rm[:, None] * stride_cb + pos[:, None] * stride_cs + j[None, :]  # [BLOCK_M, HALF] + head offset
+    smask = mmask[:, None]
+    if h < HQ + HKV:
+        if HAS_NORM:  # Qwen3's per-head RMSNorm, rounded where HF's module rounds
+            if h < HQ:
+                nw_ptr = qw_ptr
+            else:
+                nw_ptr = kw_ptr
+            r = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)[:, None]
+            x1 = (x1 * r).to(dtype).to(tl.float32)
+            x2 = (x2 * r).to(dtype).to(tl.float32)
+            x1 = (tl.load(nw_ptr + j).to(tl.float32)[None, :] * x1).to(dtype).to(tl.float32)
+            x2 = (tl.load(nw_ptr + HALF + j).to(tl.float32)[None, :] * x2).to(dtype).to(tl.float32)
+        rope_at = pos[:, None] * D + j[None, :]
+        c1 = tl.load(cos_ptr + rope_at).to(tl.float32)
+        c2 = tl.load(cos_ptr + rope_at + HALF).to(tl.float32)
+        s1 = tl.load(sin_ptr + rope_at).to(tl.float32)  # sign-folded: rotate_half(x) * sin == roll(x) * s
+        s2 = tl.load(sin_ptr + rope_at + HALF).to(tl.float32)
+        o1 = x1 * c1 + x2 * s1
+        o2 = x2 * c2 + x1 * s2
+        if h < HQ:
+            q_at = (rm[:, None] * HQ + h) * D + j[None, :]
+            tl.store(qo_ptr + q_at, o1.to(qo_ptr.dtype.element_ty), mask=smask)
+            tl.store(qo_ptr + q_at + HALF, o2.to(qo_ptr.dtype.element_ty), mask=smask)
+        else:
+            at = cache_at + (h - HQ) * stride_ch
+            tl.store(kc_ptr + at, o1.to(kc_ptr.dtype.element_ty), mask=smask)
+            tl.store(kc_ptr + at + HALF, o2.to(kc_ptr.dtype.element_ty), mask=smask)
+    else:
+        at = cache_at + (h - HQ - HKV) * stride_ch
+        tl.store(vc_ptr + at, x1.to(vc_ptr.dtype.element_ty), mask=smask)
+        tl.store(vc_ptr + at + HALF, x2.to(vc_ptr.dtype.element_ty), mask=smask)
+
+
+def qkv_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
+                   cos: torch.Tensor, sin_signed: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   num_heads: int, q_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+                   config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K], weight [(Hq + 2 Hkv) * D, K] (q, k, v rows packed) -> roped q [M, Hq, D]; roped k and
+    v are written at k/v_cache[m, :, positions[m]] (caches [rows, Hkv, S, D]). cos/sin_signed [S, D]."""
+    M, K = x.shape
+    D = cos.shape[-1]
+    HKV = k_cache.shape[1]
+    HQ = num_heads
+    assert weight.shape == ((HQ + 2 * HKV) * D, K) and x.stride(1) == 1 and weight.stride(1) == 1
+    assert k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+    _, BK, warps, stages = config or QKV_CONFIG
+    BM = _block_m(M)
+    q_out = torch.empty((M, HQ, D), dtype=k_cache.dtype, device=x.device)
+    qw, kw, eps = q_norm if q_norm is not None else (weight, weight, 0.0)
+    _qkv_rope_store_kernel[(HQ + 2 * HKV, triton.cdiv(M, BM))](
+        x, weight, bias if bias is not None else weight, positions, cos, sin_signed, qw, kw, q_out, k_cache, v_cache,
+        M, K, HQ, HKV, eps, x.stride(0), weight.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        D=D, HALF=D // 2, BLOCK_M=BM, BLOCK_K=min(BK, max(16, triton.next_power_of_2(K))), HAS_BIAS=bias is not None,
+        HAS_NORM=q_norm is not None, PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages)
+    return q_out
