@@ -29,7 +29,7 @@ from .cache import KVCache
 from .graphs import DecodeGraphs, batch_bucket, round_up
 from .model import Decoder, decode_logits, decode_logits_fused, fusable, prefill_logits, resolve_decoder, rope_table
 from .packed import PackedWeights
-from .sampling import sample
+from .sampling import sample, temperature_only
 
 __all__ = ["EngineBackend"]
 
@@ -51,7 +51,7 @@ class EngineBackend:
                  cuda_graphs: bool = True, check_every: int = 8, span_step: int = 256,
                  prefill_tokens: int = 16384, max_rows: int = 0, max_length: int = 0,
                  fused_kernels: bool | None = None, attention: str = "auto", fused_sampler: bool | None = None,
-                 pack_projections: bool = True):
+                 pack_projections: bool = True, fused_bookkeeping: bool = True):
         """dtype: compute dtype (default bf16 on CUDA, the parameters' dtype elsewhere); float32
         parameters then run under autocast. check_every: decode steps between looks at which
         sequences finished (each look is a host sync). span_step: the attention span's rounding
@@ -64,7 +64,9 @@ class EngineBackend:
         fused_sampler: temperature-only steps sample in one Triton pass (default: on CUDA).
         pack_projections: with the fused step, q/k/v and gate/up of plain nn.Linear layers run as
         one GEMM each over packed copies (packed.py: refreshed when the weights change; costs
-        their size in memory, ~0.47 GB for Qwen2.5-0.5B in bf16)."""
+        their size in memory, ~0.47 GB for Qwen2.5-0.5B in bf16). fused_bookkeeping: with the
+        one-pass sampler, its last kernel also records each draw and feeds it to the next step
+        (one launch instead of ~7 small PyTorch ops per step); off, the PyTorch ops run."""
         if check_every < 1 or span_step < 1 or prefill_tokens < 1:
             raise ValueError("EngineBackend: check_every, span_step and prefill_tokens must be >= 1")
         if attention not in ("auto", "triton", "sdpa"):
@@ -80,6 +82,7 @@ class EngineBackend:
         self.attention = attention
         self.fused_sampler = fused_sampler
         self.pack_projections = pack_projections
+        self.fused_bookkeeping = fused_bookkeeping
         self.packed: PackedWeights | None = None
         self.cache: KVCache | None = None
         self.graphs: DecodeGraphs | None = None
@@ -164,10 +167,11 @@ class EngineBackend:
 
         first_logits = self._prefill(prompts, n, device)  # [N, V]
         seen = self._seen(prompts, n, size, device) if sampling.repetition_penalty != 1.0 else None
-        batch = new_batch(lens, n, torch.zeros(N, dtype=torch.long, device=device), size, seen, self.pad_id)
+        batch = self._graph_inputs(new_batch(lens, n, torch.zeros(N, dtype=torch.long, device=device), size, seen,
+                                             self.pad_id))
         pad_rows = size - N
         logits = torch.cat([first_logits, first_logits[:1].expand(pad_rows, -1)]) if pad_rows else first_logits
-        self._sample_into(batch, logits, 0, sampling, stop_mask, generator, out_tokens, out_logps, seeds)
+        self._sample_into(batch, logits, 0, sampling, stop_mask, generator, out_tokens, out_logps, seeds, advance=0)
 
         can_stop = stop_mask is not None
         steps, compactions = 1, 0
@@ -179,12 +183,11 @@ class EngineBackend:
                     break
                 batch.live = [not f for f in finished]
                 if batch_bucket(len(keep)) < batch.size:
-                    batch = compact(batch, keep, batch_bucket(len(keep)), self.cache, batch.span_needed(t),
-                                    self.pad_id, N)
+                    batch = self._graph_inputs(compact(batch, keep, batch_bucket(len(keep)), self.cache,
+                                                       batch.span_needed(t), self.pad_id, N))
                     compactions += 1
             logits = self._decode(batch, batch.span_needed(t))  # [B, V]
-            batch.positions += 1
-            self._sample_into(batch, logits, t, sampling, stop_mask, generator, out_tokens, out_logps, seeds)
+            self._sample_into(batch, logits, t, sampling, stop_mask, generator, out_tokens, out_logps, seeds, advance=1)
             steps += 1
         return out_tokens[:N], (out_logps[:N] if out_logps is not None else None), steps, compactions
 
@@ -226,10 +229,20 @@ class EngineBackend:
 
     def _sample_into(self, batch: DecodeBatch, logits: torch.Tensor, t: int, sampling: SamplingParams,
                      stop_mask, generator, out_tokens: torch.Tensor, out_logps: torch.Tensor | None,
-                     seeds: int | None = None) -> None:
-        """Draw token t of every slot and record it, all on the device."""
-        seen = batch.seen[:, :-1] if batch.seen is not None else None
+                     seeds: int | None = None, advance: int = 0) -> None:
+        """Draw token t of every slot, record it, and make it the slots' next input (its position
+        is the fed token's plus `advance`), all on the device."""
         seed = None if seeds is None else (seeds + t) % 2**31  # a fresh random stream per step
+        if (seed is not None and self.fused_bookkeeping and batch.seen is None
+                and temperature_only(sampling, t, stop_mask, logits.shape[-1])):
+            from .sample_kernel import gumbel_sample_into  # Triton loads only when a kernel runs
+
+            # One launch after the sweep; batch.tokens/positions are the graph's inputs when graphs run.
+            gumbel_sample_into(logits, sampling.temperature, seed, t=t, finished=batch.finished, rows=batch.rows,
+                               out_tokens=out_tokens, out_logps=out_logps, stop_mask=stop_mask,
+                               tokens=batch.tokens, positions=batch.positions, advance=advance, pad_id=self.pad_id)
+            return
+        seen = batch.seen[:, :-1] if batch.seen is not None else None
         tokens, logps = sample(logits, sampling, t, seen, stop_mask, generator, out_logps is not None, seed)  # [B]
         tokens = torch.where(batch.finished, self.pad_id, tokens)
         out_tokens[batch.rows, t] = tokens
@@ -240,6 +253,16 @@ class EngineBackend:
         if stop_mask is not None:
             batch.finished |= stop_mask[tokens]
         batch.tokens = tokens
+        if advance:
+            batch.positions += advance
+
+    def _graph_inputs(self, batch: DecodeBatch) -> DecodeBatch:
+        """With CUDA graphs, the batch's tokens/positions become views of the graphs' input buffers
+        (one copy here, at the start and after each compaction), so the fused sampler's writes are
+        the next replay's inputs and each step skips two copies."""
+        if self.graphs is not None:
+            batch.tokens, batch.positions = self.graphs.adopt(batch.tokens, batch.positions)
+        return batch
 
     # ------------------------------------------------------------------ helpers
     def _collect(self, tokens: torch.Tensor, logps: torch.Tensor | None, sampling: SamplingParams) -> RolloutOutput:

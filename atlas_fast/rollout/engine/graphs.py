@@ -42,14 +42,28 @@ class DecodeGraphs:
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, span: int) -> torch.Tensor:
         """tokens/positions [B] -> logits [B, V] (a graph-owned buffer, valid until the next call)."""
         B = tokens.shape[0]
-        self.tokens[:B].copy_(tokens)
-        self.positions[:B].copy_(positions)
+        # Inputs that already are the buffers (see `adopt`) need no copy: two launches per step saved.
+        if tokens.data_ptr() != self.tokens.data_ptr():
+            self.tokens[:B].copy_(tokens)
+        if positions.data_ptr() != self.positions.data_ptr():
+            self.positions[:B].copy_(positions)
         key = (B, span)
         if key not in self.graphs:
             self.graphs[key] = self._capture(B, span)
         graph, logits = self.graphs[key]
         graph.replay()
         return logits
+
+    def adopt(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy tokens/positions [B] into the input buffers once and return the buffers' [B] views:
+        updates made in place on them are what the next replay reads."""
+        B = tokens.shape[0]
+        if positions.shape != (B,) or B > self.tokens.shape[0]:
+            raise ValueError(f"DecodeGraphs.adopt: tokens {tuple(tokens.shape)} and positions "
+                             f"{tuple(positions.shape)} must be [B] with B <= {self.tokens.shape[0]}")
+        self.tokens[:B].copy_(tokens)
+        self.positions[:B].copy_(positions)
+        return self.tokens[:B], self.positions[:B]
 
     def _capture(self, B: int, span: int):
         tokens, positions = self.tokens[:B], self.positions[:B]
