@@ -209,6 +209,7 @@ def run(device: str = "cuda", shapes: tuple[str, ...] = ("0.5b", "1.5b"), quick:
     """Time every setting on every shape; print the table (and write it to `out`); return the rows."""
     dev = torch.device(device)
     dtype = torch.bfloat16
+    began = time.perf_counter()
     rows: list[Row] = []
     todo = [CPU_SHAPE] if dev.type == "cpu" else [SHAPES[name] for name in shapes]
     sweep = settings(quick or dev.type == "cpu")
@@ -225,6 +226,7 @@ def run(device: str = "cuda", shapes: tuple[str, ...] = ("0.5b", "1.5b"), quick:
             torch.cuda.empty_cache()
     text = table(rows)
     print(text)
+    print(f"{len(rows)} settings in {time.perf_counter() - began:.0f} s (Triton compilation included)")
     if out is not None:
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter: times mean nothing)"
         body = (f"## Decode attention per call (bench_decode_attention.py)\n\n"
