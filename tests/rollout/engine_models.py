@@ -13,9 +13,10 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 
 
-def tiny_decoder(arch: str, tokenizer, seed: int = 0, layers: int = 2):
+def tiny_decoder(arch: str, tokenizer, seed: int = 0, layers: int = 2, heads: tuple[int, int] = (4, 2)):
+    """heads: (query heads, KV heads) over hidden 64: (4, 2) gives head_dim 16, (2, 1) head_dim 32."""
     common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  num_attention_heads=heads[0], num_key_value_heads=heads[1], max_position_embeddings=256,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
                   initializer_range=0.3)
     if arch == "llama":  # a scaled rope: the engine must take cos/sin from the model's rotary module
@@ -25,7 +26,7 @@ def tiny_decoder(arch: str, tokenizer, seed: int = 0, layers: int = 2):
     elif arch == "qwen2":
         model_cls, cfg = Qwen2ForCausalLM, Qwen2Config(**common, tie_word_embeddings=True)
     elif arch == "qwen3":  # per-head q/k norms
-        model_cls, cfg = Qwen3ForCausalLM, Qwen3Config(**common, head_dim=16)
+        model_cls, cfg = Qwen3ForCausalLM, Qwen3Config(**common, head_dim=64 // heads[0])
     elif arch == "mistral":  # a sliding window shorter than the sequences
         model_cls, cfg = MistralForCausalLM, MistralConfig(**common, sliding_window=5)
     else:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .model import Decoder
+from .skinny import LINEAR_MAX_BYTES
 
 
 @dataclass
@@ -26,9 +27,12 @@ class Pack:
     weight: torch.Tensor  # [sum of out_features, in_features]
     bias: torch.Tensor | None
     splits: list[int]  # out_features of each source
+    alias: bool = False  # weight/bias are the one source's own tensors: nothing to copy
 
     def refresh(self) -> None:
         """Copy the sources into their rows (copy_ also casts float32 weights to the compute dtype)."""
+        if self.alias:
+            return
         with torch.no_grad():
             start = 0
             for m in self.sources:
@@ -57,10 +61,19 @@ def _pack(sources: list[nn.Module], dtype: torch.dtype) -> Pack | None:
     return pack
 
 
+def _alias(m: nn.Module, dtype: torch.dtype, max_bytes: int) -> Pack | None:
+    """A plain layer already in the compute dtype, small enough for the skinny kernel: used as it is."""
+    if not _plain(m) or m.weight.dtype != dtype or m.weight.numel() * m.weight.element_size() > max_bytes:
+        return None
+    bias = m.bias.detach() if m.bias is not None else None
+    return Pack([m], m.weight.detach(), bias, [m.out_features], alias=True)
+
+
 @dataclass
 class PackedLayer:
     qkv: Pack | None
     gate_up: Pack | None  # only with a SiLU MLP (the four families' `hidden_act="silu"`)
+    o: Pack | None = None  # o_proj itself, when small enough for the skinny linear kernel
 
 
 class PackedWeights:
@@ -72,11 +85,11 @@ class PackedWeights:
             gate_up = None
             if _silu(mlp) and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
                 gate_up = _pack([mlp.gate_proj, mlp.up_proj], dtype)
-            self.layers.append(PackedLayer(qkv, gate_up))
+            self.layers.append(PackedLayer(qkv, gate_up, _alias(attn.o_proj, dtype, LINEAR_MAX_BYTES)))
         self._stamp = self._versions()
 
     def _packs(self) -> list[Pack]:
-        return [p for layer in self.layers for p in (layer.qkv, layer.gate_up) if p is not None]
+        return [p for layer in self.layers for p in (layer.qkv, layer.gate_up, layer.o) if p is not None]
 
     def _versions(self) -> tuple[int, ...]:
         return tuple(t._version for p in self._packs() for m in p.sources
@@ -97,7 +110,8 @@ class PackedWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.weight.numel() * p.weight.element_size() for p in self._packs())
+        """Bytes of the copies (aliases cost nothing)."""
+        return sum(p.weight.numel() * p.weight.element_size() for p in self._packs() if not p.alias)
 
     @property
     def count(self) -> int:
