@@ -58,10 +58,10 @@ def step_inputs(B, N, V, T, dtype, seed):
     return [x.to(DEVICE) for x in (logits, finished, rows, positions, out_tokens, out_logps, stop_mask)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype,chunked", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["fp32-one-chunk", "bf16-four-chunks"])
 @pytest.mark.parametrize("with_stop", [True, False], ids=["stop", "nostop"])
 @pytest.mark.parametrize("with_logps", [True, False], ids=["logps", "nologps"])
-@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "four-chunks"])
 def test_fused_record_matches_sample_then_pytorch_bookkeeping(monkeypatch, dtype, with_stop, with_logps, chunked):
     from atlas_fast.rollout.engine import sample_kernel
 
@@ -164,3 +164,49 @@ def test_generate_is_the_same_with_and_without_fused_bookkeeping(tok, monkeypatc
             assert FINISH_STOP in fused.finish_reasons and FINISH_LENGTH in fused.finish_reasons
             assert all(lp <= 0 for row in fused.logprobs for lp in row)
     assert compactions >= 1
+
+
+def test_graph_inputs_are_adopted_once_and_copied_only_when_foreign():
+    """A replay reads the graphs' input buffers: a batch whose tokens/positions are views of them
+    (after `adopt`) is read in place; any other tensor is copied in first."""
+    from atlas_fast.rollout.engine.graphs import DecodeGraphs
+
+    graphs = DecodeGraphs(lambda tok, pos, span: None, 8, torch.device("cpu"))
+    seen = []
+
+    class Replay:  # stands in for a captured graph: records what the replay would read
+        def replay(self):
+            seen.append((graphs.tokens[:4].clone(), graphs.positions[:4].clone()))
+
+    graphs.graphs[(4, 16)] = (Replay(), "logits")
+    tokens, positions = graphs.adopt(torch.tensor([5, 6, 7, 8]), torch.tensor([1, 2, 3, 4]))
+    assert tokens.data_ptr() == graphs.tokens.data_ptr() and positions.data_ptr() == graphs.positions.data_ptr()
+    tokens.copy_(torch.tensor([9, 9, 9, 9]))  # what the fused sampler does after a replay
+    positions += 1
+    assert graphs(tokens, positions, 16) == "logits"
+    assert seen[-1][0].tolist() == [9, 9, 9, 9] and seen[-1][1].tolist() == [2, 3, 4, 5]
+    graphs(torch.tensor([1, 2, 3, 0]), positions, 16)  # a new tensor (the PyTorch path) is copied in
+    assert seen[-1][0].tolist() == [1, 2, 3, 0] and seen[-1][1].tolist() == [2, 3, 4, 5]
+    with pytest.raises(ValueError, match="B <= 8"):
+        graphs.adopt(torch.zeros(9, dtype=torch.long), torch.zeros(9, dtype=torch.long))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("attention", ["triton", "sdpa"])
+def test_cuda_graphs_read_the_fused_samplers_writes(tok, attention):
+    """Under CUDA graphs the sampler writes the next replay's inputs in place: the completions must
+    be those of the unfused path, which copies its new tensors into the buffers before each replay."""
+    model = tiny_decoder("llama", tok).cuda()
+    prompts = [tok(text, add_special_tokens=False)["input_ids"] for text in ["12+3=", "4*5=ab cd", "9", "7-2=x<y>?"]]
+    stops = [tok.convert_tokens_to_ids(c) for c in "0123456789"]
+    params = SamplingParams(max_tokens=40, n=5, temperature=1.0, seed=3, logprobs=True, stop_token_ids=stops)
+    outs = {}
+    for fused in (True, False):
+        engine = EngineBackend(model, tok, dtype=torch.float32, check_every=1, span_step=16, attention=attention,
+                               fused_bookkeeping=fused)
+        outs[fused] = engine.generate(prompts, params)
+        assert engine.graphs is not None and len(engine.graphs) >= 1
+    assert outs[True].completion_ids == outs[False].completion_ids
+    assert outs[True].finish_reasons == outs[False].finish_reasons
+    assert outs[True].logprobs == outs[False].logprobs
+    assert outs[True].metrics["engine/compactions"] >= 1
