@@ -13,7 +13,7 @@ Modules: model.py (the forward over HF modules; eager and fused decode steps), a
 SDPA prefill/decode), cache.py (the KV cache), batch.py (per-sequence decode state), sampling.py
 (the PyTorch sampler, the reference), graphs.py (CUDA graphs), packed.py, and the Triton kernels of
 the CUDA step: kernels.py (norm, rope + KV write, SiLU-mul), decode_kernel.py (attention),
-sample_kernel.py (one-pass temperature sampling).
+sample_kernel.py (one-pass temperature sampling; its last kernel also records the step's draws).
 """
 from __future__ import annotations
 

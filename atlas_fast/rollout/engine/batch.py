@@ -15,6 +15,8 @@ from .cache import KVCache
 
 @dataclass
 class DecodeBatch:
+    # With CUDA graphs these two are views of the graphs' input buffers (EngineBackend._graph_inputs):
+    # written in place by the sampler, read by the next replay with no copy.
     tokens: torch.Tensor  # [B] long: the token each slot feeds next
     positions: torch.Tensor  # [B] long: that token's position
     finished: torch.Tensor  # [B] bool
