@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     else:
         shapes, dtype = SHAPES, torch.bfloat16
         configs = {
-            "qkv": [(0, bk, 4, st) for bk, st in itertools.product((64, 128, 256), (2, 3, 4))],
+            "qkv": [(pairs, bk, 4, st) for pairs, bk, st in itertools.product((0, 16), (64, 128), (3, 4))],
             "linear": [(bn, bk, 4, st) for bn, bk, st in itertools.product((16, 32, 64), (128, 256), (3, 4))],
             "gate_up": [(bn, bk, 4, st) for bn, bk, st in itertools.product((16, 32, 64), (128, 256), (3, 4))],
         }

@@ -26,12 +26,15 @@ import triton
 import triton.language as tl
 
 VARIANTS = ("two_kernel", "one_launch")
-VARIANT = "two_kernel"  # the one-launch merge is opt-in until measured on the GPU
+# The one-launch merge saved 1-6% per call on an H200 (bench_decode_attention.py: 10.7 vs 11.0 us
+# at the 0.5B shape, 19.8 vs 21.0 us at 1.5B) but merges in whichever order the splits finish, so
+# its last bits vary from launch to launch: opt-in, for runs that need no bitwise repeatability.
+VARIANT = "two_kernel"
 BLOCK_N = 64  # keys per inner iteration
-# Programs to aim for: 4 per SM. On an H200 (132 SMs) the first version's fixed 256-key splits
-# (384 programs at batch 64) read the KV cache at ~1.8 TB/s; fewer keys per program means a shorter
-# serial online-softmax chain per program.
-PROGRAMS_PER_SM = 4
+# Programs to aim for per SM. On an H200 (132 SMs) 2 per SM beat 4 and 8 at both benchmark shapes
+# (11.0 vs 11.1 / 11.9 us at 0.5B, 21.0 vs 22.4 / 22.3 us at 1.5B); the first version's fixed
+# 256-key splits read the KV cache at ~1.8 TB/s.
+PROGRAMS_PER_SM = 2
 NUM_WARPS = 4  # Triton's launch defaults, which the split kernel was tuned under
 NUM_STAGES = 3
 SPLIT_TOKENS: int | None = None  # fixed keys per split (tests); None: from the grid target above

@@ -188,33 +188,29 @@ def decode_logits_fused(dec: Decoder, cache: KVCache, rope: RopeTable, tokens: t
     """`decode_logits` with the norms, rotary embedding and KV write in fused kernels (kernels.py);
     with `triton_attention`, attention that reads each row's own KV length (decode_kernel.py;
     `span` is then ignored); with `packed` (packed.py), one GEMM for q/k/v and one for gate/up
-    where those layers are plain nn.Linear, each a skinny Triton GEMM (skinny.py) that also applies
-    the RMSNorm before it and the rotary/KV write or SiLU-mul after it: five or six kernels per
-    layer (norm, q/k/v, attention, o_proj, gate/up, down) where HF's forward launches about 40."""
+    where those layers are plain nn.Linear, run by the skinny Triton kernels (skinny.py) that also
+    apply the rotary/KV write or SiLU-mul after them: 8 kernels per layer (norm, q/k/v, attention
+    and its merge, o_proj, norm, gate/up, down) where HF's forward launches about 40."""
     from .decode_kernel import decode_attention_triton
     from .kernels import add_rms_norm, rope_store, silu_mul
-    from .skinny import Norm, gate_up_silu, qkv_rope_store, skinny_fits
+    from .skinny import gate_up_silu, qkv_rope_store, skinny_fits
     from .skinny import linear as skinny_linear
 
     B = tokens.shape[0]
     dtype = cache.buf.dtype
     masks = {} if triton_attention else {w: decode_mask(positions, span, w, dtype) for w in set(dec.windows)}
-    x = dec.embed(tokens).contiguous()  # [B, H]: the residual stream
-    spare = torch.empty_like(x)  # fused norms write x + delta here (the launch still reads x), then the two swap
+    x = dec.embed(tokens).contiguous()  # [B, H]: the residual stream, updated in place by add_rms_norm
     delta = None  # the previous layer's MLP output, added to x by the next norm
     for i, layer in enumerate(dec.layers):
         attn, mlp = layer.self_attn, layer.mlp
         pk = packed.layers[i] if packed is not None else None
         norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
         qk_norm = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon) if hasattr(attn, "q_norm") else None
-        if pk is not None and pk.qkv is not None and skinny_fits(x, pk.qkv.weight, dec.head_dim):
-            norm = Norm(norm_in.weight, norm_in.variance_epsilon, delta, spare if delta is not None else None)
-            q = qkv_rope_store(x, pk.qkv.weight, pk.qkv.bias, positions, rope.cos, rope.sin_signed, cache.keys(i),
-                               cache.values(i), dec.num_heads, qk_norm, norm=norm)  # [B, Hq, D]; K/V in the cache
-            if delta is not None:
-                x, spare = spare, x
+        h = add_rms_norm(x, delta, norm_in.weight, norm_in.variance_epsilon)  # [B, H]
+        if pk is not None and pk.qkv is not None and skinny_fits(h, pk.qkv.weight, dec.head_dim):
+            q = qkv_rope_store(h, pk.qkv.weight, pk.qkv.bias, positions, rope.cos, rope.sin_signed, cache.keys(i),
+                               cache.values(i), dec.num_heads, qk_norm)  # [B, Hq, D]; K/V now in the cache
         else:
-            h = add_rms_norm(x, delta, norm_in.weight, norm_in.variance_epsilon)  # [B, H]; x += delta in place
             if pk is not None and pk.qkv is not None:
                 q, k, v = F.linear(h, pk.qkv.weight, pk.qkv.bias).split(pk.qkv.splits, -1)  # strided [B, H*D] views
             else:
@@ -226,19 +222,16 @@ def decode_logits_fused(dec: Decoder, cache: KVCache, rope: RopeTable, tokens: t
         else:
             o = decode_attention(q, cache.keys(i)[:B, :, :span], cache.values(i)[:B, :, :span],
                                  masks[dec.windows[i]], dec.scaling)  # [B, Hq*D]
-        o_small = pk is not None and pk.o is not None and skinny_fits(o, pk.o.weight, None)
-        o = (skinny_linear(o, pk.o.weight, pk.o.bias) if o_small else attn.o_proj(o)).contiguous()
-        if pk is not None and pk.gate_up is not None and skinny_fits(x, pk.gate_up.weight, None):
-            act = gate_up_silu(x, pk.gate_up.weight, pk.gate_up.bias,
-                               norm=Norm(norm_post.weight, norm_post.variance_epsilon, o, spare))  # [B, I]
-            x, spare = spare, x
-            delta = mlp.down_proj(act).contiguous()
+        if pk is not None and pk.o is not None and skinny_fits(o, pk.o.weight, None):
+            o = skinny_linear(o, pk.o.weight, pk.o.bias)
         else:
-            h = add_rms_norm(x, o, norm_post.weight, norm_post.variance_epsilon)
-            if pk is not None and pk.gate_up is not None:
-                act = silu_mul(F.linear(h, pk.gate_up.weight, pk.gate_up.bias))  # [B, I]
-                delta = mlp.down_proj(act).contiguous()
-            else:
-                delta = mlp(h).contiguous()
+            o = attn.o_proj(o).contiguous()
+        h = add_rms_norm(x, o, norm_post.weight, norm_post.variance_epsilon)
+        if pk is not None and pk.gate_up is not None and skinny_fits(h, pk.gate_up.weight, None):
+            delta = mlp.down_proj(gate_up_silu(h, pk.gate_up.weight, pk.gate_up.bias)).contiguous()  # via [B, I]
+        elif pk is not None and pk.gate_up is not None:
+            delta = mlp.down_proj(silu_mul(F.linear(h, pk.gate_up.weight, pk.gate_up.bias))).contiguous()
+        else:
+            delta = mlp(h).contiguous()
     h = add_rms_norm(x, delta, dec.norm.weight, dec.norm.variance_epsilon)
     return dec.lm_head(h)  # [B, V]

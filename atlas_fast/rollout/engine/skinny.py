@@ -1,4 +1,4 @@
-"""Skinny GEMMs of the decode step in Triton, each with its neighbour fused into the epilogue.
+"""Skinny GEMMs of the decode step in Triton, each with the op after it fused into the epilogue.
 
 At batch 64 a projection reads 1.6-17 MB of weights and computes almost nothing; on an H200 the
 cuBLAS kernels ran at 0.5-2.5 TB/s, and the rotary/KV-write and SiLU-mul that follow each cost a
@@ -14,29 +14,17 @@ their outputs match the cuBLAS path they replace up to the order of the fp32 acc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 
-@dataclass
-class Norm:
-    """An RMSNorm fused into a GEMM's input: h = rmsnorm(x + delta) * weight. With `delta`, the sum
-    x + delta (the residual stream's next value) is written to `out`, which must not be x: other
-    programs of the same launch are still reading x."""
-
-    weight: torch.Tensor
-    eps: float
-    delta: torch.Tensor | None = None
-    out: torch.Tensor | None = None
-
-# Per-kernel launch settings (BLOCK_N, BLOCK_K, num_warps, num_stages), picked on an H200 by
-# benchmarks/bench_decode_step.py at batch 64 for the Qwen2.5-0.5B and 1.5B shapes.
-LINEAR_CONFIG = (32, 128, 4, 3)
-GATE_UP_CONFIG = (32, 128, 4, 3)
-QKV_CONFIG = (0, 128, 4, 3)  # BLOCK_N is the head dimension
+# Per-kernel launch settings (BLOCK_N, BLOCK_K, num_warps, num_stages): the fastest on an H200 at
+# batch 64 and the Qwen2.5-0.5B shape (benchmarks/bench_decode_step.py): o_proj 3.5 us against
+# cuBLAS's 4.5, gate/up + SiLU-mul 8.1 against 9.7, q/k/v + rotary + KV write 6.6 against 7.3.
+LINEAR_CONFIG = (16, 128, 4, 4)
+GATE_UP_CONFIG = (64, 128, 4, 4)
+QKV_CONFIG = (16, 128, 4, 4)  # BLOCK_N: rotary pairs per program (0: a whole head)
 MAX_ROWS = 64  # rows per program; more rows take more programs along the second grid axis
 # Above this batch the weights are re-read once per 64 rows and cuBLAS's tiles win.
 MAX_BATCH = 128
@@ -45,10 +33,13 @@ MAX_BATCH = 128
 LINEAR_MAX_BYTES = 2 * 2**20
 
 
+ENABLED = True  # False: every projection through cuBLAS (benchmark A/B)
+
+
 def skinny_fits(x: torch.Tensor, weight: torch.Tensor, head_dim: int | None) -> bool:
     """Whether the skinny kernels take this projection: same dtype in and out of the GEMM, a decode-
     sized batch, and (for q/k/v) rotary halves of at least 16 columns, tl.dot's smallest tile."""
-    if x.dtype != weight.dtype or x.shape[0] > MAX_BATCH or x.stride(-1) != 1:
+    if not ENABLED or x.dtype != weight.dtype or x.shape[0] > MAX_BATCH or x.stride(-1) != 1:
         return False
     return head_dim is None or (head_dim >= 32 and head_dim & (head_dim - 1) == 0)
 
@@ -100,97 +91,56 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 @triton.jit
-def _normed_tile(res_ptr, delta_ptr, nw_ptr, res_out_ptr, rm, rk, mmask, kmask, stride_xm, ss, WRITE,
-                 HAS_DELTA: tl.constexpr, NORM: tl.constexpr, dtype: tl.constexpr):
-    """One [BLOCK_M, BLOCK_K] tile of the GEMM input: (res + delta) * norm weight, the residual sum
-    written back once (by the program that WRITEs), and the rows' running sum of squares."""
-    at = rm[:, None] * stride_xm + rk[None, :]
-    m2 = mmask[:, None] & kmask[None, :]
-    x = tl.load(res_ptr + at, mask=m2, other=0.0)
-    if NORM:
-        xf = x.to(tl.float32)
-        if HAS_DELTA:  # the residual add, rounded as HF's `x + o` is
-            xf = (xf + tl.load(delta_ptr + at, mask=m2, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
-            if WRITE:
-                tl.store(res_out_ptr + at, xf.to(dtype), mask=m2)
-        ss += tl.sum(xf * xf, axis=1)
-        x = (xf * tl.load(nw_ptr + rk, mask=kmask, other=0.0).to(tl.float32)[None, :]).to(dtype)
-    return x, ss
-
-
-@triton.jit
-def _gate_up_silu_kernel(x_ptr, delta_ptr, nw_ptr, res_out_ptr, w_ptr, b_ptr, out_ptr, M, I, K, eps, stride_xm,
-                         stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_DELTA: tl.constexpr,
-                         PRECISION: tl.constexpr):
+def _gate_up_silu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, I, K, stride_xm, stride_wn,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # gate rows rn, up rows I + rn of the packed weight
     mmask, nmask = rm < M, rn < I
-    dtype = out_ptr.dtype.element_ty
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    ss = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         kmask = rk < K
-        x, ss = _normed_tile(x_ptr, delta_ptr, nw_ptr, res_out_ptr, rm, rk, mmask, kmask, stride_xm, ss,
-                             pid_n == 0, HAS_DELTA, NORM, dtype)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
         wmask = nmask[:, None] & kmask[None, :]
         wg = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=wmask, other=0.0)
         wu = tl.load(w_ptr + (I + rn)[:, None] * stride_wn + rk[None, :], mask=wmask, other=0.0)
         acc_g += tl.dot(x, tl.trans(wg), input_precision=PRECISION)
         acc_u += tl.dot(x, tl.trans(wu), input_precision=PRECISION)
-    if NORM:  # rmsnorm's 1/rms is one scale per row: applied after the dot, the input is read once
-        r = tl.rsqrt(ss / K + eps)[:, None]
-        acc_g *= r
-        acc_u *= r
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_ptr + I + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    dtype = out_ptr.dtype.element_ty
     g = acc_g.to(dtype).to(tl.float32)  # HF rounds each projection's output, then act_fn(gate), then the product
     u = acc_u.to(dtype).to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
     tl.store(out_ptr + rm[:, None] * I + rn[None, :], (act * u).to(dtype), mask=mmask[:, None] & nmask[None, :])
 
 
-def _norm_args(x: torch.Tensor, norm: "Norm | None"):
-    """(delta, norm weight, eps, residual out) kernel arguments and the (NORM, HAS_DELTA) flags."""
-    if norm is None:
-        return (x, x, 0.0, x), False, False
-    if norm.delta is not None:
-        assert norm.out is not None and norm.out.data_ptr() != x.data_ptr() and norm.delta.is_contiguous()
-        assert norm.out.stride() == x.stride()
-    return ((norm.delta if norm.delta is not None else x, norm.weight, norm.eps,
-             norm.out if norm.out is not None else x), True, norm.delta is not None)
-
-
 def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 config: tuple[int, int, int, int] | None = None, norm: "Norm | None" = None) -> torch.Tensor:
-    """x [M, K], weight [2I, K] (gate rows, then up rows) -> silu(h @ Wg^T) * (h @ Wu^T) [M, I], where
-    h = x, or with `norm` h = rmsnorm(x + delta) * weight and x + delta written to norm.out."""
+                 config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K], weight [2I, K] (gate rows, then up rows) -> silu(x @ Wg^T) * (x @ Wu^T) [M, I]."""
     M, K = x.shape
     I = weight.shape[0] // 2
     assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape == (2 * I, K)
     BN, BK, warps, stages = config or GATE_UP_CONFIG
     BM = _block_m(M)
     out = torch.empty((M, I), dtype=x.dtype, device=x.device)
-    (delta, nw, eps, res_out), has_norm, has_delta = _norm_args(x, norm)
     _gate_up_silu_kernel[(triton.cdiv(I, BN), triton.cdiv(M, BM))](
-        x, delta, nw, res_out, weight, bias if bias is not None else weight, out, M, I, K, eps, x.stride(0),
-        weight.stride(0), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=min(BK, max(16, triton.next_power_of_2(K))),
-        HAS_BIAS=bias is not None, NORM=has_norm, HAS_DELTA=has_delta, PRECISION=_precision(x.dtype),
-        num_warps=warps, num_stages=stages)
+        x, weight, bias if bias is not None else weight, out, M, I, K, x.stride(0), weight.stride(0),
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=min(BK, max(16, triton.next_power_of_2(K))), HAS_BIAS=bias is not None,
+        PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages)
     return out
 
 
 @triton.jit
-def _qkv_rope_store_kernel(x_ptr, delta_ptr, nw_ptr, res_out_ptr, w_ptr, b_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr,
-                           kw_ptr, qo_ptr, kc_ptr, vc_ptr, M, K, HQ, HKV, eps, qk_eps, stride_xm, stride_wn,
-                           stride_cb, stride_ch, stride_cs, D: tl.constexpr, HALF: tl.constexpr, PAIRS: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           NORM: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_QK_NORM: tl.constexpr,
+def _qkv_rope_store_kernel(x_ptr, w_ptr, b_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, qo_ptr, kc_ptr, vc_ptr,
+                           M, K, HQ, HKV, qk_eps, stride_xm, stride_wn, stride_cb, stride_ch, stride_cs,
+                           D: tl.constexpr, HALF: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QK_NORM: tl.constexpr,
                            PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -204,20 +154,14 @@ def _qkv_rope_store_kernel(x_ptr, delta_ptr, nw_ptr, res_out_ptr, w_ptr, b_ptr, 
     dtype = x_ptr.dtype.element_ty
     acc_lo = tl.zeros([BLOCK_M, PAIRS], tl.float32)
     acc_hi = tl.zeros([BLOCK_M, PAIRS], tl.float32)
-    ss = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         kmask = rk < K
-        x, ss = _normed_tile(x_ptr, delta_ptr, nw_ptr, res_out_ptr, rm, rk, mmask, kmask, stride_xm, ss, pid == 0,
-                             HAS_DELTA, NORM, dtype)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
         w_lo = tl.load(w_ptr + lo_rows[:, None] * stride_wn + rk[None, :], mask=kmask[None, :], other=0.0)
         w_hi = tl.load(w_ptr + hi_rows[:, None] * stride_wn + rk[None, :], mask=kmask[None, :], other=0.0)
         acc_lo += tl.dot(x, tl.trans(w_lo), input_precision=PRECISION)
         acc_hi += tl.dot(x, tl.trans(w_hi), input_precision=PRECISION)
-    if NORM:
-        r = tl.rsqrt(ss / K + eps)[:, None]
-        acc_lo *= r
-        acc_hi *= r
     if HAS_BIAS:
         acc_lo += tl.load(b_ptr + lo_rows).to(tl.float32)[None, :]
         acc_hi += tl.load(b_ptr + hi_rows).to(tl.float32)[None, :]
@@ -261,10 +205,10 @@ def _qkv_rope_store_kernel(x_ptr, delta_ptr, nw_ptr, res_out_ptr, w_ptr, b_ptr, 
 def qkv_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
                    cos: torch.Tensor, sin_signed: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                    num_heads: int, q_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
-                   config: tuple[int, int, int, int] | None = None, norm: Norm | None = None) -> torch.Tensor:
+                   config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K], weight [(Hq + 2 Hkv) * D, K] (q, k, v rows packed) -> roped q [M, Hq, D]; roped k and
     v are written at k/v_cache[m, :, positions[m]] (caches [rows, Hkv, S, D]). cos/sin_signed [S, D].
-    q_norm: Qwen3's per-head (q weight, k weight, eps). norm: the layer's input RMSNorm, fused.
+    q_norm: Qwen3's per-head (q weight, k weight, eps).
     config[0]: rotary pairs per program (0: a whole head), more programs for a small projection."""
     M, K = x.shape
     D = cos.shape[-1]
@@ -279,12 +223,10 @@ def qkv_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     BM = _block_m(M)
     q_out = torch.empty((M, HQ, D), dtype=k_cache.dtype, device=x.device)
     qw, kw, qk_eps = q_norm if q_norm is not None else (weight, weight, 0.0)
-    (delta, nw, eps, res_out), has_norm, has_delta = _norm_args(x, norm)
     _qkv_rope_store_kernel[((HQ + 2 * HKV) * (half // pairs), triton.cdiv(M, BM))](
-        x, delta, nw, res_out, weight, bias if bias is not None else weight, positions, cos, sin_signed, qw, kw,
-        q_out, k_cache, v_cache, M, K, HQ, HKV, eps, qk_eps, x.stride(0), weight.stride(0), k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), D=D, HALF=half, PAIRS=pairs, BLOCK_M=BM,
-        BLOCK_K=min(BK, max(16, triton.next_power_of_2(K))), HAS_BIAS=bias is not None, NORM=has_norm,
-        HAS_DELTA=has_delta, HAS_QK_NORM=q_norm is not None, PRECISION=_precision(x.dtype), num_warps=warps,
+        x, weight, bias if bias is not None else weight, positions, cos, sin_signed, qw, kw, q_out, k_cache, v_cache,
+        M, K, HQ, HKV, qk_eps, x.stride(0), weight.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        D=D, HALF=half, PAIRS=pairs, BLOCK_M=BM, BLOCK_K=min(BK, max(16, triton.next_power_of_2(K))),
+        HAS_BIAS=bias is not None, HAS_QK_NORM=q_norm is not None, PRECISION=_precision(x.dtype), num_warps=warps,
         num_stages=stages)
     return q_out
