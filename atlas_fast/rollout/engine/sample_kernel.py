@@ -3,7 +3,7 @@
 The PyTorch sampler makes ~7 passes over a float32 copy of the [B, V] logits (cast, scale,
 softmax, noise, clamp, divide, argmax: ~270 MB at B = 64, V = 151936); this kernel reads the bf16
 logits once (~19 MB). Gumbel-max: argmax(l / T + g) with g = -log(-log(u)), u uniform from
-Triton's counter-based Philox stream keyed by (seed, row, token), draws token i with probability
+Triton's counter-based Philox stream keyed by (seed, row, token // 4), draws token i with probability
 softmax(l / T)_i; the same sweep keeps a running log-sum-exp for the token's log-prob. The
 vocabulary is split over programs (partial argmax and log-sum-exp per chunk), then one small
 kernel per row picks the winner and finishes the log-prob.
@@ -32,34 +32,39 @@ def _gumbel_partial_kernel(logits_ptr, best_ptr, idx_ptr, max_ptr, sum_ptr, V, s
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     cols = tl.arange(0, BLOCK)
+    quads = tl.arange(0, BLOCK // 4)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK], tl.int32)
-    run_max = tl.full([BLOCK], float("-inf"), tl.float32)
-    run_sum = tl.zeros([BLOCK], tl.float32)
+    run_max = tl.full([], float("-inf"), tl.float32)
+    run_sum = tl.full([], 0.0, tl.float32)
     lo = chunk * CHUNK
     hi = tl.minimum(lo + CHUNK, V)
     for start in range(lo, hi, BLOCK):
         idx = start + cols
         mask = idx < hi
         x = tl.load(logits_ptr + row * stride + idx, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-        u = tl.rand(seed, row * V + idx)  # [0, 1): the same stream whatever the chunking
+        # One Philox call yields four uniforms: the generator, not the bytes, bounded the one-per-
+        # token version on an H200 (~90 us at B = 64, V = 151936 against ~5 us to read the logits).
+        # Token i of a row takes one of the four draws of counter (row, i // 4): the same stream
+        # whatever the chunking (chunks and blocks start at multiples of 4).
+        u0, u1, u2, u3 = tl.rand4x(seed, row * tl.cdiv(V, 4) + start // 4 + quads)
+        u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), [BLOCK])
         g = -tl.log(-tl.log(tl.maximum(u, 1e-12)))
         score = tl.where(mask, x + g, float("-inf"))
         take = score > best
         best = tl.where(take, score, best)
         best_idx = tl.where(take, idx, best_idx)
-        new_max = tl.maximum(run_max, x)
-        # Lanes that have seen only -inf keep a zero sum (exp(-inf - -inf) would be NaN).
-        run_sum = tl.where(new_max == float("-inf"), 0.0,
-                           run_sum * tl.exp(run_max - new_max) + tl.exp(x - new_max))
+        # The log-sum-exp runs per block (one exp per token), not per lane (two).
+        new_max = tl.maximum(run_max, tl.max(x, axis=0))
+        safe = tl.where(new_max == float("-inf"), 0.0, new_max)  # nothing seen yet: every term is 0, not NaN
+        run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(x - safe), axis=0)
         run_max = new_max
     top = tl.max(best, axis=0)
-    m = tl.max(run_max, axis=0)
     out = row * C + chunk
     tl.store(best_ptr + out, top)
     tl.store(idx_ptr + out, tl.min(tl.where(best == top, best_idx, 2147483647), axis=0))
-    tl.store(max_ptr + out, m)
-    tl.store(sum_ptr + out, tl.sum(tl.where(run_max == float("-inf"), 0.0, run_sum * tl.exp(run_max - m)), axis=0))
+    tl.store(max_ptr + out, run_max)
+    tl.store(sum_ptr + out, run_sum)
 
 
 @triton.jit
@@ -130,7 +135,7 @@ def _partials(logits: torch.Tensor, temperature: float, seed: int):
     run_max = torch.empty((B, C), dtype=torch.float32, device=device)
     run_sum = torch.empty((B, C), dtype=torch.float32, device=device)
     _gumbel_partial_kernel[(B, C)](logits, best, idx, run_max, run_sum, V, logits.stride(0), 1.0 / temperature, seed,
-                                   chunk, C, BLOCK=min(BLOCK_V, triton.next_power_of_2(V)))
+                                   chunk, C, BLOCK=max(4, min(BLOCK_V, triton.next_power_of_2(V))))
     return best, idx, run_max, run_sum, C
 
 
