@@ -86,7 +86,7 @@ def time_layers(fn, layers: int, device: str) -> float:
 
 def run_shape(d: Dims, M: int, device: str, dtype: torch.dtype, rate: float, configs: dict) -> list[tuple]:
     from atlas_fast.rollout.engine.attention import RopeTable
-    from atlas_fast.rollout.engine.kernels import rope_store, silu_mul
+    from atlas_fast.rollout.engine.kernels import add_rms_norm, rope_store, silu_mul
     from atlas_fast.rollout.engine.skinny import gate_up_silu, linear, qkv_rope_store
 
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -140,6 +140,18 @@ def run_shape(d: Dims, M: int, device: str, dtype: torch.dtype, rate: float, con
     add("down_proj", "cuBLAS", lambda i: F.linear(act, w_d[i]), H * I * el)
     for cfg in configs["linear"]:
         add("down_proj", f"skinny {cfg}", lambda i, cfg=cfg: linear(act, w_d[i], config=cfg), H * I * el)
+    # The projections that feed the residual stream, with the add + RMSNorm that reads them: split-K
+    # partials are summed by that norm, so the split costs no reduction kernel.
+    resid = rnd(M, H, scale=1.0)
+    norm_w = rnd(H, scale=1.0)
+    for op, inp, ws, nbytes in (("o_proj + add_rms_norm", o_in, w_o, H * HQ * D * el),
+                                ("down_proj + add_rms_norm", act, w_d, H * I * el)):
+        add(op, "cuBLAS + add_rms_norm", lambda i, inp=inp, ws=ws: add_rms_norm(resid, F.linear(inp, ws[i]), norm_w, 1e-6),
+            nbytes)
+        for cfg, split in configs["split"]:
+            add(op, f"skinny {cfg} split {split}",
+                lambda i, inp=inp, ws=ws, cfg=cfg, split=split: add_rms_norm(
+                    resid, linear(inp, ws[i], config=cfg, split_k=split), norm_w, 1e-6), nbytes)
     return rows
 
 
@@ -152,13 +164,15 @@ def main(argv=None) -> int:
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
         shapes, dtype = [TINY], torch.float32
-        configs = {"qkv": [(0, 16, 4, 2)], "linear": [(16, 32, 4, 2)], "gate_up": [(16, 32, 4, 2)]}
+        configs = {"qkv": [(0, 16, 4, 2)], "linear": [(16, 32, 4, 2)], "gate_up": [(16, 32, 4, 2)],
+                   "split": [((16, 32, 4, 2), 2)]}
     else:
         shapes, dtype = SHAPES, torch.bfloat16
         configs = {
             "qkv": [(pairs, bk, 4, st) for pairs, bk, st in itertools.product((0, 16), (64, 128), (3, 4))],
             "linear": [(bn, bk, 4, st) for bn, bk, st in itertools.product((16, 32, 64), (128, 256), (3, 4))],
             "gate_up": [(bn, bk, 4, st) for bn, bk, st in itertools.product((16, 32, 64), (128, 256), (3, 4))],
+            "split": [((bn, bk, 4, 4), sp) for bn, bk, sp in itertools.product((16, 32), (64, 128), (1, 2, 4, 8))],
         }
     rate = copy_rate(device)
     if device == "cuda":

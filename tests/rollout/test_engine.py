@@ -74,12 +74,16 @@ def test_greedy_matches_hf(models, tok, prompts, arch):
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors need the Triton interpreter")
 @pytest.mark.parametrize("arch", ["qwen3", "mistral", "qwen2"])
 @pytest.mark.parametrize("head_dim", [16, 32])
-def test_fused_decode_kernels_match_hf(models, tok, prompts, arch, head_dim):
+def test_fused_decode_kernels_match_hf(models, tok, prompts, arch, head_dim, monkeypatch):
     """The CUDA decode step's Triton kernels (norms, rotary + KV write, attention, SiLU) and packed
     projections, run by the interpreter (Qwen3: per-head q/k norms; Mistral: sliding window;
     Qwen2: q/k/v biases in the packed projection). head_dim 32 takes the skinny GEMMs (skinny.py),
-    whose rotary halves need 16 columns; 16 takes cuBLAS + the separate norm/rotary kernels."""
+    whose rotary halves need 16 columns, with down_proj split-K (its partials summed by the next
+    norm); 16 takes cuBLAS + the separate norm/rotary kernels."""
+    from atlas_fast.rollout.engine import skinny
+
     model = models[arch] if head_dim == 16 else tiny_decoder(arch, tok, heads=(2, 1))
+    monkeypatch.setattr(skinny, "DOWN_SPLIT", 3 if head_dim == 32 else 0)
     ref = hf_greedy(model, tok, prompts, max_tokens=6)
     engine = EngineBackend(model, tok, fused_kernels=True)
     out = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0))

@@ -114,3 +114,26 @@ def test_qkv_rope_store_matches_projection_rope_and_cache_write(qk_norm, bias, p
         written[m, p] = True
     assert (kc.abs().sum((1, 3)) > 0).eq(written).all()  # nothing else in the cache was touched
     assert (vc.abs().sum((1, 3)) > 0).eq(written).all()
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+def test_split_k_partials_summed_by_the_next_norm(split_k):
+    """down_proj's split-K partial sums, added in order by the next add_rms_norm, equal the residual
+    add of the whole projection."""
+    from atlas_fast.rollout.engine.kernels import add_rms_norm
+    from atlas_fast.rollout.engine.skinny import linear
+
+    g = _gen(50 + split_k)
+    M, K, N = 7, 200, 40
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / 10
+    parts = linear(x.to(DEVICE), w.to(DEVICE), config=(16, 32, 4, 2), split_k=split_k)
+    assert parts.shape == (split_k, M, N) and parts.dtype == torch.float32
+    want = F.linear(x.double(), w.double())
+    torch.testing.assert_close(parts.sum(0).double().cpu(), want, atol=1e-4, rtol=1e-4)
+    resid = torch.randn(M, N, generator=g)
+    weight = torch.rand(N, generator=g) + 0.5
+    x_split, x_whole = resid.clone().to(DEVICE), resid.clone().to(DEVICE)
+    got = add_rms_norm(x_split, parts, weight.to(DEVICE), 1e-6)
+    ref = add_rms_norm(x_whole, want.float().to(DEVICE), weight.to(DEVICE), 1e-6)
+    torch.testing.assert_close(x_split, x_whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -74,6 +74,7 @@ class PackedLayer:
     qkv: Pack | None
     gate_up: Pack | None  # only with a SiLU MLP (the four families' `hidden_act="silu"`)
     o: Pack | None = None  # o_proj itself, when small enough for the skinny linear kernel
+    down: Pack | None = None  # down_proj itself (skinny split-K)
 
 
 class PackedWeights:
@@ -85,11 +86,12 @@ class PackedWeights:
             gate_up = None
             if _silu(mlp) and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
                 gate_up = _pack([mlp.gate_proj, mlp.up_proj], dtype)
-            self.layers.append(PackedLayer(qkv, gate_up, _alias(attn.o_proj, dtype, LINEAR_MAX_BYTES)))
+            down = _alias(mlp.down_proj, dtype, 2**62) if gate_up is not None else None
+            self.layers.append(PackedLayer(qkv, gate_up, _alias(attn.o_proj, dtype, LINEAR_MAX_BYTES), down))
         self._stamp = self._versions()
 
     def _packs(self) -> list[Pack]:
-        return [p for layer in self.layers for p in (layer.qkv, layer.gate_up, layer.o) if p is not None]
+        return [p for layer in self.layers for p in (layer.qkv, layer.gate_up, layer.o, layer.down) if p is not None]
 
     def _versions(self) -> tuple[int, ...]:
         return tuple(t._version for p in self._packs() for m in p.sources

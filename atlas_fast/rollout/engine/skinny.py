@@ -33,6 +33,9 @@ MAX_BATCH = 128
 LINEAR_MAX_BYTES = 2 * 2**20
 
 
+# down_proj: split-K partials summed by the next add_rms_norm (0: cuBLAS).
+DOWN_SPLIT = 0
+DOWN_CONFIG = (16, 128, 4, 4)
 ENABLED = True  # False: every projection through cuBLAS (benchmark A/B)
 
 
@@ -53,39 +56,55 @@ def _block_m(M: int) -> int:
 
 
 @triton.jit
-def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_om,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PARTIAL: tl.constexpr, PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask, nmask = rm < M, rn < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        kmask = rk < K
+        kmask = rk < k_hi
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mmask[:, None] & nmask[None, :])
+        if pid_k == 0:
+            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    omask = mmask[:, None] & nmask[None, :]
+    if PARTIAL:  # float32 partial sums [splits, M, N]: their reader adds them in a fixed order
+        tl.store(out_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], acc, mask=omask)
+    else:
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype."""
+           config: tuple[int, int, int, int] | None = None, split_k: int = 1) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype; with split_k > 1 the K range
+    is cut over that many programs per output tile, which return float32 partial sums
+    [split_k, M, N] for their reader to add (add_rms_norm does, in a fixed order: deterministic,
+    unlike atomics). A long-K projection (down_proj) gets enough programs to stream its weight."""
     M, K = x.shape
     N = weight.shape[0]
-    assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == K
+    assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == K and split_k >= 1
     BN, BK, warps, stages = config or LINEAR_CONFIG
     BM = _block_m(M)
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    _linear_kernel[(triton.cdiv(N, BN), triton.cdiv(M, BM))](
-        x, weight, bias if bias is not None else weight, out, M, N, K, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=min(BK, max(16, triton.next_power_of_2(K))), HAS_BIAS=bias is not None,
+    BK = min(BK, max(16, triton.next_power_of_2(K)))
+    k_split = triton.cdiv(triton.cdiv(K, split_k), BK) * BK
+    split_k = triton.cdiv(K, k_split)
+    if split_k > 1:
+        out = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    _linear_kernel[(triton.cdiv(N, BN), triton.cdiv(M, BM), split_k)](
+        x, weight, bias if bias is not None else weight, out, M, N, K, k_split, x.stride(0), weight.stride(0), N,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, HAS_BIAS=bias is not None, PARTIAL=split_k > 1,
         PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages)
     return out
 
