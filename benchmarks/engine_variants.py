@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""A/B the engine's kernel switches on the generation benchmark's workload, in one process.
+
+Each variant sets module-level switches of the engine (skinny GEMMs on/off, down_proj split-K, MLP
+weight prefetch, decode attention variant), then times the engine alone, exactly as
+bench_generation.py does (same model, prompts, floor and ms-per-decode-step definition). Prints
+one table; writes nothing (the chosen defaults are measured by bench_generation.py).
+
+    source benchmarks/gpu_env.sh && python benchmarks/engine_variants.py [--shapes 0.5b] [--new-tokens 512]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_generation as bg  # noqa: E402  (benchmarks/ is on sys.path)
+
+# name -> {(module, attribute): value}; every variant starts from the defaults below.
+VARIANTS = {
+    "default": {},
+    "cuBLAS projections": {("skinny", "ENABLED"): False},
+    "down split-K 2": {("skinny", "DOWN_SPLIT"): 2},
+    "down split-K 4": {("skinny", "DOWN_SPLIT"): 4},
+    "down split-K 8": {("skinny", "DOWN_SPLIT"): 8},
+    "MLP prefetch": {("model", "PREFETCH_MLP"): True},
+    "MLP prefetch + down split-K 4": {("model", "PREFETCH_MLP"): True, ("skinny", "DOWN_SPLIT"): 4},
+    "one-launch attention": {("decode_kernel", "VARIANT"): "one_launch"},
+}
+
+
+def modules():
+    from atlas_fast.rollout.engine import decode_kernel, model, skinny
+    return {"skinny": skinny, "model": model, "decode_kernel": decode_kernel}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="0.5b")
+    ap.add_argument("--new-tokens", type=int, default=512)
+    ap.add_argument("--only", default=None, help="comma list of variant names")
+    args = ap.parse_args(argv)
+    device = "cuda"
+    mods = modules()
+    defaults = {key: getattr(mods[key[0]], key[1]) for v in VARIANTS.values() for key in v}
+    rate = bg.copy_rate(device)
+    names = args.only.split(",") if args.only else list(VARIANTS)
+    lines = ["| shape | variant | ms / decode step | floor ms | step / floor | whole call s |", "|---|---|---|---|---|---|"]
+    for key in args.shapes.split(","):
+        shape = {"0.5b": bg.QWEN_05B, "1.5b": bg.QWEN_15B}[key]
+        model = bg.build_model(shape, device, torch.bfloat16)
+        prompts = bg.make_prompts(shape.vocab, bg.PROMPT_LENS)
+        floor = bg.floor_ms(model, shape, prompts, args.new_tokens, rate)
+        for name in names:
+            for (mod, attr), value in defaults.items():
+                setattr(mods[mod], attr, value)
+            for (mod, attr), value in VARIANTS[name].items():
+                setattr(mods[mod], attr, value)
+            system, options = bg.ENGINE_VARIANTS[0]
+            try:
+                row = bg.run_engine(model, prompts, args.new_tokens, device, 2, f"{shape.name}, {name}", system,
+                                    **options)
+                if row.error:
+                    raise RuntimeError(row.error)
+                ms = row.step_ms()
+                lines.append(f"| {shape.name} | {name} | {ms:.3f} | {floor:.3f} | {ms / floor:.2f} | {row.total_s:.3f} |")
+            except Exception as exc:  # a variant that fails is reported, the others still run
+                lines.append(f"| {shape.name} | {name} | failed: {bg.short(exc)} | | | |")
+            print(lines[-1], flush=True)
+        for (mod, attr), value in defaults.items():
+            setattr(mods[mod], attr, value)
+        del model
+    print("\n" + "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
