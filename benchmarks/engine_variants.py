@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """A/B the engine's kernel switches on the generation benchmark's workload, in one process.
 
-Each variant sets module-level switches of the engine (skinny GEMMs on/off, down_proj split-K, MLP
-weight prefetch, decode attention variant), then times the engine alone, exactly as
+Each variant sets module-level switches of the engine (skinny GEMMs on/off, down_proj split-K,
+decode attention variant), then times the engine alone, exactly as
 bench_generation.py does (same model, prompts, floor and ms-per-decode-step definition). Prints
 one table; writes nothing (the chosen defaults are measured by bench_generation.py).
 
@@ -23,18 +23,17 @@ import bench_generation as bg  # noqa: E402  (benchmarks/ is on sys.path)
 VARIANTS = {
     "default": {},
     "cuBLAS projections": {("skinny", "ENABLED"): False},
+    "down_proj on cuBLAS": {("skinny", "DOWN_SPLIT"): 0},
     "down split-K 2": {("skinny", "DOWN_SPLIT"): 2},
-    "down split-K 4": {("skinny", "DOWN_SPLIT"): 4},
     "down split-K 8": {("skinny", "DOWN_SPLIT"): 8},
-    "MLP prefetch": {("model", "PREFETCH_MLP"): True},
-    "MLP prefetch + down split-K 4": {("model", "PREFETCH_MLP"): True, ("skinny", "DOWN_SPLIT"): 4},
+    "down split-K 4 at any size": {("skinny", "DOWN_MAX_BYTES"): 2**62},
     "one-launch attention": {("decode_kernel", "VARIANT"): "one_launch"},
 }
 
 
 def modules():
-    from atlas_fast.rollout.engine import decode_kernel, model, skinny
-    return {"skinny": skinny, "model": model, "decode_kernel": decode_kernel}
+    from atlas_fast.rollout.engine import decode_kernel, skinny
+    return {"skinny": skinny, "decode_kernel": decode_kernel}
 
 
 def main(argv=None) -> int:

@@ -140,21 +140,3 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     _silu_mul_kernel[(R, triton.cdiv(N, BLOCK))](gate_up, out, N, gate_up.stride(0), BLOCK=BLOCK)
     return out
 
-
-@triton.jit
-def _touch_kernel(ptr, n, sink_ptr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    step = tl.num_programs(0) * BLOCK
-    acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(pid * BLOCK, n, step):
-        offs = start + tl.arange(0, BLOCK)
-        acc += tl.load(ptr + offs, mask=offs < n, other=0.0, eviction_policy="evict_last").to(tl.float32)
-    tl.store(sink_ptr + pid, tl.sum(acc, axis=0))  # a result, so the loads are not optimised away
-
-
-def touch(tensors: list[torch.Tensor], sink: torch.Tensor) -> None:
-    """Read `tensors` once so their bytes sit in L2 for the kernel that needs them next: run on a
-    side stream while the decode step's attention (bound by KV reads, not by SMs) runs, the MLP's
-    skinny GEMMs, bound by HBM latency at batch 64, then find their weights in L2."""
-    for t in tensors:
-        _touch_kernel[(sink.numel(),)](t, t.numel(), sink, BLOCK=4096)

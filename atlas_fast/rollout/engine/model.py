@@ -183,27 +183,17 @@ def fusable(dec: Decoder, rope: RopeTable) -> bool:
     return dec.plain_norms and rope.cos.shape[-1] == D and D >= 16 and D & (D - 1) == 0
 
 
-PREFETCH_MLP = False  # read each layer's MLP weights into L2 on a side stream during its attention
-PREFETCH_PROGRAMS = 32
-_side_streams: dict = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    if device not in _side_streams:
-        _side_streams[device] = torch.cuda.Stream(device)
-    return _side_streams[device]
-
-
 def decode_logits_fused(dec: Decoder, cache: KVCache, rope: RopeTable, tokens: torch.Tensor, positions: torch.Tensor,
                         span: int, triton_attention: bool = True, packed=None) -> torch.Tensor:
     """`decode_logits` with the norms, rotary embedding and KV write in fused kernels (kernels.py);
     with `triton_attention`, attention that reads each row's own KV length (decode_kernel.py;
     `span` is then ignored); with `packed` (packed.py), one GEMM for q/k/v and one for gate/up
     where those layers are plain nn.Linear, run by the skinny Triton kernels (skinny.py) that also
-    apply the rotary/KV write or SiLU-mul after them: 8 kernels per layer (norm, q/k/v, attention
-    and its merge, o_proj, norm, gate/up, down) where HF's forward launches about 40."""
+    apply the rotary/KV write or SiLU-mul after them, and a small down_proj split-K with its partial
+    sums added by the next norm: 8 kernels per layer (norm, q/k/v, attention and its merge, o_proj,
+    norm, gate/up, down) where HF's forward launches about 40."""
     from .decode_kernel import decode_attention_triton
-    from .kernels import add_rms_norm, rope_store, silu_mul, touch
+    from .kernels import add_rms_norm, rope_store, silu_mul
     from . import skinny
     from .skinny import gate_up_silu, qkv_rope_store, skinny_fits
     from .skinny import linear as skinny_linear
@@ -213,21 +203,12 @@ def decode_logits_fused(dec: Decoder, cache: KVCache, rope: RopeTable, tokens: t
     masks = {} if triton_attention else {w: decode_mask(positions, span, w, dtype) for w in set(dec.windows)}
     x = dec.embed(tokens).contiguous()  # [B, H]: the residual stream, updated in place by add_rms_norm
     delta = None  # the previous layer's MLP output, added to x by the next norm
-    prefetch = PREFETCH_MLP and x.is_cuda and packed is not None
-    if prefetch:
-        side, main = _side_stream(x.device), torch.cuda.current_stream(x.device)
-        sink = torch.empty(PREFETCH_PROGRAMS, dtype=torch.float32, device=x.device)
     for i, layer in enumerate(dec.layers):
         attn, mlp = layer.self_attn, layer.mlp
         pk = packed.layers[i] if packed is not None else None
         norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
         qk_norm = (attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.variance_epsilon) if hasattr(attn, "q_norm") else None
         h = add_rms_norm(x, delta, norm_in.weight, norm_in.variance_epsilon)  # [B, H]
-        mlp_weights = [pk.gate_up.weight, mlp.down_proj.weight] if prefetch and pk.gate_up is not None else []
-        if mlp_weights:
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                touch(mlp_weights, sink)
         if pk is not None and pk.qkv is not None and skinny_fits(h, pk.qkv.weight, dec.head_dim):
             q = qkv_rope_store(h, pk.qkv.weight, pk.qkv.bias, positions, rope.cos, rope.sin_signed, cache.keys(i),
                                cache.values(i), dec.num_heads, qk_norm)  # [B, Hq, D]; K/V now in the cache
@@ -248,16 +229,14 @@ def decode_logits_fused(dec: Decoder, cache: KVCache, rope: RopeTable, tokens: t
         else:
             o = attn.o_proj(o).contiguous()
         h = add_rms_norm(x, o, norm_post.weight, norm_post.variance_epsilon)
-        if mlp_weights:
-            main.wait_stream(side)
         if pk is not None and pk.gate_up is not None:
             if skinny_fits(h, pk.gate_up.weight, None):
                 act = gate_up_silu(h, pk.gate_up.weight, pk.gate_up.bias)  # [B, I]
             else:
                 act = silu_mul(F.linear(h, pk.gate_up.weight, pk.gate_up.bias))
-            if pk.down is not None and skinny.DOWN_SPLIT and skinny_fits(act, pk.down.weight, None):
-                # float32 split-K partials [S, B, H]: the next add_rms_norm sums them
-                delta = skinny.linear(act, pk.down.weight, pk.down.bias, skinny.DOWN_CONFIG, skinny.DOWN_SPLIT)
+            split = skinny.down_split(act, pk.down.weight) if pk.down is not None else 0
+            if split:  # float32 split-K partials [S, B, H]: the next add_rms_norm sums them
+                delta = skinny.linear(act, pk.down.weight, pk.down.bias, skinny.DOWN_CONFIG, split)
             else:
                 delta = mlp.down_proj(act).contiguous()
         else:

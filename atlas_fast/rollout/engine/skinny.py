@@ -33,9 +33,13 @@ MAX_BATCH = 128
 LINEAR_MAX_BYTES = 2 * 2**20
 
 
-# down_proj: split-K partials summed by the next add_rms_norm (0: cuBLAS).
-DOWN_SPLIT = 0
+# down_proj (K = the MLP width) in 4 K-slices whose float32 partials the next add_rms_norm sums:
+# on an H200 the 0.5B decode step went from 1.146 to 1.097 ms (splits of 2: 1.122, of 8: 1.161;
+# benchmarks/engine_variants.py). Unsplit, the skinny kernel lost to cuBLAS on down_proj (10.4 vs
+# 8.7 us at 0.5B, 16.9 vs 12.3 at 1.5B), so larger weights than the one measured stay on cuBLAS.
+DOWN_SPLIT = 4
 DOWN_CONFIG = (16, 128, 4, 4)
+DOWN_MAX_BYTES = 16 * 2**20
 ENABLED = True  # False: every projection through cuBLAS (benchmark A/B)
 
 
@@ -45,6 +49,12 @@ def skinny_fits(x: torch.Tensor, weight: torch.Tensor, head_dim: int | None) -> 
     if not ENABLED or x.dtype != weight.dtype or x.shape[0] > MAX_BATCH or x.stride(-1) != 1:
         return False
     return head_dim is None or (head_dim >= 32 and head_dim & (head_dim - 1) == 0)
+
+
+def down_split(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """Split-K slices for down_proj through the skinny kernel, or 0 for cuBLAS."""
+    small = weight.numel() * weight.element_size() <= DOWN_MAX_BYTES
+    return DOWN_SPLIT if DOWN_SPLIT > 1 and small and skinny_fits(x, weight, None) else 0
 
 
 def _precision(dtype: torch.dtype) -> str:
