@@ -2,7 +2,7 @@
 """A/B the engine's kernel switches on the generation benchmark's workload, in one process.
 
 Each variant sets module-level switches of the engine (skinny GEMMs on/off, down_proj split-K,
-decode attention variant), then times the engine alone, exactly as
+decode attention variant, programmatic dependent launch), then times the engine alone, exactly as
 bench_generation.py does (same model, prompts, floor and ms-per-decode-step definition). Prints
 one table; writes nothing (the chosen defaults are measured by bench_generation.py).
 
@@ -22,6 +22,8 @@ import bench_generation as bg  # noqa: E402  (benchmarks/ is on sys.path)
 # name -> {(module, attribute): value}; every variant starts from the defaults below.
 VARIANTS = {
     "default": {},
+    "no PDL": {("pdl", "ENABLED"): False},
+    "one-launch attention, no PDL": {("decode_kernel", "VARIANT"): "one_launch", ("pdl", "ENABLED"): False},
     "cuBLAS projections": {("skinny", "ENABLED"): False},
     "down_proj on cuBLAS": {("skinny", "DOWN_SPLIT"): 0},
     "down split-K 2": {("skinny", "DOWN_SPLIT"): 2},
@@ -32,8 +34,8 @@ VARIANTS = {
 
 
 def modules():
-    from atlas_fast.rollout.engine import decode_kernel, skinny
-    return {"skinny": skinny, "decode_kernel": decode_kernel}
+    from atlas_fast.rollout.engine import decode_kernel, pdl, skinny
+    return {"skinny": skinny, "decode_kernel": decode_kernel, "pdl": pdl}
 
 
 def main(argv=None) -> int:

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 VARIANTS = ("two_kernel", "one_launch")
 # The one-launch merge saved 1-6% per call on an H200 (bench_decode_attention.py: 10.7 vs 11.0 us
 # at the 0.5B shape, 19.8 vs 21.0 us at 1.5B) but merges in whichever order the splits finish, so
@@ -125,7 +127,8 @@ def _attend(q, k_ptr, v_ptr, base, lo, hi, stride_ks, scale,
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, scale, window,
                          stride_kb, stride_kh, stride_ks, HQ, G, NSPLIT, SPLIT,
                          D: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                         PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                         PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+    pdl.prologue(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -148,7 +151,8 @@ def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, scal
 
 
 @triton.jit
-def _decode_merge_kernel(o_ptr, m_ptr, l_ptr, out_ptr, NSPLIT, D: tl.constexpr, SP: tl.constexpr):
+def _decode_merge_kernel(o_ptr, m_ptr, l_ptr, out_ptr, NSPLIT, D: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
+    pdl.prologue(PDL)
     row = tl.program_id(0)  # b * HQ + h
     s = tl.arange(0, SP)
     d = tl.arange(0, D)
@@ -166,7 +170,8 @@ def _decode_merge_kernel(o_ptr, m_ptr, l_ptr, out_ptr, NSPLIT, D: tl.constexpr, 
 def _decode_one_launch_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, o_ptr, m_ptr, l_ptr, ticket_ptr, scale, window,
                               stride_kb, stride_kh, stride_ks, HQ, HKV, G, NSPLIT, SPLIT,
                               D: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                              PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+    pdl.prologue(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -267,8 +272,9 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         _decode_split_kernel[(B, HKV, nsplit)](
             q, k_cache, v_cache, positions, part, m, l, scale, window or 0, *strides, HQ, G, nsplit, split,
             D=D, GP=GP, BLOCK=block_n, HAS_WINDOW=window is not None, PRECISION=precision, UPCAST=upcast,
-            num_warps=num_warps, num_stages=num_stages)
-        _decode_merge_kernel[(B * HQ,)](part, m, l, out, nsplit, D=D, SP=triton.next_power_of_2(nsplit))
+            num_warps=num_warps, num_stages=num_stages, **pdl.options(q.device))
+        _decode_merge_kernel[(B * HQ,)](part, m, l, out, nsplit, D=D, SP=triton.next_power_of_2(nsplit),
+                                        **pdl.options(q.device))
         return out.view(B, HQ * D)
     if tickets is None:
         tickets = tickets_for(q.device, B, HKV)
@@ -281,5 +287,5 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _decode_one_launch_kernel[(B, HKV, nsplit)](
         q, k_cache, v_cache, positions, out, part, m, l, tickets, scale, window or 0, *strides, HQ, HKV, G, nsplit,
         split, D=D, GP=GP, BLOCK=block_n, HAS_WINDOW=window is not None, PRECISION=precision, UPCAST=upcast,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages, **pdl.options(q.device))
     return out.view(B, HQ * D)

@@ -16,10 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, R, N, eps, HAS_DELTA: tl.constexpr, SPLITS: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.prologue(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -50,14 +53,16 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
         splits = delta.shape[0]
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     _add_rms_norm_kernel[(R,)](x, delta if delta is not None else x, weight, out, R, N, eps,
-                               HAS_DELTA=delta is not None, SPLITS=splits, BLOCK=triton.next_power_of_2(N))
+                               HAS_DELTA=delta is not None, SPLITS=splits, BLOCK=triton.next_power_of_2(N),
+                               **pdl.options(x.device))
     return out
 
 
 @triton.jit
 def _rope_store_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, kc_ptr, vc_ptr,
                        HQ, HKV, eps, stride_q, stride_k, stride_v, stride_cb, stride_ch, stride_cs,
-                       D: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr):
+                       D: tl.constexpr, HALF: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr):
+    pdl.prologue(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)  # 0..HQ-1: query heads; HQ..HQ+HKV-1: key/value heads
     pos = tl.load(pos_ptr + b)
@@ -115,12 +120,13 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: tor
     _rope_store_kernel[(B, HQ + HKV)](
         q, k, v, q_out, positions, cos, sin_signed, qw, kw, k_cache, v_cache, HQ, HKV, eps,
         q.stride(0), k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        D=D, HALF=D // 2, HAS_NORM=q_norm is not None)
+        D=D, HALF=D // 2, HAS_NORM=q_norm is not None, **pdl.options(q.device))
     return q_out
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, N, stride, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, N, stride, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.prologue(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -137,6 +143,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     N = N2 // 2
     out = torch.empty((R, N), dtype=gate_up.dtype, device=gate_up.device)
     BLOCK = 1024
-    _silu_mul_kernel[(R, triton.cdiv(N, BLOCK))](gate_up, out, N, gate_up.stride(0), BLOCK=BLOCK)
+    _silu_mul_kernel[(R, triton.cdiv(N, BLOCK))](gate_up, out, N, gate_up.stride(0), BLOCK=BLOCK,
+                                                 **pdl.options(gate_up.device))
     return out
 

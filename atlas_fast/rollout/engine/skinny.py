@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import pdl
+
 
 # Per-kernel launch settings (BLOCK_N, BLOCK_K, num_warps, num_stages): the fastest on an H200 at
 # batch 64 and the Qwen2.5-0.5B shape (benchmarks/bench_decode_step.py): o_proj 3.5 us against
@@ -68,7 +70,8 @@ def _block_m(M: int) -> int:
 @triton.jit
 def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_om,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   PARTIAL: tl.constexpr, PRECISION: tl.constexpr):
+                   PARTIAL: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    pdl.prologue(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -115,14 +118,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     _linear_kernel[(triton.cdiv(N, BN), triton.cdiv(M, BM), split_k)](
         x, weight, bias if bias is not None else weight, out, M, N, K, k_split, x.stride(0), weight.stride(0), N,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, HAS_BIAS=bias is not None, PARTIAL=split_k > 1,
-        PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages)
+        PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages, **pdl.options(x.device))
     return out
 
 
 @triton.jit
 def _gate_up_silu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, I, K, stride_xm, stride_wn,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    pdl.prologue(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -161,7 +165,7 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     _gate_up_silu_kernel[(triton.cdiv(I, BN), triton.cdiv(M, BM))](
         x, weight, bias if bias is not None else weight, out, M, I, K, x.stride(0), weight.stride(0),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=min(BK, max(16, triton.next_power_of_2(K))), HAS_BIAS=bias is not None,
-        PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages)
+        PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages, **pdl.options(x.device))
     return out
 
 
@@ -170,7 +174,8 @@ def _qkv_rope_store_kernel(x_ptr, w_ptr, b_ptr, pos_ptr, cos_ptr, sin_ptr, qw_pt
                            M, K, HQ, HKV, qk_eps, stride_xm, stride_wn, stride_cb, stride_ch, stride_cs,
                            D: tl.constexpr, HALF: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QK_NORM: tl.constexpr,
-                           PRECISION: tl.constexpr):
+                           PRECISION: tl.constexpr, PDL: tl.constexpr):
+    pdl.prologue(PDL)
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     SPLITS: tl.constexpr = HALF // PAIRS
@@ -257,5 +262,5 @@ def qkv_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         M, K, HQ, HKV, qk_eps, x.stride(0), weight.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         D=D, HALF=half, PAIRS=pairs, BLOCK_M=BM, BLOCK_K=min(BK, max(16, triton.next_power_of_2(K))),
         HAS_BIAS=bias is not None, HAS_QK_NORM=q_norm is not None, PRECISION=_precision(x.dtype), num_warps=warps,
-        num_stages=stages)
+        num_stages=stages, **pdl.options(x.device))
     return q_out
