@@ -23,7 +23,7 @@ import bench_generation as bg  # noqa: E402  (benchmarks/ is on sys.path)
 VARIANTS = {
     "default": {},
     "no PDL": {("pdl", "ENABLED"): False},
-    "one-launch attention, no PDL": {("decode_kernel", "VARIANT"): "one_launch", ("pdl", "ENABLED"): False},
+    "one-launch attention without PDL": {("decode_kernel", "VARIANT"): "one_launch", ("pdl", "ENABLED"): False},
     "cuBLAS projections": {("skinny", "ENABLED"): False},
     "down_proj on cuBLAS": {("skinny", "DOWN_SPLIT"): 0},
     "down split-K 2": {("skinny", "DOWN_SPLIT"): 2},
