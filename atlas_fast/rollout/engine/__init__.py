@@ -12,8 +12,9 @@ batch bucket when they fit one.
 Modules: model.py (the forward over HF modules; eager and fused decode steps), attention.py (rope,
 SDPA prefill/decode), cache.py (the KV cache), batch.py (per-sequence decode state), sampling.py
 (the PyTorch sampler, the reference), graphs.py (CUDA graphs), packed.py, and the Triton kernels of
-the CUDA step: kernels.py (norm, rope + KV write, SiLU-mul), decode_kernel.py (attention),
-sample_kernel.py (one-pass temperature sampling; its last kernel also records the step's draws).
+the CUDA step: kernels.py (norm, rope + KV write, SiLU-mul), skinny.py (the batch-64 GEMMs with
+their epilogues), decode_kernel.py (attention), sample_kernel.py (one-pass temperature sampling;
+its last kernel also records the step's draws), and pdl.py (programmatic dependent launch).
 """
 from __future__ import annotations
 
