@@ -5,7 +5,8 @@ kernel) against the fused skinny GEMMs of `atlas_fast/rollout/engine/skinny.py`,
 Each op runs once per layer with that layer's own weights (so weights come from HBM, as in a
 decode step, not from L2), all layers captured in one CUDA graph; the time is a replay's median
 over 30 replays divided by the layer count. Floor = the op's weight bytes / the measured copy rate.
-Prints a table per shape and the best setting per op (the defaults in skinny.py come from it).
+Prints a table per shape and the best setting per op (the defaults in skinny.py come from it); on
+CUDA the best-per-op table goes into its section of benchmarks/RESULTS.md (--out).
 
     source benchmarks/gpu_env.sh && python benchmarks/bench_decode_step.py          # ~2 min on an H200
     python benchmarks/bench_decode_step.py --device cpu                               # harness smoke (interpreter)
@@ -13,16 +14,22 @@ Prints a table per shape and the best setting per op (the defaults in skinny.py 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import itertools
 import os
 import statistics
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import results_md  # noqa: E402  (benchmarks/ is on sys.path)
+
+SECTION = "decode_step_ops"
+DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 @dataclass
@@ -159,6 +166,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--out", type=Path, default=None, help="markdown file to update (default: RESULTS.md on CUDA)")
     args = ap.parse_args(argv)
     device = args.device
     if device == "cpu":
@@ -177,6 +185,8 @@ def main(argv=None) -> int:
     rate = copy_rate(device)
     if device == "cuda":
         print(f"{torch.cuda.get_device_name()}; copy rate {rate / 1e12:.2f} TB/s; batch {args.rows}; bf16")
+    best_lines = ["| shape | op | baseline | us | best skinny setting | us | baseline / best | floor us |",
+                  "|---|---|---|---|---|---|---|---|"]
     for d in shapes:
         rows = run_shape(d, args.rows, device, dtype, rate, configs)
         print(f"\n| shape | op | impl | us / call | floor us | x floor |\n|---|---|---|---|---|---|")
@@ -186,9 +196,23 @@ def main(argv=None) -> int:
         for op in dict.fromkeys(r[1] for r in rows):
             mine = [r for r in rows if r[1] == op]
             base = mine[0]
+            if len(mine) < 2:
+                continue
             best = min(mine[1:], key=lambda r: r[3])
             print(f"  {d.name} {op}: {base[2]} {base[3]:.2f} us; best {best[2]} {best[3]:.2f} us "
                   f"({base[3] / best[3]:.2f}x)")
+            best_lines.append(f"| {d.name} | {op} | {base[2]} | {base[3]:.2f} | {best[2]} | {best[3]:.2f} | "
+                              f"{base[3] / best[3]:.2f}x | {base[4]:.2f} |")
+    out = args.out if args.out is not None else (DEFAULT_OUT if device == "cuda" else None)
+    if out is not None:
+        when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        commit = os.environ.get("ATLAS_FAST_COMMIT", "unknown")
+        card = torch.cuda.get_device_name() if device == "cuda" else device
+        body = (f"## The decode step's projections, per launch setting (`bench_decode_step.py`)\n\n"
+                f"{card}, {when}, commit {commit}, torch {torch.__version__}; batch {args.rows}, bf16, each layer with its own weights, all layers in one CUDA graph; copy rate "
+                f"{rate / 1e12:.2f} TB/s (floor = weight bytes / that rate).\n\n" + "\n".join(best_lines))
+        results_md.write_section(out, SECTION, body)
+        print(f"wrote {out}")
     return 0
 
 

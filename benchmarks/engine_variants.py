@@ -4,13 +4,15 @@
 Each variant sets module-level switches of the engine (skinny GEMMs on/off, down_proj split-K,
 decode attention variant, programmatic dependent launch), then times the engine alone, exactly as
 bench_generation.py does (same model, prompts, floor and ms-per-decode-step definition). Prints
-one table; writes nothing (the chosen defaults are measured by bench_generation.py).
+one table and writes it into its section of benchmarks/RESULTS.md (--out).
 
     source benchmarks/gpu_env.sh && python benchmarks/engine_variants.py [--shapes 0.5b] [--new-tokens 512]
 """
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_generation as bg  # noqa: E402  (benchmarks/ is on sys.path)
+import results_md  # noqa: E402
+
+SECTION = "engine_variants"
 
 # name -> {(module, attribute): value}; every variant starts from the defaults below.
 VARIANTS = {
@@ -43,6 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="0.5b")
     ap.add_argument("--new-tokens", type=int, default=512)
     ap.add_argument("--only", default=None, help="comma list of variant names")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
     args = ap.parse_args(argv)
     device = "cuda"
     mods = modules()
@@ -75,6 +81,13 @@ def main(argv=None) -> int:
             setattr(mods[mod], attr, value)
         del model
     print("\n" + "\n".join(lines))
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    body = (f"## The engine's kernel switches, A/B (`engine_variants.py`)\n\n{torch.cuda.get_device_name()}, {when}, "
+            f"commit {os.environ.get('ATLAS_FAST_COMMIT', 'unknown')}; 8 prompts x 8 samples, "
+            f"{args.new_tokens} new tokens, bf16, EOS ignored; ms per decode step and floor as in the generation "
+            f"table. Defaults: {', '.join(f'{m}.{a}={v!r}' for (m, a), v in defaults.items())}.\n\n" + "\n".join(lines))
+    results_md.write_section(args.out, SECTION, body)
+    print(f"wrote {args.out}")
     return 0
 
 
