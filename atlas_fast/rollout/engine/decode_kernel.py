@@ -29,8 +29,8 @@ from . import pdl
 
 VARIANTS = ("two_kernel", "one_launch")
 # The one-launch merge saved 1-6% per call on an H200 (bench_decode_attention.py: 10.7 vs 11.0 us
-# at the 0.5B shape, 19.8 vs 21.0 us at 1.5B) but merges in whichever order the splits finish, so
-# its last bits vary from launch to launch: opt-in, for runs that need no bitwise repeatability.
+# at the 0.5B shape, 19.8 vs 21.0 us at 1.5B) and 4% of the 0.5B decode step with PDL
+# (engine_variants.py: 1.045 vs 1.090 ms); opt-in until its fixed-order merge is measured there.
 VARIANT = "two_kernel"
 BLOCK_N = 64  # keys per inner iteration
 # Programs to aim for per SM. On an H200 (132 SMs) 2 per SM beat 4 and 8 at both benchmark shapes
@@ -214,20 +214,28 @@ def _decode_one_launch_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, o_ptr, m_pt
             tl.debug_barrier()
             ticket = tl.atomic_add(ticket_ptr + grp, 1, sem="acq_rel", scope="gpu")
             if ticket == last - first:
+                # Splits merge in index order whichever program drew the last ticket (its own partial
+                # from registers: the same float32 values it stored), so the result is bitwise
+                # the same from launch to launch.
+                m_run = tl.full([GP], float("-inf"), tl.float32)
+                l_run = tl.zeros([GP], tl.float32)
+                acc_run = tl.zeros([GP, D], tl.float32)
                 for s in range(first, last + 1):
-                    if s != split:
+                    if s == split:
+                        m_s, l_s, acc_s = m, l, acc
+                    else:
                         src = (grp * NSPLIT + s) * G + g
                         m_s = tl.load(m_ptr + src, mask=gmask, other=0.0, cache_modifier=".cg")
                         l_s = tl.load(l_ptr + src, mask=gmask, other=0.0, cache_modifier=".cg")
                         acc_s = tl.load(o_ptr + src[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0,
                                         cache_modifier=".cg")
-                        m_new = tl.maximum(m, m_s)  # both finite: every counted split holds a visible key
-                        a = tl.exp(m - m_new)
-                        c = tl.exp(m_s - m_new)
-                        acc = acc * a[:, None] + acc_s * c[:, None]
-                        l = l * a + l_s * c
-                        m = m_new
-                tl.store(out, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+                    m_new = tl.maximum(m_run, m_s)  # finite: every counted split holds a visible key
+                    a = tl.exp(m_run - m_new)  # 0 for the first split (m_run = -inf)
+                    c = tl.exp(m_s - m_new)
+                    acc_run = acc_run * a[:, None] + acc_s * c[:, None]
+                    l_run = l_run * a + l_s * c
+                    m_run = m_new
+                tl.store(out, (acc_run / l_run[:, None]).to(out_ptr.dtype.element_ty), mask=gmask[:, None])
                 # Every ticket of this launch is drawn: nobody else touches the counter until the
                 # next launch, which stream order places after this one.
                 tl.atomic_xchg(ticket_ptr + grp, 0, sem="relaxed", scope="gpu")
