@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import results_md  # noqa: E402  (benchmarks/ is on sys.path)
+from bench_generation import copy_rate  # noqa: E402
 
 SECTION = "decode_step_ops"
 DEFAULT_OUT = Path(__file__).resolve().parent / "RESULTS.md"
@@ -46,22 +47,6 @@ class Dims:
 
 SHAPES = [Dims("Qwen2.5-0.5B", 896, 14, 2, 64, 4864, 24, 768), Dims("Qwen2.5-1.5B", 1536, 12, 2, 128, 8960, 28, 1280)]
 TINY = Dims("tiny", 64, 4, 2, 32, 96, 2, 64)
-
-
-def copy_rate(device: str) -> float:
-    if device != "cuda":
-        return 1.0
-    src = torch.empty(2**28, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * src.numel() * 4 / min(times)
 
 
 def time_layers(fn, layers: int, device: str) -> float:
