@@ -36,7 +36,7 @@ def test_linear_matches_float64(M, bias):
     torch.testing.assert_close(got.double().cpu(), want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("M", [3, 33])
+@pytest.mark.parametrize("M", [3, 70])  # 70: two blocks of rows
 def test_gate_up_silu_matches_float64(M):
     from atlas_fast.rollout.engine.skinny import gate_up_silu
 
@@ -72,17 +72,19 @@ def _rope(S: int, D: int) -> RopeTable:
     return RopeTable.build(emb.cos(), emb.sin())
 
 
-@pytest.mark.parametrize("qk_norm,bias,pairs", [(False, False, 0), (False, True, 16), (True, True, 16), (True, False, 0)])
-def test_qkv_rope_store_matches_projection_rope_and_cache_write(qk_norm, bias, pairs):
-    """pairs 16 splits each head of 64 over two programs; Qwen3's q/k norm needs the whole head."""
+@pytest.mark.parametrize("qk_norm,bias,pairs,M", [(False, False, 0, 5), (False, True, 16, 5), (True, True, 16, 5),
+                                                  (True, False, 0, 5), (False, True, 16, 67)])
+def test_qkv_rope_store_matches_projection_rope_and_cache_write(qk_norm, bias, pairs, M):
+    """pairs 16 splits each head of 64 over two programs; Qwen3's q/k norm needs the whole head;
+    67 rows take two blocks of rows."""
     from atlas_fast.rollout.engine.skinny import qkv_rope_store
 
-    g = _gen(30 + 2 * qk_norm + bias)
-    M, K, HQ, HKV, D, S = 5, 40, 6, 2, 64, 19
+    g = _gen(30 + 2 * qk_norm + bias + M)
+    K, HQ, HKV, D, S = 40, 6, 2, 64, 19
     N = (HQ + 2 * HKV) * D
     x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / 6
     b = torch.randn(N, generator=g) if bias else None
-    positions = torch.tensor([0, 7, 18, 3, 11])
+    positions = torch.tensor([0, 7, 18, 3, 11] * (M // 5) + [5] * (M % 5))
     rope = _rope(S, D)
     norms = None
     if qk_norm:
