@@ -162,10 +162,10 @@ def main(argv=None) -> int:
     else:
         shapes, dtype = SHAPES, torch.bfloat16
         configs = {
-            "qkv": [(pairs, bk, 4, st) for pairs, bk, st in itertools.product((0, 16), (64, 128), (3, 4))],
-            "linear": [(bn, bk, 4, st) for bn, bk, st in itertools.product((16, 32, 64), (128, 256), (3, 4))],
-            "gate_up": [(bn, bk, 4, st) for bn, bk, st in itertools.product((16, 32, 64), (128, 256), (3, 4))],
-            "split": [((bn, bk, 4, 4), sp) for bn, bk, sp in itertools.product((16, 32), (64, 128), (1, 2, 4, 8))],
+            "qkv": [(pairs, 128, 4, st, bm) for pairs, st, bm in itertools.product((0, 16), (3, 4), (16, 32, 64))],
+            "linear": [(bn, bk, 4, 4, bm) for bn, bk, bm in itertools.product((16, 32), (128, 256), (32, 64))],
+            "gate_up": [(bn, 128, 4, st, bm) for bn, st, bm in itertools.product((32, 64), (3, 4), (32, 64))],
+            "split": [((16, 128, 4, 4, bm), sp) for sp, bm in itertools.product((2, 4, 8), (32, 64))],
         }
     rate = copy_rate(device)
     if device == "cuda":

@@ -139,3 +139,16 @@ def test_split_k_partials_summed_by_the_next_norm(split_k):
     ref = add_rms_norm(x_whole, want.float().to(DEVICE), weight.to(DEVICE), 1e-6)
     torch.testing.assert_close(x_split, x_whole, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_per_program_setting_changes_nothing_but_the_grid():
+    """A config's fifth entry (rows per program) splits the batch over more programs."""
+    from atlas_fast.rollout.engine.skinny import gate_up_silu, linear
+
+    g = _gen(60)
+    x, w, wg = torch.randn(40, 64, generator=g), torch.randn(24, 64, generator=g) / 8, torch.randn(48, 64, generator=g) / 8
+    x, w, wg = x.to(DEVICE), w.to(DEVICE), wg.to(DEVICE)
+    torch.testing.assert_close(linear(x, w, config=(16, 32, 4, 2, 16)), linear(x, w, config=(16, 32, 4, 2)),
+                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gate_up_silu(x, wg, config=(16, 32, 4, 2, 16)), gate_up_silu(x, wg, config=(16, 32, 4, 2)),
+                               atol=1e-6, rtol=1e-6)

@@ -21,7 +21,7 @@ import triton.language as tl
 from . import pdl
 
 
-# Per-kernel launch settings (BLOCK_N, BLOCK_K, num_warps, num_stages): the fastest on an H200 at
+# Per-kernel launch settings (BLOCK_N, BLOCK_K, num_warps, num_stages[, BLOCK_M]): the fastest on an H200 at
 # batch 64 and the Qwen2.5-0.5B shape (benchmarks/bench_decode_step.py): o_proj 3.5 us against
 # cuBLAS's 4.5, gate/up + SiLU-mul 8.1 against 9.7, q/k/v + rotary + KV write 6.6 against 7.3.
 LINEAR_CONFIG = (16, 128, 4, 4)
@@ -63,8 +63,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # float32 stays float32 (tests, the CPU path)
 
 
-def _block_m(M: int) -> int:
-    return min(MAX_ROWS, max(16, triton.next_power_of_2(M)))  # tl.dot needs 16 rows at least
+def _block_m(M: int, config: tuple) -> int:
+    """Rows per program: the config's fifth entry if it has one (fewer rows per program, more
+    programs, each streaming less of x), else all rows up to MAX_ROWS; tl.dot needs 16 at least."""
+    most = config[4] if len(config) > 4 else MAX_ROWS
+    return min(most, max(16, triton.next_power_of_2(M)))
 
 
 @triton.jit
@@ -106,8 +109,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     M, K = x.shape
     N = weight.shape[0]
     assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape[1] == K and split_k >= 1
-    BN, BK, warps, stages = config or LINEAR_CONFIG
-    BM = _block_m(M)
+    config = config or LINEAR_CONFIG
+    BN, BK, warps, stages = config[:4]
+    BM = _block_m(M, config)
     BK = min(BK, max(16, triton.next_power_of_2(K)))
     k_split = triton.cdiv(triton.cdiv(K, split_k), BK) * BK
     split_k = triton.cdiv(K, k_split)
@@ -159,8 +163,9 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     M, K = x.shape
     I = weight.shape[0] // 2
     assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape == (2 * I, K)
-    BN, BK, warps, stages = config or GATE_UP_CONFIG
-    BM = _block_m(M)
+    config = config or GATE_UP_CONFIG
+    BN, BK, warps, stages = config[:4]
+    BM = _block_m(M, config)
     out = torch.empty((M, I), dtype=x.dtype, device=x.device)
     _gate_up_silu_kernel[(triton.cdiv(I, BN), triton.cdiv(M, BM))](
         x, weight, bias if bias is not None else weight, out, M, I, K, x.stride(0), weight.stride(0),
@@ -250,11 +255,12 @@ def qkv_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     HQ = num_heads
     assert weight.shape == ((HQ + 2 * HKV) * D, K) and x.stride(1) == 1 and weight.stride(1) == 1
     assert k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
-    pairs, BK, warps, stages = config or QKV_CONFIG
+    config = config or QKV_CONFIG
+    pairs, BK, warps, stages = config[:4]
     half = D // 2
     pairs = half if pairs <= 0 or q_norm is not None else min(max(16, pairs), half)
     assert half % pairs == 0
-    BM = _block_m(M)
+    BM = _block_m(M, config)
     q_out = torch.empty((M, HQ, D), dtype=k_cache.dtype, device=x.device)
     qw, kw, qk_eps = q_norm if q_norm is not None else (weight, weight, 0.0)
     _qkv_rope_store_kernel[((HQ + 2 * HKV) * (half // pairs), triton.cdiv(M, BM))](
