@@ -146,9 +146,9 @@ def test_rows_per_program_setting_changes_nothing_but_the_grid():
     from atlas_fast.rollout.engine.skinny import gate_up_silu, linear
 
     g = _gen(60)
-    x, w, wg = torch.randn(40, 64, generator=g), torch.randn(24, 64, generator=g) / 8, torch.randn(48, 64, generator=g) / 8
-    x, w, wg = x.to(DEVICE), w.to(DEVICE), wg.to(DEVICE)
-    torch.testing.assert_close(linear(x, w, config=(16, 32, 4, 2, 16)), linear(x, w, config=(16, 32, 4, 2)),
-                               atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(gate_up_silu(x, wg, config=(16, 32, 4, 2, 16)), gate_up_silu(x, wg, config=(16, 32, 4, 2)),
-                               atol=1e-6, rtol=1e-6)
+    x = torch.randn(40, 64, generator=g).to(DEVICE)
+    w = (torch.randn(24, 64, generator=g) / 8).to(DEVICE)
+    wg = (torch.randn(48, 64, generator=g) / 8).to(DEVICE)
+    few, all_rows = (16, 32, 4, 2, 16), (16, 32, 4, 2)
+    torch.testing.assert_close(linear(x, w, config=few), linear(x, w, config=all_rows), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gate_up_silu(x, wg, config=few), gate_up_silu(x, wg, config=all_rows), atol=1e-6, rtol=1e-6)
