@@ -5,10 +5,11 @@ cuBLAS kernels ran at 0.5-2.5 TB/s, and the rotary/KV-write and SiLU-mul that fo
 launch of their own. Here one program owns a block of output columns for every row of the batch,
 streams its weight slice once, and finishes the job in registers:
   qkv_rope_store:  x @ Wqkv^T + b, (Qwen3: per-head RMSNorm,) rotary embedding, q out and K/V into
-                   the cache at each row's position; one program per head, the two rotary halves
-                   as two accumulators (so no register shuffles are needed to rotate);
+                   the cache at each row's position; a program per head or per part of one, the two
+                   rotary halves as two accumulators (so no register shuffles are needed to rotate);
   gate_up_silu:    silu(x @ Wg^T) * (x @ Wu^T), gate and up columns as two accumulators;
-  linear:          x @ W^T (+ b), for o_proj and down_proj.
+  linear:          x @ W^T (+ b), for o_proj, and split-K for down_proj (float32 partials that the
+                   next add_rms_norm sums).
 They round where HF's bf16 modules round (the projection's output, the activation, the product), so
 their outputs match the cuBLAS path they replace up to the order of the fp32 accumulation.
 """
@@ -21,14 +22,15 @@ import triton.language as tl
 from . import pdl
 
 
-# Per-kernel launch settings (BLOCK_N, BLOCK_K, num_warps, num_stages[, BLOCK_M]): the fastest on an H200 at
-# batch 64 and the Qwen2.5-0.5B shape (benchmarks/bench_decode_step.py): o_proj 3.5 us against
-# cuBLAS's 4.5, gate/up + SiLU-mul 8.1 against 9.7, q/k/v + rotary + KV write 6.6 against 7.3.
+# Per-kernel launch settings (BLOCK_N, BLOCK_K, num_warps, num_stages[, BLOCK_M]): the fastest on an
+# H200 at batch 64 and the Qwen2.5-0.5B shape (benchmarks/bench_decode_step.py): o_proj 3.6 us
+# against cuBLAS's 4.5, gate/up + SiLU-mul 8.3 against 9.2, q/k/v + rotary + KV write 6.0 against 7.5.
 LINEAR_CONFIG = (16, 128, 4, 4)
 GATE_UP_CONFIG = (64, 128, 4, 4)
 QKV_CONFIG = (16, 128, 4, 4)  # BLOCK_N: rotary pairs per program (0: a whole head)
 MAX_ROWS = 64  # rows per program; more rows take more programs along the second grid axis
-# Above this batch the weights are re-read once per 64 rows and cuBLAS's tiles win.
+# Measured at batch 64 only; each further 64 rows re-read the weights, so bigger batches (prefill-
+# sized) go to cuBLAS.
 MAX_BATCH = 128
 # o_proj through the skinny kernel only when its weight is at most this: on the H200 it beat cuBLAS
 # at 1.6 MB (Qwen2.5-0.5B, 3.5 vs 4.5 us) and lost at 4.7 MB and above.
