@@ -8,7 +8,9 @@ cast of float32 weights), so they are refreshed by `update_weights` (after every
 and whenever a source's autograd version counter moved (in-place updates through autograd-visible
 ops: optimizer steps, load_state_dict; writes through `.data` move none, hence the former). The
 buffers are rewritten in place, so captured CUDA graphs stay valid. Only plain nn.Linear layers are packed:
-a LoRA-wrapped projection is called as its module, so the adapter applies.
+a LoRA-wrapped projection is called as its module, so the adapter applies. o_proj and down_proj are
+not copied: when already in the compute dtype they are handed to the skinny kernels as they are
+(`alias`), since each is one matrix.
 """
 from __future__ import annotations
 
