@@ -42,7 +42,8 @@ import triton.language as tl
 from . import reference
 from ._dispatch import TRITON_DTYPES, next_pow2, use_triton
 from ._validation import check_linear_inputs, check_loss_inputs, loss_config
-from .grpo import LOSS, N_OUT, NORM, ROW, _LossLaunch, _LossTensors, _mask_view, _row_scale, _stats, _surrogate
+from .grpo import LOSS, N_OUT, NORM, ROW, _LossLaunch, _LossTensors, _mask_view, _row_scale, _stats, _token_dloss
+from .logprobs import _online_lse
 from .reference import masked_mean
 
 # Default bytes of logits in flight. 320 MiB holds 1024 tokens x the whole Qwen vocabulary
@@ -86,22 +87,7 @@ def _fold_kernel(tile_ptr, stride, n_cols, col0, index_ptr, m_ptr, s_ptr, sx_ptr
         m = tl.load(m_ptr + row)
         s = tl.load(s_ptr + row)
         sx = tl.load(sx_ptr + row)
-    offs = tl.arange(0, BLOCK_V)
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + offs
-        x = tl.load(base + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # While every logit seen is -inf, m_new is too, and exp(-inf - -inf) would be NaN.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_ref)
-        e = tl.exp(x - m_ref)
-        if WITH_ENTROPY:
-            # Relative to the running max: E[x] can be ~1e4 while the entropy is ~1, and
-            # lse - E[x] in absolute terms would cancel fp32's digits away.
-            shift = tl.where(m == float("-inf"), 0.0, m - m_ref)
-            sx = alpha * (sx + s * shift) + tl.sum(e * tl.where(e > 0, x - m_ref, 0.0), axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        m = m_new
+    m, s, sx = _online_lse(base, n_cols, inv_temp, m, s, sx, BLOCK_V, WITH_ENTROPY)
     tl.store(m_ptr + row, m)
     tl.store(s_ptr + row, s)
     if WITH_ENTROPY:
@@ -144,20 +130,8 @@ def _token_dlogp_kernel(
     b = tok // T
     t = tok % T
     w, seq_lr, seq_kl_term = _row_scale(rows_ptr, out_ptr, g_ptr, b, B, beta, HAS_REF, SEQ, KL_IS, KIND)
-    lp = tl.load(lp_ptr + tok)
-    old = lp
-    if HAS_OLD:
-        old = tl.load(old_ptr + b * s_old + t).to(tl.float32)
-    ref = lp
-    if HAS_REF:
-        ref = tl.load(ref_ptr + b * s_ref + t).to(tl.float32)
-    if SEQ:
-        ratio = tl.exp(seq_lr + 0.0 * lp)
-    else:
-        ratio = tl.exp(lp - old)
-    a = tl.load(adv_ptr + b).to(tl.float32)
-    _, dloss, _ = _surrogate(ratio, lp, ref, a, beta, eps_low, eps_high, delta, HAS_REF, HAS_DELTA, CISPO,
-                             KL_IS, SEQ)
+    dloss = _token_dloss(tl.load(lp_ptr + tok), b, t, old_ptr, ref_ptr, adv_ptr, s_old, s_ref, seq_lr, beta,
+                         eps_low, eps_high, delta, HAS_OLD, HAS_REF, HAS_DELTA, CISPO, SEQ, KL_IS)
     tl.store(dlp_ptr + offs, w * (dloss + seq_kl_term), mask=inb)
 
 

@@ -259,6 +259,28 @@ def _grpo_bwd_kernel(
 
 
 @triton.jit
+def _token_dloss(lp, b, t, old_ptr, ref_ptr, adv_ptr, s_old, s_ref, seq_lr, beta, eps_low, eps_high, delta,
+                 HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_DELTA: tl.constexpr, CISPO: tl.constexpr,
+                 SEQ: tl.constexpr, KL_IS: tl.constexpr):
+    """d(surrogate + KL)/d(logp) of token(s) t of row(s) b with log-prob(s) lp, before the row's
+    weight: the per-token gradient every GRPO backward here starts from (scalars or blocks)."""
+    old = lp
+    if HAS_OLD:
+        old = tl.load(old_ptr + b * s_old + t).to(tl.float32)
+    ref = lp
+    if HAS_REF:
+        ref = tl.load(ref_ptr + b * s_ref + t).to(tl.float32)
+    if SEQ:
+        ratio = tl.exp(seq_lr + 0.0 * lp)
+    else:
+        ratio = tl.exp(lp - old)
+    a = tl.load(adv_ptr + b).to(tl.float32)
+    _, dloss, _ = _surrogate(ratio, lp, ref, a, beta, eps_low, eps_high, delta, HAS_REF, HAS_DELTA, CISPO,
+                             KL_IS, SEQ)
+    return dloss
+
+
+@triton.jit
 def _grpo_logits_bwd_kernel(
     logits_ptr, stride_b, stride_t, dlogits_ptr, dstride_b, dstride_t, V, index_ptr, lse_ptr,
     lp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, rows_ptr, out_ptr, g_ptr,
@@ -276,20 +298,8 @@ def _grpo_logits_bwd_kernel(
     tok = b * T + t
     m = (tl.load(mask_ptr + b * s_mask + t) != 0) & (t_row < T)
     g, seq_lr, seq_kl_term = _row_scale(rows_ptr, out_ptr, g_ptr, b, B, beta, HAS_REF, SEQ, KL_IS, KIND)
-    lp = tl.load(lp_ptr + tok)
-    old = lp
-    if HAS_OLD:
-        old = tl.load(old_ptr + b * s_old + t).to(tl.float32)
-    ref = lp
-    if HAS_REF:
-        ref = tl.load(ref_ptr + b * s_ref + t).to(tl.float32)
-    if SEQ:
-        ratio = tl.exp(seq_lr + 0.0 * lp)
-    else:
-        ratio = tl.exp(lp - old)
-    a = tl.load(adv_ptr + b).to(tl.float32)
-    _, dloss, _ = _surrogate(ratio, lp, ref, a, beta, eps_low, eps_high, delta, HAS_REF, HAS_DELTA, CISPO,
-                             KL_IS, SEQ)
+    dloss = _token_dloss(tl.load(lp_ptr + tok), b, t, old_ptr, ref_ptr, adv_ptr, s_old, s_ref, seq_lr, beta,
+                         eps_low, eps_high, delta, HAS_OLD, HAS_REF, HAS_DELTA, CISPO, SEQ, KL_IS)
     g_tok = tl.where(m, g * (dloss + seq_kl_term), 0.0)
     _dlogits_row(logits_ptr + b * stride_b + t_row * stride_t, dlogits_ptr + b * dstride_b + t_row * dstride_t, V,
                  tl.load(index_ptr + tok), tl.load(lse_ptr + tok), 0.0, g_tok, 0.0, inv_temp, BLOCK_V, False)

@@ -37,6 +37,29 @@ BWD_BLOCK_V, BWD_WARPS = 8192, 8
 
 
 @triton.jit
+def _online_lse(base, n_cols, inv_temp, m, s, sx, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
+    """Fold the logits base[0:n_cols] / T into a running (max m, sum of exp(x - m) s, and with
+    entropy sx = sum of exp(x - m) * (x - m)); returns the new (m, s, sx)."""
+    offs = tl.arange(0, BLOCK_V)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + offs
+        x = tl.load(base + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # Until a finite logit shows up m_new is -inf, and exp(-inf - -inf) would be NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_ref)
+        e = tl.exp(x - m_ref)
+        if WITH_ENTROPY:
+            # sx stays relative to the running max: E[x] itself can be ~1e4 while the entropy is
+            # ~1, and lse - E[x] would then cancel away fp32's digits.
+            shift = tl.where(m == float("-inf"), 0.0, m - m_ref)
+            sx = alpha * (sx + s * shift) + tl.sum(e * tl.where(e > 0, x - m_ref, 0.0), axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
+        m = m_new
+    return m, s, sx
+
+
+@triton.jit
 def _logprobs_fwd_kernel(
     logits_ptr, stride_b, stride_t, T, V,
     index_ptr, row_mask_ptr,
@@ -54,25 +77,10 @@ def _logprobs_fwd_kernel(
                 tl.store(ent_ptr + row, 0.0)
             return
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
-    offs = tl.arange(0, BLOCK_V)
     m = tl.full([], float("-inf"), tl.float32)
     s = tl.full([], 0.0, tl.float32)
     sx = tl.full([], 0.0, tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # Until a finite logit shows up m_new is -inf, and exp(-inf - -inf) would be NaN.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_ref)
-        e = tl.exp(x - m_ref)
-        if WITH_ENTROPY:
-            # sx = sum e * (x - max), kept relative to the running max: E[x] itself can be ~1e4
-            # while the entropy is ~1, and lse - E[x] would then cancel away fp32's digits.
-            shift = tl.where(m == float("-inf"), 0.0, m - m_ref)
-            sx = alpha * (sx + s * shift) + tl.sum(e * tl.where(e > 0, x - m_ref, 0.0), axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        m = m_new
+    m, s, sx = _online_lse(base, V, inv_temp, m, s, sx, BLOCK_V, WITH_ENTROPY)
     lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
     idx = tl.load(index_ptr + row)
     x_idx = tl.load(base + idx).to(tl.float32) * inv_temp
