@@ -162,24 +162,25 @@ def sft_batches(tok, pairs, batch_size, steps, forget, rng):
         yield ids, lab
 
 
-def supervised_warmup(model, tok, pairs, steps, lr, batch_size, forget, rng):
+def supervised_warmup(model, batches, steps: int, lr: float, *, log_every: int = 100, name: str = "sft") -> None:
+    """Next-token training on `steps` (ids, labels) batches: AdamW, 20 warm-up steps, then a linear
+    decay to zero (it lets the model settle on the label frequencies; a noisy late learning rate
+    would leave the greedy answer on carry problems to chance). Shared by both demos' builders."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    # Decaying to zero lets the model settle on the teacher's answer frequencies; a noisy
-    # late learning rate would leave the greedy answer on carry problems to chance.
     warm = 20
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / (steps - warm)))
     )
-    for step, (ids, lab) in enumerate(sft_batches(tok, pairs, batch_size, steps, forget, rng)):
+    for step, (ids, lab) in enumerate(batches):
         # Right padding only ever follows the labelled tokens, so no attention mask is needed.
         loss = model(input_ids=ids, labels=lab).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        if (step + 1) % 100 == 0:
-            print(f"  sft step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+        if (step + 1) % log_every == 0:
+            print(f"  {name} step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
     model.eval()
 
 
@@ -246,7 +247,8 @@ def main(argv=None) -> None:
     model = build_model(tok)
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, vocab {len(tok)}")
 
-    supervised_warmup(model, tok, splits["sft"], args.sft_steps, args.sft_lr, args.sft_batch, args.forget, rng)
+    batches = sft_batches(tok, splits["sft"], args.sft_batch, args.sft_steps, args.forget, rng)
+    supervised_warmup(model, batches, args.sft_steps, args.sft_lr)
     metrics = evaluate(model, tok, rows["eval"])
     print(f"held-out greedy accuracy {metrics['accuracy']:.3f}, tag format {metrics['format']:.3f}")
     # The demo only shows RL working if the warm-up leaves both headroom and reachable answers.

@@ -43,7 +43,8 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from atlas_fast.demo import ASSETS
-from atlas_fast.demo.build import build_tokenizer, extract_answer, format_completion, format_prompt
+from atlas_fast.demo.build import (build_tokenizer, extract_answer, format_completion, format_prompt,
+                                   supervised_warmup)
 
 SEED = 4321
 OUT = ASSETS / "teacher"
@@ -151,23 +152,6 @@ def build_model(tok, hidden: int, layers: int, seed: int = SEED) -> LlamaForCaus
     return LlamaForCausalLM(config)
 
 
-def supervised_warmup(model, tok, pairs, make, steps, lr, batch_size, rng, name):
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warm = 20
-    # Decaying to zero lets the model settle on the label frequencies instead of the last batches'.
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / (steps - warm))))
-    for step, (ids, lab) in enumerate(batches(tok, pairs, make, batch_size, steps, rng)):
-        loss = model(input_ids=ids, labels=lab).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if (step + 1) % 250 == 0:
-            print(f"  {name} sft step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
-    model.eval()
-
-
 @torch.no_grad()
 def greedy(model, tok, prompts: list[str], max_new_tokens: int = 12) -> list[str]:
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -254,8 +238,10 @@ def main(argv=None) -> None:
     teacher = build_model(tok, *args.teacher_size, seed=SEED + 1)
     print(f"student {sum(p.numel() for p in student.parameters()):,} parameters, "
           f"teacher {sum(p.numel() for p in teacher.parameters()):,}", flush=True)
-    supervised_warmup(student, tok, sft, student_example, args.student_steps, args.lr, args.batch, rng, "student")
-    supervised_warmup(teacher, tok, sft, teacher_example, args.teacher_steps, args.lr, args.batch, rng, "teacher")
+    supervised_warmup(student, batches(tok, sft, student_example, args.batch, args.student_steps, rng),
+                      args.student_steps, args.lr, log_every=250, name="student sft")
+    supervised_warmup(teacher, batches(tok, sft, teacher_example, args.batch, args.teacher_steps, rng),
+                      args.teacher_steps, args.lr, log_every=250, name="teacher sft")
 
     metrics = check_models(student, teacher, tok, evaluation)
     print(json.dumps({k: round(v, 3) for k, v in metrics.items()}, indent=1))
