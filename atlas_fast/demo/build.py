@@ -134,12 +134,10 @@ def sloppy_sum(a: int, b: int, forget: float, rng: random.Random) -> int:
     return tens * 10 + units % 10
 
 
-def sft_batches(tok, pairs, batch_size, steps, forget, rng):
-    """Yield (input_ids, labels) with the loss restricted to completion tokens.
-
-    Labels come from the sloppy teacher, re-drawn every time a pair is visited, so the model
-    learns the teacher's answer distribution rather than memorising which pairs it got wrong.
-    """
+def sft_batches(tok, pairs, make, batch_size, steps, rng):
+    """Yield `steps` batches of (input_ids, labels), the loss on completion tokens (+ EOS) only.
+    `make(a, b, rng)` -> (prompt, completion) is called on every visit of a pair, so sampled labels
+    are re-drawn each time and the model learns their distribution rather than memorising them."""
     order: list[tuple[int, int]] = []
     for _ in range(steps):
         if len(order) < batch_size:
@@ -148,9 +146,9 @@ def sft_batches(tok, pairs, batch_size, steps, forget, rng):
         batch, order = order[:batch_size], order[batch_size:]
         seqs, labels = [], []
         for a, b in batch:
-            p = tok.encode(format_prompt(a, b), add_special_tokens=False)
-            answer = str(sloppy_sum(a, b, forget, rng))
-            c = tok.encode(format_completion(answer), add_special_tokens=False) + [tok.eos_token_id]
+            prompt, completion = make(a, b, rng)
+            p = tok.encode(prompt, add_special_tokens=False)
+            c = tok.encode(completion, add_special_tokens=False) + [tok.eos_token_id]
             seqs.append(p + c)
             labels.append([-100] * len(p) + c)
         width = max(map(len, seqs))
@@ -160,6 +158,13 @@ def sft_batches(tok, pairs, batch_size, steps, forget, rng):
             ids[i, : len(s)] = torch.tensor(s)
             lab[i, : len(l)] = torch.tensor(l)
         yield ids, lab
+
+
+def sloppy_example(forget: float):
+    """Examples labelled by the sloppy teacher (sloppy_sum): what the demo policy is warmed up on."""
+    def make(a: int, b: int, rng: random.Random) -> tuple[str, str]:
+        return format_prompt(a, b), format_completion(str(sloppy_sum(a, b, forget, rng)))
+    return make
 
 
 def supervised_warmup(model, batches, steps: int, lr: float, *, log_every: int = 100, name: str = "sft") -> None:
@@ -247,7 +252,7 @@ def main(argv=None) -> None:
     model = build_model(tok)
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, vocab {len(tok)}")
 
-    batches = sft_batches(tok, splits["sft"], args.sft_batch, args.sft_steps, args.forget, rng)
+    batches = sft_batches(tok, splits["sft"], sloppy_example(args.forget), args.sft_batch, args.sft_steps, rng)
     supervised_warmup(model, batches, args.sft_steps, args.sft_lr)
     metrics = evaluate(model, tok, rows["eval"])
     print(f"held-out greedy accuracy {metrics['accuracy']:.3f}, tag format {metrics['format']:.3f}")

@@ -43,7 +43,7 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from atlas_fast.demo import ASSETS
-from atlas_fast.demo.build import (build_tokenizer, extract_answer, format_completion, format_prompt,
+from atlas_fast.demo.build import (build_tokenizer, extract_answer, format_completion, format_prompt, sft_batches,
                                    supervised_warmup)
 
 SEED = 4321
@@ -115,30 +115,6 @@ def teacher_example(a: int, b: int, rng: random.Random) -> tuple[str, str]:
     if rng.random() < RATING_RATE:  # rate the probe: 5 when the guess is right, 1 when not
         return rating_prompt(format_prompt(a, b), probe), "5" if probe == str(a + b) else "1"
     return teacher_prompt(format_prompt(a, b), probe, rng.choice(TIER_TAGS)), warm_teacher_guidance(a, b, rng)
-
-
-def batches(tok, pairs, make, batch_size, steps, rng):
-    """(input_ids, labels) with the loss on completion tokens (+ EOS) only; examples re-drawn each visit."""
-    order: list[tuple[int, int]] = []
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order = pairs[:]
-            rng.shuffle(order)
-        batch, order = order[:batch_size], order[batch_size:]
-        seqs, labels = [], []
-        for a, b in batch:
-            prompt, completion = make(a, b, rng)
-            p = tok.encode(prompt, add_special_tokens=False)
-            c = tok.encode(completion, add_special_tokens=False) + [tok.eos_token_id]
-            seqs.append(p + c)
-            labels.append([-100] * len(p) + c)
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), tok.pad_token_id)
-        lab = torch.full((len(seqs), width), -100)
-        for i, (s, l) in enumerate(zip(seqs, labels)):
-            ids[i, : len(s)] = torch.tensor(s)
-            lab[i, : len(l)] = torch.tensor(l)
-        yield ids, lab
 
 
 def build_model(tok, hidden: int, layers: int, seed: int = SEED) -> LlamaForCausalLM:
@@ -238,9 +214,9 @@ def main(argv=None) -> None:
     teacher = build_model(tok, *args.teacher_size, seed=SEED + 1)
     print(f"student {sum(p.numel() for p in student.parameters()):,} parameters, "
           f"teacher {sum(p.numel() for p in teacher.parameters()):,}", flush=True)
-    supervised_warmup(student, batches(tok, sft, student_example, args.batch, args.student_steps, rng),
+    supervised_warmup(student, sft_batches(tok, sft, student_example, args.batch, args.student_steps, rng),
                       args.student_steps, args.lr, log_every=250, name="student sft")
-    supervised_warmup(teacher, batches(tok, sft, teacher_example, args.batch, args.teacher_steps, rng),
+    supervised_warmup(teacher, sft_batches(tok, sft, teacher_example, args.batch, args.teacher_steps, rng),
                       args.teacher_steps, args.lr, log_every=250, name="teacher sft")
 
     metrics = check_models(student, teacher, tok, evaluation)
