@@ -16,16 +16,10 @@ import torch
 from atlas_fast.rollout import FINISH_LENGTH, FINISH_STOP, SamplingParams, build_backend
 from atlas_fast.rollout.engine import EngineBackend
 from atlas_fast.rollout.engine.sampling import process
-from tiny import char_tokenizer
 
 from .engine_models import ARCHS, one_thread, tiny_decoder  # noqa: F401 (one_thread: an autouse fixture)
 
 TEXTS = ["12+3=", "4*5=ab cd", "9", "7-2=x<y>?", "ab"]  # ragged: 1 to 9 tokens
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
 
 
 @pytest.fixture(scope="module")

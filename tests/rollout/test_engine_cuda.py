@@ -5,28 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atlas_fast.rollout import FINISH_STOP, SamplingParams, build_backend
+from atlas_fast.rollout import FINISH_STOP, SamplingParams
 from atlas_fast.rollout.engine import EngineBackend
-from tiny import char_tokenizer
 
 from .engine_models import ARCHS, tiny_decoder
-from .test_engine import TEXTS, as_hf_returns, first_occurrence_stops, repeat
+from .test_engine import as_hf_returns, first_occurrence_stops, hf_greedy, prompts, repeat  # noqa: F401 (prompts: a fixture)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def prompts(tok):
-    return [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
-
-
-def hf_greedy(model, tok, prompts, **sampling):
-    return build_backend("hf", model, tok).generate(prompts, SamplingParams(temperature=0.0, **sampling))
 
 
 @pytest.mark.parametrize("attention", ["triton", "sdpa"])

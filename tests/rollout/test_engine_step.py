@@ -15,7 +15,6 @@ import torch
 
 from atlas_fast.rollout import FINISH_LENGTH, FINISH_STOP, SamplingParams
 from atlas_fast.rollout.engine import EngineBackend
-from tiny import char_tokenizer
 
 from .engine_models import one_thread, tiny_decoder  # noqa: F401 (one_thread: an autouse fixture)
 
@@ -118,11 +117,6 @@ def test_fused_record_keeps_position_at_the_first_step_and_checks_its_inputs():
         gumbel_sample_into(logits, 1.0, 5, t=4, finished=finished, rows=rows, out_tokens=out_tokens,
                            out_logps=out_logps, stop_mask=stop_mask, tokens=tokens, positions=positions,
                            advance=1, pad_id=0)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
 
 
 def test_generate_is_the_same_with_and_without_fused_bookkeeping(tok, monkeypatch):

@@ -105,11 +105,6 @@ def scripted():
     server.close()
 
 
-@pytest.fixture
-def tok():
-    return char_tokenizer()
-
-
 def client(url, tok, **kw):
     return build_backend("vllm_server", tiny_model(tok), tok, base_url=url, **{"timeout": 5, "backoff": 0.05, **kw})
 
