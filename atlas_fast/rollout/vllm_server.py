@@ -261,15 +261,20 @@ class VLLMServerBackend:
             return "nccl"
         return "file"
 
-    def _rpc(self, method: str, **kwargs: str) -> Any:
-        status, text = self._request("POST", "/collective_rpc", {"method": method, "kwargs": kwargs},
-                                     retries=0, raw_status=True)
+    def _dev_post(self, path: str, body: Any, what: str, **kwargs: Any) -> str:
+        """POST to one of vLLM's development endpoints -> the response text; a 404 means the server
+        runs without them, any other failure names `what` and the server's message."""
+        status, text = self._request("POST", path, body, raw_status=True, **kwargs)
         if status == 404:
-            raise VLLMServerError(f"vLLM server at {self.base_url} has no /collective_rpc: start it with "
+            raise VLLMServerError(f"vLLM server at {self.base_url} has no {path}: start it with "
                                   "VLLM_SERVER_DEV_MODE=1 (atlas-fast vllm-serve does)")
         if status != 200:
-            raise VLLMServerError(f"{method} on the vLLM server at {self.base_url} failed (HTTP {status}): "
+            raise VLLMServerError(f"{what} on the vLLM server at {self.base_url} failed (HTTP {status}): "
                                   f"{server_message(text)}")
+        return text
+
+    def _rpc(self, method: str, **kwargs: str) -> Any:
+        text = self._dev_post("/collective_rpc", {"method": method, "kwargs": kwargs}, method, retries=0)
         return json.loads(text) if text else None
 
     def _push_file(self, model: torch.nn.Module) -> None:
@@ -361,13 +366,7 @@ class VLLMServerBackend:
         """Drop cached KV blocks computed with old weights. vLLM refuses while requests still hold
         blocks, so a refusal is retried briefly."""
         for attempt in range(attempts):
-            status, text = self._request("POST", "/reset_prefix_cache", {}, raw_status=True)
-            if status == 404:
-                raise VLLMServerError(f"vLLM server at {self.base_url} has no /reset_prefix_cache: start it "
-                                      "with VLLM_SERVER_DEV_MODE=1 (atlas-fast vllm-serve does)")
-            if status != 200:
-                raise VLLMServerError(f"reset_prefix_cache on {self.base_url} failed (HTTP {status}): "
-                                      f"{server_message(text)}")
+            text = self._dev_post("/reset_prefix_cache", {}, "reset_prefix_cache")
             if not text or json.loads(text).get("success", True):
                 return
             time.sleep(0.2 * 2 ** attempt)
