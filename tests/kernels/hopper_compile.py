@@ -112,12 +112,21 @@ def recording():
 
 def library_launches() -> None:
     """atlas_kernels' public ops, forward and backward, the option combinations that change code."""
-    import atlas_kernels as ak
-    from atlas_kernels import fused_linear_grpo_loss, fused_linear_logprobs
+    import atlas_kernels  # noqa: F401
 
     # Imported (and so @triton.jit-decorated) without the interpreter; set now, it only makes
     # _dispatch send CPU tensors to the Triton launchers, which the recorder intercepts.
     os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        _library_calls()
+    finally:
+        os.environ.pop("TRITON_INTERPRET", None)
+
+
+def _library_calls() -> None:
+    import atlas_kernels as ak
+    from atlas_kernels import fused_linear_grpo_loss, fused_linear_logprobs
+
     g = torch.Generator().manual_seed(0)
     B, T, V, H = 2, 5, 1000, 64
     for dtype in (torch.bfloat16, torch.float32):
@@ -161,7 +170,6 @@ def library_launches() -> None:
     a, b = torch.randn(B, T, generator=g).requires_grad_(), torch.randn(B, T, generator=g).requires_grad_()
     with contextlib.suppress(Exception):
         ak.kl_k3(a, b).sum().backward()
-    os.environ.pop("TRITON_INTERPRET", None)
 
 
 def engine_launches() -> None:
