@@ -15,11 +15,11 @@ Floor: the KV bytes the calls must read (keys and values 0..pos of every row) / 
 After timing, the outputs of the first and last layer's calls of the last replay are checked
 against a float64 reference (so a stale ticket counter between replays shows as an error).
 
-    python benchmarks/bench_decode_attention.py [--quick] [--shapes 0.5b,1.5b] [--out FILE]
+    python benchmarks/bench_decode_attention.py [--quick] [--shapes 0.5b,1.5b,0.5b-1k] [--out FILE]
     python benchmarks/bench_decode_attention.py --list          # print the settings, run nothing
     python benchmarks/bench_decode_attention.py --device cpu    # smoke run through the Triton interpreter
 
-At most 20 settings per shape (40 in all; compilation included, well under a minute on an H200).
+At most 24 settings per shape (compilation included, about a minute per shape on an H200).
 The table is printed and, on CUDA, written between this script's markers in benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -62,6 +62,7 @@ class AttnShape:
 SHAPES = {
     "0.5b": AttnShape("Qwen2.5-0.5B-like", 14, 2, 64, 768),
     "1.5b": AttnShape("Qwen2.5-1.5B-like", 12, 2, 128, 1280),
+    "0.5b-1k": AttnShape("Qwen2.5-0.5B-like, 1024 new", 14, 2, 64, 1280),
 }
 CPU_SHAPE = AttnShape("tiny (CPU smoke)", 6, 2, 16, 100, layers=2, batch=3, first_pos=1)  # 1-4 splits
 
@@ -76,15 +77,15 @@ class Setting:
 
 
 def settings(quick: bool = False) -> list[Setting]:
-    """The sweep: per variant, the current defaults (64 keys, 4 warps, 3 stages, 4 programs/SM)
-    with the grid target at 2/4/8 programs per SM, smaller and larger key blocks with matching warp
-    counts, fewer warps, and no software pipelining. 10 per variant."""
-    per_variant = [(64, 4, 3, 4), (64, 4, 3, 2), (64, 4, 3, 8),
-                   (32, 2, 3, 4), (32, 2, 3, 8),
-                   (128, 4, 3, 2), (128, 4, 3, 4), (128, 8, 3, 4),
-                   (64, 2, 3, 4), (64, 4, 1, 4)]
+    """The sweep: per variant, the defaults (64 keys, 4 warps, 3 stages, 2 programs/SM) with the
+    grid target at 1/2/4 programs per SM; whole 256-key splits in one or two loads (fewer round
+    trips to memory per program); smaller and larger key blocks with matching warp counts; fewer
+    warps; deeper pipelining. 12 per variant."""
+    per_variant = [(64, 4, 3, 2), (64, 4, 3, 1), (64, 4, 3, 4),
+                   (256, 4, 1, 2), (256, 8, 1, 2), (128, 4, 2, 2), (128, 4, 3, 1),
+                   (32, 2, 3, 4), (64, 2, 3, 2), (64, 2, 3, 4), (64, 4, 4, 2), (32, 4, 4, 2)]
     if quick:
-        per_variant = [(64, 4, 3, 4), (64, 4, 3, 2), (32, 2, 3, 8)]
+        per_variant = [(64, 4, 3, 2), (64, 4, 3, 4), (32, 2, 3, 4)]
     return [Setting(v, *knobs) for v in ("two_kernel", "one_launch") for knobs in per_variant]
 
 
