@@ -205,8 +205,8 @@ def engine_launches() -> None:
         decode_kernel.decode_attention_triton(qh, kc, vc, positions, 0.125, None, variant=variant, tickets=tickets)
         decode_kernel.decode_attention_triton(qh, kc, vc, positions, 0.125, 64, variant=variant, tickets=tickets)
     logits = torch.randn(M, V).to(bf)
-    sample_kernel.gumbel_sample(logits, 0.9, 7)
-    sample_kernel.gumbel_sample_into(
+    sample_kernel.sample_tokens(logits, 0.9, 7)
+    sample_kernel.sample_tokens_into(
         logits, 1.0, 7, t=3, finished=torch.zeros(M, dtype=torch.bool), rows=torch.arange(M),
         out_tokens=torch.zeros(M + 1, 8, dtype=torch.long), out_logps=torch.zeros(M + 1, 8),
         stop_mask=torch.zeros(V, dtype=torch.bool), tokens=torch.zeros(M, dtype=torch.long),

@@ -1,7 +1,7 @@
 """The decode step's fused bookkeeping: the one-pass sampler's last kernel also records each draw
 (output row, log-prob, finished flag) and feeds it to the next step (input token, position).
 
-It must leave exactly the state the unfused sequence leaves (gumbel_sample, then the engine's
+It must leave exactly the state the unfused sequence leaves (sample_tokens, then the engine's
 PyTorch bookkeeping) for the same seed: padding slots writing the dummy row, slots finished
 before the step, with and without a stop mask and log-probs. End to end, generate() must return
 the same completions either way. Triton runs through the interpreter on CPU.
@@ -26,10 +26,10 @@ DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
 
 def unfused_step(logits, temperature, seed, t, finished, rows, out_tokens, out_logps, stop_mask, positions, advance,
                  pad_id):
-    """The reference: gumbel_sample, then the engine's PyTorch bookkeeping -> the next tokens."""
-    from atlas_fast.rollout.engine.sample_kernel import gumbel_sample
+    """The reference: sample_tokens, then the engine's PyTorch bookkeeping -> the next tokens."""
+    from atlas_fast.rollout.engine.sample_kernel import sample_tokens
 
-    tokens, logps = gumbel_sample(logits, temperature, seed)
+    tokens, logps = sample_tokens(logits, temperature, seed)
     tokens = torch.where(finished, pad_id, tokens)
     out_tokens[rows, t] = tokens
     if out_logps is not None:
@@ -78,7 +78,7 @@ def test_fused_record_matches_sample_then_pytorch_bookkeeping(monkeypatch, dtype
     ref_tokens = unfused_step(logits, temperature, 77, t, ref["finished"], rows, ref["out_tokens"], ref["out_logps"],
                               stop_mask, ref["positions"], 1, pad_id)
     tokens = torch.full((B,), -1, dtype=torch.long, device=DEVICE)
-    sample_kernel.gumbel_sample_into(logits, temperature, 77, t=t, finished=finished, rows=rows,
+    sample_kernel.sample_tokens_into(logits, temperature, 77, t=t, finished=finished, rows=rows,
                                      out_tokens=out_tokens, out_logps=out_logps, stop_mask=stop_mask, tokens=tokens,
                                      positions=positions, advance=1, pad_id=pad_id)
     assert torch.equal(tokens, ref_tokens)
@@ -100,21 +100,21 @@ def test_fused_record_matches_sample_then_pytorch_bookkeeping(monkeypatch, dtype
 
 
 def test_fused_record_keeps_position_at_the_first_step_and_checks_its_inputs():
-    from atlas_fast.rollout.engine.sample_kernel import gumbel_sample_into
+    from atlas_fast.rollout.engine.sample_kernel import sample_tokens_into
 
     logits, finished, rows, positions, out_tokens, out_logps, stop_mask = step_inputs(6, 5, 33, 4, torch.float32, 1)
     before = positions.clone()
     tokens = torch.zeros(6, dtype=torch.long, device=DEVICE)
-    gumbel_sample_into(logits, 1.0, 5, t=0, finished=finished, rows=rows, out_tokens=out_tokens, out_logps=out_logps,
+    sample_tokens_into(logits, 1.0, 5, t=0, finished=finished, rows=rows, out_tokens=out_tokens, out_logps=out_logps,
                        stop_mask=stop_mask, tokens=tokens, positions=positions, advance=0, pad_id=0)
     assert torch.equal(positions, before)  # token 0 sits right after its prompt
     assert torch.equal(out_tokens[rows[:5], 0], tokens[:5])
     with pytest.raises(ValueError, match="positions"):
-        gumbel_sample_into(logits, 1.0, 5, t=0, finished=finished, rows=rows, out_tokens=out_tokens,
+        sample_tokens_into(logits, 1.0, 5, t=0, finished=finished, rows=rows, out_tokens=out_tokens,
                            out_logps=out_logps, stop_mask=stop_mask, tokens=tokens, positions=positions.int(),
                            advance=0, pad_id=0)
     with pytest.raises(ValueError, match="step 4 outside"):
-        gumbel_sample_into(logits, 1.0, 5, t=4, finished=finished, rows=rows, out_tokens=out_tokens,
+        sample_tokens_into(logits, 1.0, 5, t=4, finished=finished, rows=rows, out_tokens=out_tokens,
                            out_logps=out_logps, stop_mask=stop_mask, tokens=tokens, positions=positions,
                            advance=1, pad_id=0)
 
@@ -128,13 +128,13 @@ def test_generate_is_the_same_with_and_without_fused_bookkeeping(tok, monkeypatc
     prompts = [tok(text, add_special_tokens=False)["input_ids"] for text in ["12+3=", "4*5=ab cd", "9", "ab"]]
     stops = [tok.convert_tokens_to_ids(c) for c in "0123456789"]
     calls = []
-    real = sample_kernel.gumbel_sample_into
+    real = sample_kernel.sample_tokens_into
 
     def counted(*args, **kwargs):
         calls.append(kwargs["t"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sample_kernel, "gumbel_sample_into", counted)
+    monkeypatch.setattr(sample_kernel, "sample_tokens_into", counted)
 
     def generate(fused_bookkeeping, **params):
         engine = EngineBackend(model, tok, fused_sampler=True, fused_bookkeeping=fused_bookkeeping, check_every=1)

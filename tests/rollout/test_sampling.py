@@ -157,50 +157,122 @@ def test_seeded_draws_repeat_and_differ_across_seeds():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                    reason="needs CUDA or the Triton interpreter")
-@pytest.mark.parametrize("temperature", [0.7])
-def test_one_pass_triton_sampler_follows_softmax_over_temperature(temperature):
-    from atlas_fast.rollout.engine.sample_kernel import gumbel_sample
+NEEDS_TRITON = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                  reason="needs CUDA or the Triton interpreter")
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
-    device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
-    params = SamplingParams(max_tokens=1, temperature=temperature)
-    # One program per draw: 20,000 draws on a GPU, 1,200 through the interpreter (~15 ms each).
-    rows, steps = (4000, 5) if device == "cuda" else (400, 3)
-    logits = torch.tensor(LOGITS).expand(rows, -1).contiguous().to(device)
-    counts = torch.zeros(len(LOGITS), dtype=torch.long)
+
+def softmax64(logits: torch.Tensor, temperature: float) -> list[float]:
+    """softmax(logits / T) of one row, in float64 from the (possibly bf16-rounded) values given."""
+    return (logits.double() / temperature).softmax(-1).tolist()
+
+
+def small_blocks(monkeypatch, chunks: int):
+    """Blocks of 16 tokens (a vocabulary of 50 is 3 full blocks and one of 2) over `chunks` chunks."""
+    from atlas_fast.rollout.engine import sample_kernel
+
+    monkeypatch.setattr(sample_kernel, "BLOCK_V", 16)
+    monkeypatch.setattr(sample_kernel, "PROGRAMS_PER_SM", 1 if chunks == 1 else 10_000)
+    return sample_kernel
+
+
+# fp32 at V = 11 (one block); bf16 at V = 50 over four blocks of 16 (the last one of 2 tokens), with
+# a banned token, at a temperature above 1. One chunk per row: splitting changes no draw (below), and
+# each program costs ~3-8 ms in the interpreter. Draws through the interpreter: 1,200 and 600 (the
+# wrong temperature's p-value is then ~2e-8 at V = 50).
+SAMPLER_CASES = {"fp32-one-block": (0.7, torch.float32, False, (400, 3)),
+                 "bf16-four-blocks": (1.3, torch.bfloat16, True, (300, 2))}
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("case", list(SAMPLER_CASES))
+def test_inverse_cdf_sampler_follows_softmax_over_temperature(case, monkeypatch):
+    from atlas_fast.rollout.engine import sample_kernel
+
+    temperature, dtype, blocks, cpu_draws = SAMPLER_CASES[case]
+    if not blocks:
+        row = torch.tensor(LOGITS)
+    else:
+        small_blocks(monkeypatch, chunks=1)
+        row = 1.5 * torch.randn(50, generator=torch.Generator().manual_seed(7))
+        row[20] = float("-inf")
+    row = row.to(dtype)
+    V = row.shape[0]
+    # One row per draw: 20,000 draws on a GPU, rows x steps of cpu_draws through the interpreter.
+    rows, steps = (4000, 5) if TRITON_DEVICE == "cuda" else cpu_draws
+    logits = row.expand(rows, -1).contiguous().to(TRITON_DEVICE)
+    counts = torch.zeros(V, dtype=torch.long)
     for step in range(steps):  # a fresh seed each step, as the engine does
-        tokens, logps = gumbel_sample(logits, temperature, seed=1234 + step)
-        counts += torch.bincount(tokens.cpu(), minlength=len(LOGITS))
-    want = expected(params)
+        tokens, logps = sample_kernel.sample_tokens(logits, temperature, seed=1234 + step)
+        counts += torch.bincount(tokens.cpu(), minlength=V)
+        log_want = (row.double() / temperature).log_softmax(-1)
+        assert torch.allclose(logps.cpu().double(), log_want[tokens.cpu()], atol=1e-5)
+        assert (logps <= 0).all()
+    want = softmax64(row, temperature)
+    assert all(c == 0 for c, p in zip(counts.tolist(), want) if p == 0)  # the -inf token is never drawn
     assert chi_square_p(counts, want) > 1e-3
-    wrong = temperature * (1.15 if device == "cuda" else 1.6)
-    assert chi_square_p(counts, expected(SamplingParams(max_tokens=1, temperature=wrong))) < 1e-6
-    log_want = torch.tensor(want, dtype=torch.float64).log()
-    assert torch.allclose(logps.cpu().double(), log_want[tokens.cpu()], atol=1e-5)
-    first, _ = gumbel_sample(logits[:50], temperature, seed=99)
-    again, _ = gumbel_sample(logits[:50], temperature, seed=99)
-    other, _ = gumbel_sample(logits[:50], temperature, seed=100)
+    wrong = temperature * (1.15 if TRITON_DEVICE == "cuda" else 1.6)
+    assert chi_square_p(counts, softmax64(row, wrong)) < 1e-6  # the test has power
+    first, _ = sample_kernel.sample_tokens(logits[:50], temperature, seed=99)
+    again, _ = sample_kernel.sample_tokens(logits[:50], temperature, seed=99)
+    other, _ = sample_kernel.sample_tokens(logits[:50], temperature, seed=100)
     assert torch.equal(again, first) and not torch.equal(first, other)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                    reason="needs CUDA or the Triton interpreter")
-def test_one_pass_sampler_splits_the_vocabulary_without_changing_draws(monkeypatch):
-    from atlas_fast.rollout.engine import sample_kernel
-
-    device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+@NEEDS_TRITON
+def test_sampler_splits_the_vocabulary_without_changing_draws(monkeypatch):
+    sample_kernel = small_blocks(monkeypatch, chunks=1)
     g = torch.Generator().manual_seed(4)
-    logits = (3 * torch.randn(20, 50, generator=g)).to(device)
+    logits = (3 * torch.randn(20, 50, generator=g)).to(TRITON_DEVICE)
     logits[:, 7] = float("-inf")  # a banned token must never be drawn
-    monkeypatch.setattr(sample_kernel, "BLOCK_V", 16)
-    monkeypatch.setattr(sample_kernel, "PROGRAMS_PER_SM", 1)
-    one, lp_one = sample_kernel.gumbel_sample(logits, 0.9, seed=11)  # one chunk per row
-    monkeypatch.setattr(sample_kernel, "PROGRAMS_PER_SM", 10_000)
-    assert sample_kernel._chunks(20, 50, torch.device(device))[0] == 4
-    four, lp_four = sample_kernel.gumbel_sample(logits, 0.9, seed=11)  # four chunks of 16
-    assert torch.equal(one, four)  # the random stream is keyed by (row, token), not by chunk
+    one, lp_one = sample_kernel.sample_tokens(logits, 0.9, seed=11)  # one chunk per row
+    small_blocks(monkeypatch, chunks=4)
+    assert sample_kernel._chunks(20, 50, torch.device(TRITON_DEVICE))[0] == 4
+    four, lp_four = sample_kernel.sample_tokens(logits, 0.9, seed=11)  # four chunks of 16
+    assert torch.equal(one, four)  # the random stream is keyed by (seed, row), not by chunk
+    assert torch.equal(lp_one, lp_four)  # and the per-block stats do not depend on the split
     want = (logits.double() / 0.9).log_softmax(-1).gather(1, four[:, None]).squeeze(1)
     torch.testing.assert_close(lp_four.double(), want, atol=1e-5, rtol=0)
-    torch.testing.assert_close(lp_one, lp_four, atol=1e-6, rtol=0)
     assert not (four == 7).any()
+
+
+@NEEDS_TRITON
+def test_sampler_skips_blocks_that_are_entirely_minus_inf(monkeypatch):
+    """Blocks 1 (tokens 16-31) and 3 (48-49, the last) are all -inf; with four chunks one program sees
+    nothing finite. Their stats must be (-inf, 0), not NaN, and no draw may land in them, even when
+    the uniform rounds the target up to the total (the pick then takes the last block with weight)."""
+    sample_kernel = small_blocks(monkeypatch, chunks=4)
+    row = 2 * torch.randn(50, generator=torch.Generator().manual_seed(5))
+    row[16:32] = float("-inf")
+    row[48:] = float("-inf")
+    logits = row.expand(200, -1).contiguous().to(TRITON_DEVICE)
+    run_max, run_sum, _, meta = sample_kernel._block_stats(logits, 0.8, "test")
+    assert run_max.shape == (200, 4) and meta["BLOCK"] == 16
+    assert (run_max[:, [1, 3]] == float("-inf")).all() and (run_sum[:, [1, 3]] == 0).all()
+    assert torch.isfinite(run_max[:, [0, 2]]).all() and (run_sum[:, [0, 2]] >= 1).all()
+    tokens, logps = sample_kernel.sample_tokens(logits, 0.8, seed=3)
+    allowed = torch.isfinite(row).to(TRITON_DEVICE)
+    assert allowed[tokens].all()
+    assert set(tokens.cpu().tolist()) & set(range(32, 48))  # the block after the empty one is reached
+    want = (row.double() / 0.8).log_softmax(-1)[tokens.cpu()]
+    torch.testing.assert_close(logps.cpu().double(), want, atol=1e-5, rtol=0)
+    assert chi_square_p(torch.bincount(tokens.cpu(), minlength=50), softmax64(row, 0.8)) > 1e-3
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_single_finite_logit_is_always_drawn_at_log_prob_zero(monkeypatch, dtype):
+    """Each row has one finite logit (first token, ends of blocks, the last token; large and small
+    values): it is drawn every time, at log-prob exactly 0. A row with nothing finite draws token 0
+    at log-prob -inf, never NaN."""
+    sample_kernel = small_blocks(monkeypatch, chunks=4)
+    where = [0, 15, 16, 33, 47, 49, 31]
+    values = [-1e4, 3.0, 0.0, 50.0, -2.5, 1e3, -60.0]
+    logits = torch.full((len(where) + 1, 50), float("-inf"))
+    logits[torch.arange(len(where)), where] = torch.tensor(values)
+    logits = logits.to(dtype).to(TRITON_DEVICE)
+    for seed in (1, 2, 3):
+        tokens, logps = sample_kernel.sample_tokens(logits, 0.6, seed=seed)
+        assert tokens[:-1].cpu().tolist() == where
+        assert (logps[:-1] == 0).all()
+        assert tokens[-1].item() == 0 and logps[-1].item() == float("-inf")

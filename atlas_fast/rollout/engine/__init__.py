@@ -236,10 +236,10 @@ class EngineBackend:
         seed = None if seeds is None else (seeds + t) % 2**31  # a fresh random stream per step
         if (seed is not None and self.fused_bookkeeping and batch.seen is None
                 and temperature_only(sampling, t, stop_mask, logits.shape[-1])):
-            from .sample_kernel import gumbel_sample_into  # Triton loads only when a kernel runs
+            from .sample_kernel import sample_tokens_into  # Triton loads only when a kernel runs
 
             # One launch after the sweep; batch.tokens/positions are the graph's inputs when graphs run.
-            gumbel_sample_into(logits, sampling.temperature, seed, t=t, finished=batch.finished, rows=batch.rows,
+            sample_tokens_into(logits, sampling.temperature, seed, t=t, finished=batch.finished, rows=batch.rows,
                                out_tokens=out_tokens, out_logps=out_logps, stop_mask=stop_mask,
                                tokens=batch.tokens, positions=batch.positions, advance=advance, pad_id=self.pad_id)
             return

@@ -1,107 +1,133 @@
 """Temperature sampling in one pass over the logits: the common GRPO case (no top-k/top-p/min-p).
 
 The PyTorch sampler makes ~7 passes over a float32 copy of the [B, V] logits (cast, scale,
-softmax, noise, clamp, divide, argmax: ~270 MB at B = 64, V = 151936); this kernel reads the bf16
-logits once (~19 MB). Gumbel-max: argmax(l / T + g) with g = -log(-log(u)), u uniform from
-Triton's counter-based Philox stream keyed by (seed, row, token // 4), draws token i with probability
-softmax(l / T)_i; the same sweep keeps a running log-sum-exp for the token's log-prob. The
-vocabulary is split over programs (partial argmax and log-sum-exp per chunk), then one small
-kernel per row picks the winner and finishes the log-prob.
+softmax, noise, clamp, divide, argmax: ~270 MB at B = 64, V = 151936); this sampler reads the bf16
+logits once (~19 MB) plus one block per row. It inverts the CDF of softmax(l / T) with one uniform
+per row instead of racing a random number against every token: the Gumbel-max sweep it replaces
+drew a Philox number and took two precise logs per token, ~90 us per step on an H200 at B = 64,
+V = 151936 against ~5 us to read the logits, ~9% of a decode step.
 
-`gumbel_sample_into` is the engine's decode step: its pick kernel also records the draw (output
+1. `_block_stats_kernel`, grid (B, C): the vocabulary in blocks of BLOCK_V tokens; for each block,
+   its max m_b and s_b = sum exp(y - m_b) of y = l / T (one exp per token, no random numbers).
+   Programs take C contiguous runs of blocks so that ~4 programs per SM share the sweep.
+2. `_pick_kernel`, one program per row: block weights w_b = s_b exp(m_b - m), their cumulative
+   sum, one uniform u keyed by (seed, row) and target u * total pick the block; its logits are
+   re-read (4096 tokens, ~8 KB) and the token is the first whose in-block cumulative weight passes
+   what remains of the target. Its log-prob y - m - log(total) uses the same stats. The draw
+   depends on the per-block stats only, so it is bitwise the same whatever C is.
+
+Everything runs in base 2 (y = l log2(e) / T, exp2): a CUDA `exp` is a multiply then `ex2` anyway.
+
+`sample_tokens_into` is the engine's decode step: its pick kernel also records the draw (output
 row, log-prob, finished flag, next input token and position) in the same per-row program. The
 PyTorch bookkeeping it replaces was ~7 small kernels per step (where, two index_puts, a gather, an
 or, an add: ~2-3 us each plus launch gaps at B = 64), against one ~1.2 ms decode step on an H200.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
+# Tokens per block: the sweep's unit and the pick's re-read. 4096 keeps the stats small (38 per
+# row at V = 151936, one masked load in the pick) while the pick's scan over one block stays an
+# 8 KB bf16 load and a 16 KB float32 scan.
 BLOCK_V = 4096
 # Programs to aim for over the vocabulary: 4 per SM. On an H200 one program per row (64 programs,
-# 37 serial blocks each) took 0.26 ms at B = 64, V = 151936, slower than the 7-pass PyTorch
-# sampler (0.21 ms): the pass is bound by the serial chain, not by bytes.
+# 37 serial blocks each) took 0.26 ms at B = 64, V = 151936 for the Gumbel-max sweep this replaced:
+# a per-row sweep is bound by its serial chain, not by bytes.
 PROGRAMS_PER_SM = 4
+# Warps of the per-row pick: 64 programs at B = 64 leave most of an H200's 132 SMs idle, so the
+# pick is latency-bound (stats load -> block load -> scan -> stores); 4 warps hold 32 tokens each of
+# a 4096-token block and keep the scan's cross-warp step short.
+PICK_WARPS = 4
+LOG2E = math.log2(math.e)
 
 
 @triton.jit
-def _gumbel_partial_kernel(logits_ptr, best_ptr, idx_ptr, max_ptr, sum_ptr, V, stride, inv_temp, seed, CHUNK, C,
-                           BLOCK: tl.constexpr):
+def _block_stats_kernel(logits_ptr, max_ptr, sum_ptr, V, stride, scale, CHUNK, NB, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     cols = tl.arange(0, BLOCK)
-    quads = tl.arange(0, BLOCK // 4)
-    best = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_idx = tl.zeros([BLOCK], tl.int32)
-    run_max = tl.full([], float("-inf"), tl.float32)
-    run_sum = tl.full([], 0.0, tl.float32)
     lo = chunk * CHUNK
     hi = tl.minimum(lo + CHUNK, V)
+    # Blocks are independent (no running max carried between them), so their loads can overlap.
     for start in range(lo, hi, BLOCK):
         idx = start + cols
-        mask = idx < hi
-        x = tl.load(logits_ptr + row * stride + idx, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
-        # One Philox call yields four uniforms: the generator, not the bytes, bounded the one-per-
-        # token version on an H200 (~90 us at B = 64, V = 151936 against ~5 us to read the logits).
-        # Token i of a row takes one of the four draws of counter (row, i // 4): the same stream
-        # whatever the chunking (chunks and blocks start at multiples of 4).
-        u0, u1, u2, u3 = tl.rand4x(seed, row * tl.cdiv(V, 4) + start // 4 + quads)
-        u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), [BLOCK])
-        g = -tl.log(-tl.log(tl.maximum(u, 1e-12)))
-        score = tl.where(mask, x + g, float("-inf"))
-        take = score > best
-        best = tl.where(take, score, best)
-        best_idx = tl.where(take, idx, best_idx)
-        # The log-sum-exp runs per block (one exp per token), not per lane (two).
-        new_max = tl.maximum(run_max, tl.max(x, axis=0))
-        safe = tl.where(new_max == float("-inf"), 0.0, new_max)  # nothing seen yet: every term is 0, not NaN
-        run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(x - safe), axis=0)
-        run_max = new_max
-    top = tl.max(best, axis=0)
-    out = row * C + chunk
-    tl.store(best_ptr + out, top)
-    tl.store(idx_ptr + out, tl.min(tl.where(best == top, best_idx, 2147483647), axis=0))
-    tl.store(max_ptr + out, run_max)
-    tl.store(sum_ptr + out, run_sum)
+        y = tl.load(logits_ptr + row * stride + idx, mask=idx < hi, other=float("-inf")).to(tl.float32) * scale
+        m = tl.max(y, axis=0)
+        safe = tl.where(m == float("-inf"), 0.0, m)  # an all -inf block: every term is exp2(-inf) = 0, not NaN
+        s = tl.sum(tl.exp2(y - safe), axis=0)
+        out = row * NB + start // BLOCK
+        tl.store(max_ptr + out, m)
+        tl.store(sum_ptr + out, s)
 
 
 @triton.jit
-def _pick(logits_ptr, best_ptr, idx_ptr, max_ptr, sum_ptr, stride, inv_temp, C, CP: tl.constexpr):
-    """Row `program_id(0)`'s winner over its C chunks -> (token int32, log-prob float32)."""
+def _pick(logits_ptr, max_ptr, sum_ptr, V, stride, scale, seed, NB, BLOCK: tl.constexpr, NBP: tl.constexpr):
+    """Row `program_id(0)`'s draw from its NB block stats -> (token int32, log-prob float32)."""
     row = tl.program_id(0)
-    c = tl.arange(0, CP)
-    cmask = c < C
-    best = tl.load(best_ptr + row * C + c, mask=cmask, other=float("-inf"))
-    idx = tl.load(idx_ptr + row * C + c, mask=cmask, other=2147483647)
-    top = tl.max(best, axis=0)
-    token = tl.min(tl.where(best == top, idx, 2147483647), axis=0)
-    m = tl.load(max_ptr + row * C + c, mask=cmask, other=float("-inf"))
-    s = tl.load(sum_ptr + row * C + c, mask=cmask, other=0.0)
+    b = tl.arange(0, NBP)
+    m = tl.load(max_ptr + row * NB + b, mask=b < NB, other=float("-inf"))
+    s = tl.load(sum_ptr + row * NB + b, mask=b < NB, other=0.0)
     m_all = tl.max(m, axis=0)
-    total = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - m_all)), axis=0)
-    x_tok = tl.load(logits_ptr + row * stride + token).to(tl.float32) * inv_temp
-    return token, x_tok - m_all - tl.log(total)
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)  # an all -inf row: weights 0, no NaN
+    w = tl.where(m == float("-inf"), 0.0, s * tl.exp2(m - m_safe))
+    cum = tl.cumsum(w, axis=0)
+    # The total is the scan's own last value (not a separately ordered sum), so target < total
+    # agrees with the comparisons below up to the one rounding of u * total.
+    total = tl.max(cum, axis=0)
+    target = tl.rand(seed, row) * total  # u in [0, 1): one Philox draw per row
+    # The first block whose running weight passes the target; only blocks with weight count, and
+    # if rounding leaves none (u * total rounded up to total) the last block with weight is it.
+    blk = tl.min(tl.where((cum > target) & (w > 0), b, NBP), axis=0)
+    last_blk = tl.max(tl.where(w > 0, b, -1), axis=0)
+    blk = tl.maximum(tl.where(blk == NBP, last_blk, blk), 0)
+    prev = tl.max(tl.where(b < blk, cum, 0.0), axis=0)  # weight of the blocks before it
+    w_blk = tl.max(tl.where(b == blk, w, 0.0), axis=0)
+    # Re-read that block: its exact per-token weights relative to the row max.
+    cols = tl.arange(0, BLOCK)
+    idx = blk * BLOCK + cols
+    y = tl.load(logits_ptr + row * stride + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * scale
+    e = tl.exp2(y - m_safe)
+    ecum = tl.cumsum(e, axis=0)
+    # The block's weight was summed in another order (relative to m_b, then scaled) than this scan:
+    # the remaining target is mapped as a fraction of the block onto the scan's own total, so the
+    # ~1e-7 mismatch cannot pile up on the block's last token.
+    frac = (target - prev) / tl.where(w_blk > 0, w_blk, 1.0)  # w_blk = 0 only for an all -inf row
+    remaining = frac * tl.max(ecum, axis=0)
+    # A token with e == 0 (a -inf logit) is never chosen, even if the scan's rounding moved past it.
+    k = tl.min(tl.where((ecum > remaining) & (e > 0), cols, BLOCK), axis=0)
+    last_k = tl.max(tl.where(e > 0, cols, -1), axis=0)
+    k = tl.maximum(tl.where(k == BLOCK, last_k, k), 0)
+    y_tok = tl.max(tl.where(cols == k, y, float("-inf")), axis=0)
+    # Back to nats (* ln 2). total >= 1 (the max block has s_b >= 1 at weight 1), so the log-prob
+    # is <= 0 but for rounding; an all -inf row (nothing to draw) gets token 0 at -inf, not NaN.
+    logp = tl.minimum((y_tok - m_safe) * 0.6931471805599453 - tl.log(tl.maximum(total, 1.0)), 0.0)
+    return (blk * BLOCK + k).to(tl.int32), logp
 
 
-@triton.jit
-def _gumbel_pick_kernel(logits_ptr, best_ptr, idx_ptr, max_ptr, sum_ptr, tokens_ptr, logps_ptr, stride, inv_temp, C,
-                        CP: tl.constexpr):
+# `seed` changes every step: left unspecialised so seed = 1 or seed % 16 == 0 compile no extra variants.
+@triton.jit(do_not_specialize=["seed"])
+def _pick_kernel(logits_ptr, max_ptr, sum_ptr, tokens_ptr, logps_ptr, V, stride, scale, seed, NB,
+                 BLOCK: tl.constexpr, NBP: tl.constexpr):
     row = tl.program_id(0)
-    token, logp = _pick(logits_ptr, best_ptr, idx_ptr, max_ptr, sum_ptr, stride, inv_temp, C, CP)
+    token, logp = _pick(logits_ptr, max_ptr, sum_ptr, V, stride, scale, seed, NB, BLOCK, NBP)
     tl.store(tokens_ptr + row, token.to(tl.int64))
     tl.store(logps_ptr + row, logp)
 
 
-# `t` changes every launch: left unspecialised so t = 1 or t % 16 == 0 compile no extra variants.
-@triton.jit(do_not_specialize=["t"])
-def _gumbel_pick_record_kernel(logits_ptr, best_ptr, idx_ptr, max_ptr, sum_ptr, stride, inv_temp, C,
-                               finished_ptr, rows_ptr, out_tokens_ptr, out_tokens_stride, out_logps_ptr,
-                               out_logps_stride, t, stop_ptr, next_ptr, positions_ptr, advance, pad_id,
-                               HAS_LOGPS: tl.constexpr, HAS_STOP: tl.constexpr, CP: tl.constexpr):
+# `t` and `seed` change every launch: left unspecialised so t or seed = 1 or % 16 == 0 compile no
+# extra variants.
+@triton.jit(do_not_specialize=["t", "seed"])
+def _pick_record_kernel(logits_ptr, max_ptr, sum_ptr, V, stride, scale, seed, NB,
+                        finished_ptr, rows_ptr, out_tokens_ptr, out_tokens_stride, out_logps_ptr,
+                        out_logps_stride, t, stop_ptr, next_ptr, positions_ptr, advance, pad_id,
+                        HAS_LOGPS: tl.constexpr, HAS_STOP: tl.constexpr, BLOCK: tl.constexpr, NBP: tl.constexpr):
     slot = tl.program_id(0)
-    token, logp = _pick(logits_ptr, best_ptr, idx_ptr, max_ptr, sum_ptr, stride, inv_temp, C, CP)
+    token, logp = _pick(logits_ptr, max_ptr, sum_ptr, V, stride, scale, seed, NB, BLOCK, NBP)
     done = tl.load(finished_ptr + slot) != 0
     token = tl.where(done, pad_id, token).to(tl.int64)
     out_row = tl.load(rows_ptr + slot)  # padding slots share the dummy row; they all write pad_id and 0
@@ -122,63 +148,63 @@ def _chunks(rows: int, V: int, device: torch.device) -> tuple[int, int]:
     return triton.cdiv(V, chunk), chunk
 
 
-def _partials(logits: torch.Tensor, temperature: float, seed: int):
-    """The vocabulary sweep: per (row, chunk) best score, its token, max and sum of exp -> (..., C)."""
+def _block_stats(logits: torch.Tensor, temperature: float, name: str):
+    """The vocabulary sweep -> (per-block max [B, NB], per-block sum [B, NB], scale, kernel constexprs)."""
     B, V = logits.shape
     if logits.stride(1) != 1 or not temperature > 0:
-        raise ValueError(f"gumbel sampler: needs logits with unit stride along the vocabulary (got strides "
+        raise ValueError(f"{name}: needs logits with unit stride along the vocabulary (got strides "
                          f"{tuple(logits.stride())}) and temperature > 0 (got {temperature})")
     C, chunk = _chunks(B, V, logits.device)
-    device = logits.device
-    best = torch.empty((B, C), dtype=torch.float32, device=device)
-    idx = torch.empty((B, C), dtype=torch.int32, device=device)
-    run_max = torch.empty((B, C), dtype=torch.float32, device=device)
-    run_sum = torch.empty((B, C), dtype=torch.float32, device=device)
-    _gumbel_partial_kernel[(B, C)](logits, best, idx, run_max, run_sum, V, logits.stride(0), 1.0 / temperature, seed,
-                                   chunk, C, BLOCK=max(4, min(BLOCK_V, triton.next_power_of_2(V))))
-    return best, idx, run_max, run_sum, C
+    # A chunk is a whole number of BLOCK_V blocks; a vocabulary below one block is one smaller block.
+    block = max(4, min(BLOCK_V, triton.next_power_of_2(V)))
+    NB = triton.cdiv(V, block)
+    stats = torch.empty((2, B, NB), dtype=torch.float32, device=logits.device)  # one allocation: max, sum
+    scale = LOG2E / temperature
+    _block_stats_kernel[(B, C)](logits, stats[0], stats[1], V, logits.stride(0), scale, chunk, NB, BLOCK=block)
+    return stats[0], stats[1], scale, dict(BLOCK=block, NBP=triton.next_power_of_2(NB), num_warps=PICK_WARPS)
 
 
-def gumbel_sample(logits: torch.Tensor, temperature: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_tokens(logits: torch.Tensor, temperature: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] (any float dtype, unit stride along V) -> tokens [B] long, log-probs [B] float32
-    under softmax(logits / temperature). `seed` keys the random stream: change it every step."""
-    B = logits.shape[0]
-    best, idx, run_max, run_sum, C = _partials(logits, temperature, seed)
+    under softmax(logits / temperature). `seed` keys the random stream (one uniform per row, keyed
+    by (seed, row)): change it every step."""
+    B, V = logits.shape
+    run_max, run_sum, scale, meta = _block_stats(logits, temperature, "sample_tokens")
     tokens = torch.empty(B, dtype=torch.long, device=logits.device)
     logps = torch.empty(B, dtype=torch.float32, device=logits.device)
-    _gumbel_pick_kernel[(B,)](logits, best, idx, run_max, run_sum, tokens, logps, logits.stride(0), 1.0 / temperature,
-                              C, CP=triton.next_power_of_2(C))
+    _pick_kernel[(B,)](logits, run_max, run_sum, tokens, logps, V, logits.stride(0), scale, seed, run_max.shape[1],
+                       **meta)
     return tokens, logps
 
 
-def gumbel_sample_into(logits: torch.Tensor, temperature: float, seed: int, *, t: int, finished: torch.Tensor,
+def sample_tokens_into(logits: torch.Tensor, temperature: float, seed: int, *, t: int, finished: torch.Tensor,
                        rows: torch.Tensor, out_tokens: torch.Tensor, out_logps: torch.Tensor | None,
                        stop_mask: torch.Tensor | None, tokens: torch.Tensor, positions: torch.Tensor,
                        advance: int, pad_id: int) -> None:
-    """Draw as `gumbel_sample` (same seed, same tokens and log-probs) and record the draw in place,
+    """Draw as `sample_tokens` (same seed, same tokens and log-probs) and record the draw in place,
     for every slot b of B:
         token = pad_id if finished[b] else the draw
         out_tokens[rows[b], t] = token;  out_logps[rows[b], t] = 0 if finished[b] else its log-prob
         finished[b] |= stop_mask[token];  tokens[b] = token;  positions[b] += advance
     finished/rows/tokens/positions [B] (bool/long/long/long), out_* [N + 1, T]; out_logps and
     stop_mask may be None. finished is read before it is updated, as the PyTorch path does."""
-    B = logits.shape[0]
+    B, V = logits.shape
     for name, x, dtype in (("finished", finished, torch.bool), ("rows", rows, torch.long),
                            ("tokens", tokens, torch.long), ("positions", positions, torch.long)):
         if x.shape != (B,) or x.dtype != dtype or not x.is_contiguous():
-            raise ValueError(f"gumbel_sample_into: {name} must be a contiguous [{B}] {dtype} tensor, "
+            raise ValueError(f"sample_tokens_into: {name} must be a contiguous [{B}] {dtype} tensor, "
                              f"got {tuple(x.shape)} {x.dtype}")
     if not 0 <= t < out_tokens.shape[1] or out_tokens.stride(1) != 1:
-        raise ValueError(f"gumbel_sample_into: step {t} outside out_tokens of shape {tuple(out_tokens.shape)} "
+        raise ValueError(f"sample_tokens_into: step {t} outside out_tokens of shape {tuple(out_tokens.shape)} "
                          f"(or its last dimension is not contiguous)")
     if out_logps is not None and (out_logps.shape != out_tokens.shape or out_logps.stride(1) != 1):
-        raise ValueError(f"gumbel_sample_into: out_logps {tuple(out_logps.shape)} must match out_tokens "
+        raise ValueError(f"sample_tokens_into: out_logps {tuple(out_logps.shape)} must match out_tokens "
                          f"{tuple(out_tokens.shape)} with a contiguous last dimension")
-    best, idx, run_max, run_sum, C = _partials(logits, temperature, seed)
+    run_max, run_sum, scale, meta = _block_stats(logits, temperature, "sample_tokens_into")
     flags = finished.view(torch.uint8)  # bool pointers as bytes: one meaning in compiled and interpreted Triton
     stop = stop_mask.view(torch.uint8) if stop_mask is not None else flags  # unread without a stop mask
     lp = out_logps if out_logps is not None else run_max  # unread without log-probs
-    _gumbel_pick_record_kernel[(B,)](logits, best, idx, run_max, run_sum, logits.stride(0), 1.0 / temperature, C,
-                                     flags, rows, out_tokens, out_tokens.stride(0), lp, lp.stride(0), t, stop,
-                                     tokens, positions, advance, pad_id, HAS_LOGPS=out_logps is not None,
-                                     HAS_STOP=stop_mask is not None, CP=triton.next_power_of_2(C))
+    _pick_record_kernel[(B,)](logits, run_max, run_sum, V, logits.stride(0), scale, seed, run_max.shape[1],
+                              flags, rows, out_tokens, out_tokens.stride(0), lp, lp.stride(0), t, stop,
+                              tokens, positions, advance, pad_id, HAS_LOGPS=out_logps is not None,
+                              HAS_STOP=stop_mask is not None, **meta)

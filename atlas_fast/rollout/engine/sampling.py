@@ -88,9 +88,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, step: int, seen: torch.
     """One decode step's tokens [B] and, if asked, their log-probs [B]. With `seed` (a fresh one per
     step) a temperature-only step runs the one-pass Triton sampler (sample_kernel.py) instead."""
     if seed is not None and temperature_only(params, step, stop_mask, logits.shape[-1]):
-        from .sample_kernel import gumbel_sample
+        from .sample_kernel import sample_tokens
 
-        tokens, logps = gumbel_sample(logits, params.temperature, seed)
+        tokens, logps = sample_tokens(logits, params.temperature, seed)
         return tokens, logps if want_logprobs else None
     processed = process(logits, params, step, seen, stop_mask)
     tokens = draw(processed, params, generator)
