@@ -27,14 +27,14 @@ SECTION = "engine_variants"
 # name -> {(module, attribute): value}; every variant starts from the defaults below.
 VARIANTS = {
     "default": {},
+    "two-kernel attention": {("decode_kernel", "VARIANT"): "two_kernel"},
+    "attention in 64-key blocks, 3 stages": {("decode_kernel", "BLOCK_N"): 64, ("decode_kernel", "NUM_STAGES"): 3},
+    "o_proj unsplit": {("skinny", "O_SPLIT"): 0},
     "no PDL": {("pdl", "ENABLED"): False},
-    "one-launch attention without PDL": {("decode_kernel", "VARIANT"): "one_launch", ("pdl", "ENABLED"): False},
     "cuBLAS projections": {("skinny", "ENABLED"): False},
     "down_proj on cuBLAS": {("skinny", "DOWN_SPLIT"): 0},
     "down split-K 2": {("skinny", "DOWN_SPLIT"): 2},
     "down split-K 8": {("skinny", "DOWN_SPLIT"): 8},
-    "down split-K 4 at any size": {("skinny", "DOWN_MAX_BYTES"): 2**62},
-    "one-launch attention": {("decode_kernel", "VARIANT"): "one_launch"},
 }
 
 

@@ -72,18 +72,31 @@ def test_fused_decode_kernels_match_hf(models, tok, prompts, arch, head_dim, mon
     """The CUDA decode step's Triton kernels (norms, rotary + KV write, attention, SiLU) and packed
     projections, run by the interpreter (Qwen3: per-head q/k norms; Mistral: sliding window;
     Qwen2: q/k/v biases in the packed projection). head_dim 32 takes the skinny GEMMs (skinny.py),
-    whose rotary halves need 16 columns, with down_proj split-K (its partials summed by the next
-    norm); 16 takes cuBLAS + the separate norm/rotary kernels."""
+    whose rotary halves need 16 columns, with o_proj and down_proj split-K (their partials summed by
+    the next norm); 16 takes cuBLAS + the separate norm/rotary kernels."""
     from atlas_fast.rollout.engine import skinny
 
     model = models[arch] if head_dim == 16 else tiny_decoder(arch, tok, heads=(2, 1))
     monkeypatch.setattr(skinny, "DOWN_SPLIT", 3 if head_dim == 32 else 0)
+    monkeypatch.setattr(skinny, "O_SPLIT", 2 if head_dim == 32 else 0)
+    split_weights = []
+    real_linear = skinny.linear
+
+    def linear(x, weight, bias=None, config=None, split_k=1):
+        if split_k > 1:
+            split_weights.append(weight.shape)
+        return real_linear(x, weight, bias, config, split_k)
+
+    monkeypatch.setattr(skinny, "linear", linear)
     ref = hf_greedy(model, tok, prompts, max_tokens=6)
     engine = EngineBackend(model, tok, fused_kernels=True)
     out = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0))
     assert engine._step_fn().__name__ == "decode_logits_fused+triton_attention"
     assert engine.packed is not None
     assert all(layer.qkv is not None and layer.gate_up is not None for layer in engine.packed.layers)
+    layer = model.model.layers[0]
+    expected = {layer.self_attn.o_proj.weight.shape, layer.mlp.down_proj.weight.shape} if head_dim == 32 else set()
+    assert set(split_weights) == expected
     assert as_hf_returns(out, tok.pad_token_id, {tok.eos_token_id}) == ref.completion_ids
 
 

@@ -29,16 +29,17 @@ from . import pdl
 
 VARIANTS = ("two_kernel", "one_launch")
 # The one-launch merge saved 1-6% per call on an H200 (bench_decode_attention.py: 10.7 vs 11.0 us
-# at the 0.5B shape, 19.8 vs 21.0 us at 1.5B) and 4% of the 0.5B decode step with PDL
-# (engine_variants.py: 1.045 vs 1.090 ms); opt-in until its fixed-order merge is measured there.
-VARIANT = "two_kernel"
-BLOCK_N = 64  # keys per inner iteration
+# at the 0.5B shape, 19.8 vs 21.0 us at 1.5B) and 4-6% of the 0.5B decode step with PDL
+# (engine_variants.py: 1.045 vs 1.090 ms at 512 new tokens, 1.122 vs 1.198 at 1024).
+VARIANT = "one_launch"
+# Keys per inner iteration and pipeline depth, by head size; None: from `tiles`.
+BLOCK_N: int | None = None
 # Programs to aim for per SM. On an H200 (132 SMs) 2 per SM beat 4 and 8 at both benchmark shapes
 # (11.0 vs 11.1 / 11.9 us at 0.5B, 21.0 vs 22.4 / 22.3 us at 1.5B); the first version's fixed
 # 256-key splits read the KV cache at ~1.8 TB/s.
 PROGRAMS_PER_SM = 2
 NUM_WARPS = 4  # Triton's launch defaults, which the split kernel was tuned under
-NUM_STAGES = 3
+NUM_STAGES: int | None = None
 SPLIT_TOKENS: int | None = None  # fixed keys per split (tests); None: from the grid target above
 
 # One int32 ticket counter per (row, KV head), zero between launches (the merging program resets
@@ -46,7 +47,15 @@ SPLIT_TOKENS: int | None = None  # fixed keys per split (tests); None: from the 
 _TICKETS: dict[tuple[str, int, int], torch.Tensor] = {}
 
 
-def _splits(rows: int, kv_heads: int, length: int, device: torch.device, block_n: int = BLOCK_N,
+def tiles(head_dim: int) -> tuple[int, int]:
+    """(keys per inner iteration, pipeline stages) for a head size. On an H200 (one-launch merge, 2
+    programs per SM, bench_decode_attention.py): head_dim 64 took 10.5 us with 128 keys x 2 stages
+    against 12.5 with 64 x 3 (Qwen2.5-0.5B, 512 new tokens; 14.7 vs 17.3 at 1024); head_dim 128
+    took 19.8 with 64 x 3 against 22.0 with 128 x 3 (Qwen2.5-1.5B)."""
+    return (128, 2) if head_dim <= 64 else (64, 3)
+
+
+def _splits(rows: int, kv_heads: int, length: int, device: torch.device, block_n: int,
             programs_per_sm: int = PROGRAMS_PER_SM, split_tokens: int | None = None) -> tuple[int, int]:
     """(number of splits, keys per split, a multiple of block_n) for a cache of `length` positions."""
     split_tokens = SPLIT_TOKENS if split_tokens is None else split_tokens
@@ -255,9 +264,10 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     (`split_tokens`), and for "one_launch" the zeroed int32 counters [B * Hkv] to use (`tickets`,
     default `tickets_for(device, B, Hkv)`; they are zero again when the kernel ends)."""
     variant = VARIANT if variant is None else variant
-    block_n = BLOCK_N if block_n is None else block_n
+    default_block, default_stages = tiles(q.shape[-1])
+    block_n = block_n or BLOCK_N or default_block
     num_warps = NUM_WARPS if num_warps is None else num_warps
-    num_stages = NUM_STAGES if num_stages is None else num_stages
+    num_stages = num_stages or NUM_STAGES or default_stages
     programs_per_sm = PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
     if variant not in VARIANTS:
         raise ValueError(f"decode_attention_triton: variant must be one of {VARIANTS}, got {variant!r}")

@@ -224,7 +224,10 @@ def decode_logits_fused(dec: Decoder, cache: KVCache, rope: RopeTable, tokens: t
         else:
             o = decode_attention(q, cache.keys(i)[:B, :, :span], cache.values(i)[:B, :, :span],
                                  masks[dec.windows[i]], dec.scaling)  # [B, Hq*D]
-        if pk is not None and pk.o is not None and skinny_fits(o, pk.o.weight, None):
+        split = skinny.o_split(o, pk.o.weight) if pk is not None and pk.o is not None else 0
+        if split:  # float32 split-K partials [S, B, H]: the next add_rms_norm sums them
+            o = skinny.linear(o, pk.o.weight, pk.o.bias, skinny.O_CONFIG, split)
+        elif pk is not None and pk.o is not None and skinny.linear_fits(o, pk.o.weight):
             o = skinny_linear(o, pk.o.weight, pk.o.bias)
         else:
             o = attn.o_proj(o).contiguous()

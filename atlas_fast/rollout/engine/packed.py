@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from .model import Decoder
-from .skinny import LINEAR_MAX_BYTES
 
 
 @dataclass
@@ -63,9 +62,10 @@ def _pack(sources: list[nn.Module], dtype: torch.dtype) -> Pack | None:
     return pack
 
 
-def _alias(m: nn.Module, dtype: torch.dtype, max_bytes: int) -> Pack | None:
-    """A plain layer already in the compute dtype, small enough for the skinny kernel: used as it is."""
-    if not _plain(m) or m.weight.dtype != dtype or m.weight.numel() * m.weight.element_size() > max_bytes:
+def _alias(m: nn.Module, dtype: torch.dtype) -> Pack | None:
+    """A plain layer already in the compute dtype: handed to the skinny kernels as it is (they
+    decide by its size whether to take it)."""
+    if not _plain(m) or m.weight.dtype != dtype:
         return None
     bias = m.bias.detach() if m.bias is not None else None
     return Pack([m], m.weight.detach(), bias, [m.out_features], alias=True)
@@ -75,7 +75,7 @@ def _alias(m: nn.Module, dtype: torch.dtype, max_bytes: int) -> Pack | None:
 class PackedLayer:
     qkv: Pack | None
     gate_up: Pack | None  # only with a SiLU MLP (the four families' `hidden_act="silu"`)
-    o: Pack | None = None  # o_proj itself, when small enough for the skinny linear kernel
+    o: Pack | None = None  # o_proj itself (skinny split-K or linear)
     down: Pack | None = None  # down_proj itself (skinny split-K)
 
 
@@ -88,8 +88,8 @@ class PackedWeights:
             gate_up = None
             if _silu(mlp) and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
                 gate_up = _pack([mlp.gate_proj, mlp.up_proj], dtype)
-            down = _alias(mlp.down_proj, dtype, 2**62) if gate_up is not None else None
-            self.layers.append(PackedLayer(qkv, gate_up, _alias(attn.o_proj, dtype, LINEAR_MAX_BYTES), down))
+            down = _alias(mlp.down_proj, dtype) if gate_up is not None else None
+            self.layers.append(PackedLayer(qkv, gate_up, _alias(attn.o_proj, dtype), down))
         self._stamp = self._versions()
 
     def _packs(self) -> list[Pack]:

@@ -44,6 +44,12 @@ LINEAR_MAX_BYTES = 2 * 2**20
 DOWN_SPLIT = 4
 DOWN_CONFIG = (16, 128, 4, 4)
 DOWN_MAX_BYTES = 16 * 2**20
+# o_proj in 2 K-slices, summed by the post-attention add_rms_norm the same way: projection + norm
+# took 4.15 us against 6.48 for cuBLAS + norm at 0.5B and 6.16 against 7.61 at 1.5B (H200,
+# bench_decode_step.py); unsplit, the skinny o_proj + norm was ~5 us at 0.5B and lost at 1.5B.
+O_SPLIT = 2
+O_CONFIG = (16, 128, 4, 4)
+O_MAX_BYTES = 8 * 2**20
 ENABLED = True  # False: every projection through cuBLAS (benchmark A/B)
 
 
@@ -55,10 +61,24 @@ def skinny_fits(x: torch.Tensor, weight: torch.Tensor, head_dim: int | None) -> 
     return head_dim is None or (head_dim >= 32 and head_dim & (head_dim - 1) == 0)
 
 
+def _split(x: torch.Tensor, weight: torch.Tensor, split: int, max_bytes: int) -> int:
+    small = weight.numel() * weight.element_size() <= max_bytes
+    return split if split > 1 and small and skinny_fits(x, weight, None) else 0
+
+
 def down_split(x: torch.Tensor, weight: torch.Tensor) -> int:
     """Split-K slices for down_proj through the skinny kernel, or 0 for cuBLAS."""
-    small = weight.numel() * weight.element_size() <= DOWN_MAX_BYTES
-    return DOWN_SPLIT if DOWN_SPLIT > 1 and small and skinny_fits(x, weight, None) else 0
+    return _split(x, weight, DOWN_SPLIT, DOWN_MAX_BYTES)
+
+
+def o_split(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """Split-K slices for o_proj through the skinny kernel, or 0 (unsplit skinny or cuBLAS)."""
+    return _split(x, weight, O_SPLIT, O_MAX_BYTES)
+
+
+def linear_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether an unsplit projection goes through the skinny kernel rather than cuBLAS."""
+    return weight.numel() * weight.element_size() <= LINEAR_MAX_BYTES and skinny_fits(x, weight, None)
 
 
 def _precision(dtype: torch.dtype) -> str:
