@@ -28,7 +28,7 @@ SECTION = "engine_variants"
 VARIANTS = {
     "default": {},
     "two-kernel attention": {("decode_kernel", "VARIANT"): "two_kernel"},
-    "attention in 64-key blocks, 3 stages": {("decode_kernel", "BLOCK_N"): 64, ("decode_kernel", "NUM_STAGES"): 3},
+    "attention 64-key blocks x 3 stages": {("decode_kernel", "BLOCK_N"): 64, ("decode_kernel", "NUM_STAGES"): 3},
     "o_proj unsplit": {("skinny", "O_SPLIT"): 0},
     "no PDL": {("pdl", "ENABLED"): False},
     "cuBLAS projections": {("skinny", "ENABLED"): False},

@@ -58,10 +58,10 @@ def _block_stats_kernel(logits_ptr, max_ptr, sum_ptr, V, stride, scale, CHUNK, N
     # rescales them to the row max, and they are the same whatever the chunking.
     for start in range(lo, hi, BLOCK):
         idx = start + cols
-        y = tl.load(logits_ptr + row * stride + idx, mask=idx < hi, other=float("-inf")).to(tl.float32) * scale
-        m = tl.max(y, axis=0)
+        x = tl.load(logits_ptr + row * stride + idx, mask=idx < hi, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, axis=0)  # unscaled: see _pick on why the scale comes after the difference
         safe = tl.where(m == float("-inf"), 0.0, m)  # an all -inf block: every term is exp2(-inf) = 0, not NaN
-        s = tl.sum(tl.exp2(y - safe), axis=0)
+        s = tl.sum(tl.exp2((x - safe) * scale), axis=0)
         out = row * NB + start // BLOCK
         tl.store(max_ptr + out, m)
         tl.store(sum_ptr + out, s)
@@ -76,7 +76,7 @@ def _pick(logits_ptr, max_ptr, sum_ptr, V, stride, scale, seed, NB, BLOCK: tl.co
     s = tl.load(sum_ptr + row * NB + b, mask=b < NB, other=0.0)
     m_all = tl.max(m, axis=0)
     m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)  # an all -inf row: weights 0, no NaN
-    w = tl.where(m == float("-inf"), 0.0, s * tl.exp2(m - m_safe))
+    w = tl.where(m == float("-inf"), 0.0, s * tl.exp2((m - m_safe) * scale))
     cum = tl.cumsum(w, axis=0)
     # The total is the scan's own last value (not a separately ordered sum), so target < total
     # agrees with the comparisons below up to the one rounding of u * total.
@@ -92,8 +92,11 @@ def _pick(logits_ptr, max_ptr, sum_ptr, V, stride, scale, seed, NB, BLOCK: tl.co
     # Re-read that block: its exact per-token weights relative to the row max.
     cols = tl.arange(0, BLOCK)
     idx = blk * BLOCK + cols
-    y = tl.load(logits_ptr + row * stride + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * scale
-    e = tl.exp2(y - m_safe)
+    x = tl.load(logits_ptr + row * stride + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
+    # Differences of raw logits, scaled after: x*scale - m would let the compiler contract the two
+    # into one FMA that skips the product's rounding, so the row's top token would sit a few ulps
+    # off 0 (and its log-prob off 0 when it holds all the mass).
+    e = tl.exp2((x - m_safe) * scale)
     ecum = tl.cumsum(e, axis=0)
     # The block's weight was summed in another order (relative to m_b, then scaled) than this scan:
     # the remaining target is mapped as a fraction of the block onto the scan's own total, so the
@@ -104,10 +107,10 @@ def _pick(logits_ptr, max_ptr, sum_ptr, V, stride, scale, seed, NB, BLOCK: tl.co
     k = tl.min(tl.where((ecum > remaining) & (e > 0), cols, BLOCK), axis=0)
     last_k = tl.max(tl.where(e > 0, cols, -1), axis=0)
     k = tl.maximum(tl.where(k == BLOCK, last_k, k), 0)
-    y_tok = tl.max(tl.where(cols == k, y, float("-inf")), axis=0)
+    x_tok = tl.max(tl.where(cols == k, x, float("-inf")), axis=0)
     # Back to nats (* ln 2). total >= 1 (the max block has s_b >= 1 at weight 1), so the log-prob
     # is <= 0 but for rounding; an all -inf row (nothing to draw) gets token 0 at -inf, not NaN.
-    logp = tl.minimum((y_tok - m_safe) * 0.6931471805599453 - tl.log(tl.maximum(total, 1.0)), 0.0)
+    logp = tl.minimum((x_tok - m_safe) * scale * 0.6931471805599453 - tl.log(tl.maximum(total, 1.0)), 0.0)
     return (blk * BLOCK + k).to(tl.int32), logp
 
 
