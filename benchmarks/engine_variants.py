@@ -31,7 +31,6 @@ VARIANTS = {
     "attention 64-key blocks x 3 stages": {("decode_kernel", "BLOCK_N"): 64, ("decode_kernel", "NUM_STAGES"): 3},
     "o_proj unsplit": {("skinny", "O_SPLIT"): 0},
     "no PDL": {("pdl", "ENABLED"): False},
-    "no L2 prefetch before the PDL wait": {("pdl", "PREFETCH"): False},
     "cuBLAS projections": {("skinny", "ENABLED"): False},
     "down_proj on cuBLAS": {("skinny", "DOWN_SPLIT"): 0},
     "down split-K 2": {("skinny", "DOWN_SPLIT"): 2},

@@ -133,37 +133,19 @@ def _attend(q, k_ptr, v_ptr, base, lo, hi, stride_ks, scale,
 
 
 @triton.jit
-def _prefetch_keys(k_ptr, v_ptr, base, lo, hi, stride_ks, D: tl.constexpr, BLOCK: tl.constexpr,
-                   LINES: tl.constexpr, PREFETCH: tl.constexpr):
-    """L2 prefetch of keys and values lo..hi-1 (written by earlier steps, all but the newest one,
-    which L2 then holds as the q/k/v kernel rewrites it)."""
-    if PREFETCH:
-        for start in range(lo, hi, BLOCK):
-            n = start + tl.arange(0, BLOCK)
-            keys = tl.where(n < hi, n, -1)
-            pdl.prefetch_rows(k_ptr + base, keys, stride_ks, 0, D, LINES, PREFETCH)
-            pdl.prefetch_rows(v_ptr + base, keys, stride_ks, 0, D, LINES, PREFETCH)
-
-
-@triton.jit
 def _decode_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, m_ptr, l_ptr, scale, window,
                          stride_kb, stride_kh, stride_ks, HQ, G, NSPLIT, SPLIT,
                          D: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                         PRECISION: tl.constexpr, UPCAST: tl.constexpr, LINES: tl.constexpr, PDL: tl.constexpr,
-                         PREFETCH: tl.constexpr):
-    pdl.launch(PDL)
+                         PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+    pdl.prologue(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    # Positions are written before the step begins (by the sampler), never by a predecessor within
-    # it, so they may be read before the wait.
     pos = tl.load(pos_ptr + b)  # the query's position: keys 0..pos are visible
     lo = split * SPLIT
     hi = tl.minimum(lo + SPLIT, pos + 1)
     if HAS_WINDOW:
         lo = tl.maximum(lo, pos - window + 1)
-    _prefetch_keys(k_ptr, v_ptr, b * stride_kb + kvh * stride_kh, lo, hi, stride_ks, D, BLOCK, LINES, PREFETCH)
-    pdl.wait(PDL)
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     heads = kvh * G + g  # [GP]
@@ -197,13 +179,12 @@ def _decode_merge_kernel(o_ptr, m_ptr, l_ptr, out_ptr, NSPLIT, D: tl.constexpr, 
 def _decode_one_launch_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, o_ptr, m_ptr, l_ptr, ticket_ptr, scale, window,
                               stride_kb, stride_kh, stride_ks, HQ, HKV, G, NSPLIT, SPLIT,
                               D: tl.constexpr, GP: tl.constexpr, BLOCK: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                              PRECISION: tl.constexpr, UPCAST: tl.constexpr, LINES: tl.constexpr, PDL: tl.constexpr,
-                              PREFETCH: tl.constexpr):
-    pdl.launch(PDL)
+                              PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
+    pdl.prologue(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    pos = tl.load(pos_ptr + b)  # the query's position (read before the wait: see _decode_split_kernel)
+    pos = tl.load(pos_ptr + b)  # the query's position: keys 0..pos are visible
     first_key = pos * 0
     if HAS_WINDOW:
         first_key = tl.maximum(pos - window + 1, 0)
@@ -212,11 +193,9 @@ def _decode_one_launch_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, o_ptr, m_pt
     # the merge, so no -inf partial is ever written or read.
     first = first_key // SPLIT
     last = pos // SPLIT
-    lo = tl.maximum(split * SPLIT, first_key)
-    hi = tl.minimum(split * SPLIT + SPLIT, pos + 1)
-    _prefetch_keys(k_ptr, v_ptr, b * stride_kb + kvh * stride_kh, lo, hi, stride_ks, D, BLOCK, LINES, PREFETCH)
-    pdl.wait(PDL)
     if (split >= first) & (split <= last):
+        lo = tl.maximum(split * SPLIT, first_key)
+        hi = tl.minimum(split * SPLIT + SPLIT, pos + 1)
         g = tl.arange(0, GP)
         d = tl.arange(0, D)
         heads = kvh * G + g  # [GP]
@@ -303,7 +282,6 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     upcast = _upcast_dots(q.dtype)
     precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"  # float32 stays float32 (no TF32 rounding)
     strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
-    lines = triton.next_power_of_2(triton.cdiv(D * k_cache.element_size(), 128))  # per key row
     out = torch.empty((B, HQ, D), dtype=q.dtype, device=q.device)
     if variant == "two_kernel":
         part = torch.empty((B, HQ, nsplit, D), dtype=torch.float32, device=q.device)
@@ -312,7 +290,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         _decode_split_kernel[(B, HKV, nsplit)](
             q, k_cache, v_cache, positions, part, m, l, scale, window or 0, *strides, HQ, G, nsplit, split,
             D=D, GP=GP, BLOCK=block_n, HAS_WINDOW=window is not None, PRECISION=precision, UPCAST=upcast,
-            LINES=lines, num_warps=num_warps, num_stages=num_stages, **pdl.options(q.device, prefetch=True))
+            num_warps=num_warps, num_stages=num_stages, **pdl.options(q.device))
         _decode_merge_kernel[(B * HQ,)](part, m, l, out, nsplit, D=D, SP=triton.next_power_of_2(nsplit),
                                         **pdl.options(q.device))
         return out.view(B, HQ * D)
@@ -327,5 +305,5 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _decode_one_launch_kernel[(B, HKV, nsplit)](
         q, k_cache, v_cache, positions, out, part, m, l, tickets, scale, window or 0, *strides, HQ, HKV, G, nsplit,
         split, D=D, GP=GP, BLOCK=block_n, HAS_WINDOW=window is not None, PRECISION=precision, UPCAST=upcast,
-        LINES=lines, num_warps=num_warps, num_stages=num_stages, **pdl.options(q.device, prefetch=True))
+        num_warps=num_warps, num_stages=num_stages, **pdl.options(q.device))
     return out.view(B, HQ * D)

@@ -81,11 +81,6 @@ def linear_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return weight.numel() * weight.element_size() <= LINEAR_MAX_BYTES and skinny_fits(x, weight, None)
 
 
-def _lines(columns: int, weight: torch.Tensor) -> int:
-    """128-byte lines per weight row that a program prefetches (pdl.prefetch_rows), a power of two."""
-    return triton.next_power_of_2(triton.cdiv(columns * weight.element_size(), 128))
-
-
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # float32 stays float32 (tests, the CPU path)
 
@@ -100,20 +95,17 @@ def _block_m(M: int, config: tuple) -> int:
 @triton.jit
 def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_om,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   PARTIAL: tl.constexpr, PRECISION: tl.constexpr, LINES: tl.constexpr, PDL: tl.constexpr,
-                   PREFETCH: tl.constexpr):
-    pdl.launch(PDL)
+                   PARTIAL: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    pdl.prologue(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask, nmask = rm < M, rn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     k_lo = pid_k * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
-    pdl.prefetch_rows(w_ptr, tl.where(nmask, rn, -1), stride_wn, k_lo, k_hi, LINES, PREFETCH)
-    pdl.wait(PDL)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         kmask = rk < k_hi
@@ -152,25 +144,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     _linear_kernel[(triton.cdiv(N, BN), triton.cdiv(M, BM), split_k)](
         x, weight, bias if bias is not None else weight, out, M, N, K, k_split, x.stride(0), weight.stride(0), N,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, HAS_BIAS=bias is not None, PARTIAL=split_k > 1,
-        PRECISION=_precision(x.dtype), LINES=_lines(k_split, weight), num_warps=warps, num_stages=stages,
-        **pdl.options(x.device, prefetch=True))
+        PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages, **pdl.options(x.device))
     return out
 
 
 @triton.jit
 def _gate_up_silu_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, I, K, stride_xm, stride_wn,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, LINES: tl.constexpr, PDL: tl.constexpr,
-                         PREFETCH: tl.constexpr):
-    pdl.launch(PDL)
+                         HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    pdl.prologue(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # gate rows rn, up rows I + rn of the packed weight
     mmask, nmask = rm < M, rn < I
-    pdl.prefetch_rows(w_ptr, tl.where(nmask, rn, -1), stride_wn, 0, K, LINES, PREFETCH)
-    pdl.prefetch_rows(w_ptr, tl.where(nmask, I + rn, -1), stride_wn, 0, K, LINES, PREFETCH)
-    pdl.wait(PDL)
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -205,8 +192,7 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     _gate_up_silu_kernel[(triton.cdiv(I, BN), triton.cdiv(M, BM))](
         x, weight, bias if bias is not None else weight, out, M, I, K, x.stride(0), weight.stride(0),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=min(BK, max(16, triton.next_power_of_2(K))), HAS_BIAS=bias is not None,
-        PRECISION=_precision(x.dtype), LINES=_lines(K, weight), num_warps=warps, num_stages=stages,
-        **pdl.options(x.device, prefetch=True))
+        PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages, **pdl.options(x.device))
     return out
 
 
@@ -215,8 +201,8 @@ def _qkv_rope_store_kernel(x_ptr, w_ptr, b_ptr, pos_ptr, cos_ptr, sin_ptr, qw_pt
                            M, K, HQ, HKV, qk_eps, stride_xm, stride_wn, stride_cb, stride_ch, stride_cs,
                            D: tl.constexpr, HALF: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QK_NORM: tl.constexpr,
-                           PRECISION: tl.constexpr, LINES: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
-    pdl.launch(PDL)
+                           PRECISION: tl.constexpr, PDL: tl.constexpr):
+    pdl.prologue(PDL)
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     SPLITS: tl.constexpr = HALF // PAIRS
@@ -226,9 +212,6 @@ def _qkv_rope_store_kernel(x_ptr, w_ptr, b_ptr, pos_ptr, cos_ptr, sin_ptr, qw_pt
     mmask = rm < M
     lo_rows = h * D + j  # rows of the packed [(HQ + 2 HKV) * D, K] weight
     hi_rows = lo_rows + HALF
-    pdl.prefetch_rows(w_ptr, lo_rows, stride_wn, 0, K, LINES, PREFETCH)
-    pdl.prefetch_rows(w_ptr, hi_rows, stride_wn, 0, K, LINES, PREFETCH)
-    pdl.wait(PDL)
     dtype = x_ptr.dtype.element_ty
     acc_lo = tl.zeros([BLOCK_M, PAIRS], tl.float32)
     acc_hi = tl.zeros([BLOCK_M, PAIRS], tl.float32)
@@ -306,6 +289,6 @@ def qkv_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         x, weight, bias if bias is not None else weight, positions, cos, sin_signed, qw, kw, q_out, k_cache, v_cache,
         M, K, HQ, HKV, qk_eps, x.stride(0), weight.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         D=D, HALF=half, PAIRS=pairs, BLOCK_M=BM, BLOCK_K=min(BK, max(16, triton.next_power_of_2(K))),
-        HAS_BIAS=bias is not None, HAS_QK_NORM=q_norm is not None, PRECISION=_precision(x.dtype),
-        LINES=_lines(K, weight), num_warps=warps, num_stages=stages, **pdl.options(x.device, prefetch=True))
+        HAS_BIAS=bias is not None, HAS_QK_NORM=q_norm is not None, PRECISION=_precision(x.dtype), num_warps=warps,
+        num_stages=stages, **pdl.options(x.device))
     return q_out
