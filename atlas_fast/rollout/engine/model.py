@@ -189,9 +189,9 @@ def decode_logits_fused(dec: Decoder, cache: KVCache, rope: RopeTable, tokens: t
     with `triton_attention`, attention that reads each row's own KV length (decode_kernel.py;
     `span` is then ignored); with `packed` (packed.py), one GEMM for q/k/v and one for gate/up
     where those layers are plain nn.Linear, run by the skinny Triton kernels (skinny.py) that also
-    apply the rotary/KV write or SiLU-mul after them, and a small down_proj split-K with its partial
-    sums added by the next norm: 8 kernels per layer (norm, q/k/v, attention and its merge, o_proj,
-    norm, gate/up, down) where HF's forward launches about 40."""
+    apply the rotary/KV write or SiLU-mul after them, and o_proj and down_proj split-K with their
+    partial sums added by the next norm: 7 kernels per layer (norm, q/k/v, attention, o_proj, norm,
+    gate/up, down) where HF's forward launches about 40."""
     from .decode_kernel import decode_attention_triton
     from .kernels import add_rms_norm, rope_store, silu_mul
     from . import skinny
