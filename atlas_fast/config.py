@@ -137,6 +137,12 @@ class GRPOConfig:
     activation_offload: bool = False  # with gradient_checkpointing: saved layer inputs wait in pinned CPU memory
     optimizer_offload: bool = False  # fp32 master weights and AdamW moments on the CPU, stepped there
     padding_free: bool = False  # each micro-batch packed into one row without pad tokens
+    # The most tokens one forward pass of the update (and of the old/reference log-prob passes)
+    # takes: a micro-batch holding more runs in row chunks under it, accumulating gradients, with
+    # the micro-batch's loss and gradient unchanged. Activation memory then follows the budget, not
+    # per_device_train_batch_size x sequence length. Counted as packed tokens with padding_free,
+    # else rows x the longest row. None: whole micro-batches.
+    max_forward_tokens: int | None = None
     disable_dropout: bool = False
     # -- reference model --------------------------------------------------------------------
     sync_ref_model: bool = False
@@ -263,6 +269,8 @@ class GRPOConfig:
         need(0 <= self.ref_model_mixup_alpha <= 1, f"ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}")
         need(self.ref_model_sync_steps >= 1, f"ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}")
         need(self.offload_mode in OFFLOAD_MODES, f"offload_mode must be one of {OFFLOAD_MODES}, got {self.offload_mode!r}")
+        need(self.max_forward_tokens is None or self.max_forward_tokens >= 1,
+             f"max_forward_tokens must be >= 1 (or None for whole micro-batches), got {self.max_forward_tokens}")
         need(not self.activation_offload or self.gradient_checkpointing,
              "activation_offload moves the layer inputs that gradient checkpointing saves: set gradient_checkpointing=True too")
         need(not (self.optimizer_offload and self.fp16),

@@ -42,7 +42,7 @@ from .config import GRPOConfig
 from .data import PromptSampler, is_conversational, load_dataset_any, render_prompt
 from .memory import (MemoryReport, OffloadedAdamW, enable_gradient_checkpointing, frozen_offload, on_device,
                      packed_completion_hidden, packed_completion_logits, place_frozen, prepare_packing,
-                     split_micro_batches)
+                     split_micro_batches, token_chunks)
 from .metrics import MetricsLogger, format_metrics, plot_metrics
 from .modeling import load_causal_lm, load_tokenizer
 from .rewards import (append_reward_tables, combine_rewards, compute_rewards, prepare_reward_funcs,
@@ -348,14 +348,17 @@ class GRPOTrainer:
             mb = next(self._stream)
             self.model.train()  # generation and log-prob passes switch to eval mode
             with self.memory.phase("update"):
-                with self._autocast():
-                    loss, stats = self._loss(mb)
-                if not torch.isfinite(loss):
-                    self._on_bad_loss(loss)
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                for part, loss_share, token_share in self._forward_parts(mb):
+                    with self._autocast():
+                        loss, stats = self._loss(part)
+                    loss = loss * loss_share
+                    if not torch.isfinite(loss):
+                        self._on_bad_loss(loss)
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
+                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())  # host sync, for logging
+                    for k, v in stats.items():  # token means over the part: weighted back to the micro-batch's
+                        sums[k] = sums.get(k, 0.0) + float(v) * token_share
             tokens += int(mb.attention_mask.sum())
-            for k, v in {"loss": loss.detach(), **stats}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)  # host sync, once per micro-batch, for logging
         max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -407,6 +410,38 @@ class GRPOTrainer:
         if c.loss_type not in ("dapo", "cispo"):
             loss = loss / c.gradient_accumulation_steps  # per-micro-batch normalisers: average the steps
         return loss, stats
+
+    def _forward_parts(self, mb: MicroBatch) -> list[tuple[MicroBatch, float, float]]:
+        """(rows, loss share, completion-token share) per forward pass of `mb`: the whole micro-batch,
+        or row chunks of at most max_forward_tokens. Each part's loss is normalised as its loss type
+        normalises a micro-batch; the share scales it back to the whole micro-batch's normaliser, so
+        the parts' gradients add up to the micro-batch's."""
+        chunks = self._row_chunks(mb)
+        if len(chunks) == 1:
+            return [(mb, 1.0, 1.0)]
+        rows = len(mb.advantages)
+        tokens = max(float(mb.completion_mask.sum()), 1.0)
+        parts = []
+        for chunk in chunks:
+            part = trim(mb.slice(slice(chunk.start, chunk.stop)))
+            part_tokens = float(part.completion_mask.sum())
+            if self.args.loss_type in ("dapo", "cispo"):
+                share = 1.0  # already normalised by the generation batch's token count (num_items)
+            elif self.args.loss_type == "bnpo":
+                share = part_tokens / tokens
+            else:  # grpo, dr_grpo: a mean over rows
+                share = len(chunk) / rows
+            parts.append((part, share, part_tokens / tokens))
+        return parts
+
+    def _row_chunks(self, mb: MicroBatch) -> list[range]:
+        """Row ranges of `mb` for one forward pass each (max_forward_tokens)."""
+        rows = len(mb.advantages)
+        budget = self.args.max_forward_tokens
+        if budget is None:
+            return [range(rows)]
+        lengths = mb.attention_mask.sum(1).tolist()  # host sync, once per micro-batch
+        return token_chunks(lengths, budget, packed=self.padding_free)
 
     def _micro_batches(self) -> Iterator[MicroBatch]:
         """Yield micro-batches forever, generating a new batch whenever the previous is spent."""
@@ -556,8 +591,20 @@ class GRPOTrainer:
         out = []
         was_training = model.training
         model.eval()  # the sampling policy's and the reference's log-probs: no dropout
+        width = batch.completion_ids.shape[1]
         for i in range(0, len(batch.advantages), size):
-            mb = batch.slice(slice(i, i + size))
+            whole = batch.slice(slice(i, i + size))
+            chunks = self._row_chunks(whole)
+            parts = [whole] if len(chunks) == 1 else [trim(whole.slice(slice(c.start, c.stop))) for c in chunks]
+            out += [torch.nn.functional.pad(lp, (0, width - lp.shape[1])) for lp in self._logps_of(model, head, parts)]
+        model.train(was_training)
+        return torch.cat(out)
+
+    def _logps_of(self, model, head: LMHead | None, parts: list[MicroBatch]) -> list[torch.Tensor]:
+        """Completion log-probs [rows, C] of each micro-batch in `parts` (C its own width); padded
+        positions hold values the losses mask out."""
+        out = []
+        for mb in parts:
             with self._autocast():
                 if head is not None:
                     out.append(self.kernels.fused_linear_logprobs(
@@ -567,8 +614,7 @@ class GRPOTrainer:
                     logits = self._completion_logits(model, mb)
                     out.append(self.kernels.selective_logprobs(logits, mb.completion_ids,
                                                                temperature=self.args.temperature, validate=False))
-        model.train(was_training)
-        return torch.cat(out)
+        return out
 
     def _fused_head(self, model) -> LMHead | None:
         """The model split for the fused LM head (`fused_lm_head`), or None to score its logits:

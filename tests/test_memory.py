@@ -407,6 +407,45 @@ def test_trainer_with_every_memory_option_matches_the_plain_run(tmp_path, tok):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("loss_type,padding_free", [("grpo", True), ("bnpo", False), ("dr_grpo", True),
+                                                    ("dapo", False)])
+def test_forward_token_budget_keeps_losses_and_updates(tmp_path, tok, loss_type, padding_free):
+    """max_forward_tokens runs each micro-batch (and the old/reference log-prob passes) in row chunks:
+    the logged losses, KL, gradient norms and the trained weights equal whole micro-batches'."""
+    options = dict(loss_type=loss_type, padding_free=padding_free, num_iterations=2)
+    whole = _trainer(tmp_path, tok, "whole", **options)
+    whole.train()
+    chunked = _trainer(tmp_path, tok, "chunked", max_forward_tokens=12, **options)
+    splits = []
+    real = chunked._row_chunks
+    chunked._row_chunks = lambda mb: splits.append(len(real(mb))) or real(mb)
+    chunked.train()
+    assert max(splits) >= 3  # micro-batches of 4 rows of ~6-14 tokens really were split
+    for key in ("loss", "grad_norm", "kl", "clip_ratio/region_mean"):
+        expected = [r[key] for r in whole.state.log_history if key in r]
+        got = [r[key] for r in chunked.state.log_history if key in r]
+        assert len(got) == len(expected) == 2, key
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-6, msg=key)
+    for (name, a), b in zip(whole.model.named_parameters(), chunked.model.parameters()):
+        if name.endswith("k_proj.bias"):
+            continue  # softmax ignores it: its gradient is rounding noise that Adam scales up to lr
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_token_chunks_respect_the_budget():
+    from atlas_fast.memory import token_chunks
+
+    lengths = [5, 9, 3, 12, 4, 4]
+    packed = token_chunks(lengths, 12, packed=True)
+    assert [list(c) for c in packed] == [[0], [1, 2], [3], [4, 5]]
+    padded = token_chunks(lengths, 12, packed=False)
+    assert [list(c) for c in padded] == [[0], [1], [2], [3], [4, 5]]
+    assert [list(c) for c in token_chunks(lengths, 100, packed=True)] == [list(range(6))]
+    assert [list(c) for c in token_chunks([30, 2], 8, packed=True)] == [[0], [1]]  # a long row goes alone
+    with pytest.raises(ValueError, match="token budget must be >= 1"):
+        token_chunks(lengths, 0, packed=True)
+
+
 def test_trainer_resume_with_optimizer_offload_is_exact(tmp_path, tok):
     from transformers import TrainerCallback
 
@@ -438,6 +477,8 @@ def test_impossible_memory_options_are_clear_errors(tmp_path, tok):
         GRPOConfig(offload_mode="always")
     with pytest.raises(ValueError, match="optimizer_offload does not combine with fp16"):
         GRPOConfig(optimizer_offload=True, fp16=True)
+    with pytest.raises(ValueError, match="max_forward_tokens must be >= 1"):
+        GRPOConfig(max_forward_tokens=0)
     from atlas_fast import GRPOTrainer
     from tiny import arithmetic_rows
 

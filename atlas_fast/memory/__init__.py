@@ -20,7 +20,7 @@ from .checkpointing import (ActivationOffload, decoder_layers, disable_activatio
 from .offload import FrozenOffload, frozen_offload, offload_frozen, place_frozen
 from .optimizer import OffloadedAdamW
 from .packing import (PackedBatch, balance_rows, pack, packed_completion_hidden, packed_completion_logits,
-                      prepare_packing, split_micro_batches, supports_packing)
+                      prepare_packing, split_micro_batches, supports_packing, token_chunks)
 from .report import MemoryReport
 
 __all__ = [
@@ -28,7 +28,7 @@ __all__ = [
     "decoder_layers", "disable_activation_checkpointing", "enable_activation_checkpointing",
     "enable_gradient_checkpointing", "frozen_offload", "module_device", "offload_frozen", "on_device", "pack",
     "packed_completion_hidden", "packed_completion_logits", "place_frozen", "prepare_packing",
-    "split_micro_batches", "supports_packing",
+    "split_micro_batches", "supports_packing", "token_chunks",
 ]
 
 

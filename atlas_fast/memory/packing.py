@@ -268,6 +268,25 @@ def balance_rows(lengths: list[int], num_micro_batches: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
+def token_chunks(lengths: list[int], budget: int, *, packed: bool) -> list[range]:
+    """Consecutive row ranges whose forward pass costs at most `budget` tokens: the sum of their
+    lengths when rows are packed, rows x the longest when padded. A row longer than the budget
+    goes alone (a sequence is never cut)."""
+    if budget < 1:
+        raise ValueError(f"token budget must be >= 1, got {budget}")
+    chunks, start, total, longest = [], 0, 0, 0
+    for i, n in enumerate(lengths):
+        cost = total + n if packed else (i - start + 1) * max(longest, n)
+        if i > start and cost > budget:
+            chunks.append(range(start, i))
+            start, total, longest = i, 0, 0
+        total += n
+        longest = max(longest, n)
+    if lengths:
+        chunks.append(range(start, len(lengths)))
+    return chunks
+
+
 def split_micro_batches(batch: MicroBatch, size: int, *, balance: bool) -> list[MicroBatch]:
     """Consecutive slices of `size` rows, or with `balance` rows regrouped by token count."""
     n = len(batch.advantages)
