@@ -23,7 +23,8 @@ Cases
            otherwise (beta = 0, micro-batches of 8, one generation batch per optimizer step).
 Systems
   atlas-fast       gradient checkpointing (TRL's default) + padding-free micro-batches
-  atlas-fast lean  the above + activation offload, frozen reference in CPU memory, optimizer offload
+  atlas-fast lean  the above + activation offload, frozen reference in CPU memory, optimizer offload,
+                   forward passes of at most LEAN_FORWARD_TOKENS tokens
   TRL / TRL+Liger  TRL 1.16 GRPOTrainer at its defaults (gradient checkpointing on), use_liger_kernel
                    off / on
 
@@ -82,6 +83,9 @@ SHAPES = {
 }
 
 SYSTEMS = ("atlas-fast", "atlas-fast lean", "TRL", "TRL+Liger")
+# lean's max_forward_tokens: whole micro-batches at the update case's 8 x 1280 tokens, one
+# sequence per pass once completions pass ~16k (activation memory then stops growing with the batch).
+LEAN_FORWARD_TOKENS = 16384
 
 
 @dataclass
@@ -231,7 +235,8 @@ def run_atlas(path: Path, work: Workload, steps: int, device: str, lean: bool, s
 
     options = dict(gradient_checkpointing=True, padding_free=True)
     if lean:
-        options.update(activation_offload=True, offload_untrained_models=True, optimizer_offload=True)
+        options.update(activation_offload=True, offload_untrained_models=True, optimizer_offload=True,
+                       max_forward_tokens=LEAN_FORWARD_TOKENS)
     backend = "engine" if device == "cuda" and "engine" in BACKENDS else "hf"
     config = GRPOConfig(
         output_dir=str(scratch / "atlas"), max_steps=steps, num_generations=G, per_device_train_batch_size=work.per_device,
@@ -502,7 +507,8 @@ def header(device: str, mode: str, steps: int, warmup: int) -> str:
             f"{' --quick' if mode == 'quick' else ''}`: each trainer's own `train()`, one warm-up step then the median "
             f"of {steps - warmup} timed steps; peak = max allocated over a step. Random-weight bf16 models that "
             "cannot stop early (fixed lengths). atlas-fast = gradient checkpointing + padding-free; "
-            "lean = + activation offload, frozen reference in CPU memory, optimizer offload. TRL at its defaults "
+            "lean = + activation offload, frozen reference in CPU memory, optimizer offload, forward passes of "
+            f"at most {LEAN_FORWARD_TOKENS} tokens. TRL at its defaults "
             "(gradient checkpointing on).\n")
 
 
@@ -599,11 +605,15 @@ def main(argv=None) -> int:
     ap.add_argument("--systems", default=None, help=f"comma list of {', '.join(SYSTEMS)} (default: all; "
                     "on the CPU all but TRL+Liger, whose kernels need a GPU)")
     ap.add_argument("--models", default=None, help="folder for the saved random models (default: a temp folder)")
+    ap.add_argument("--fit-lengths", default=None, help="comma list of completion lengths for the fit case "
+                    "(default: the plan's doubling ladder)")
     ap.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     device = args.device
     plan = make_plan(device, args.quick)
+    if args.fit_lengths:
+        plan.fit_lengths = [int(x) for x in args.fit_lengths.split(",")]
     cases = set(args.cases.split(","))
     default = [s for s in SYSTEMS if device == "cuda" or s != "TRL+Liger"]
     systems = [s for s in SYSTEMS if s in (args.systems.split(",") if args.systems else default)]
