@@ -457,19 +457,27 @@ def result_table(rows: list[Result], title: str) -> str:
 
 def fit_table(rows: list[Result]) -> str:
     lines = ["**Longest completion that fits, 8 generations, update step** (doubling lengths until the first OOM)", "",
-             "| shape | system | longest that fits | first that failed | vs TRL |", "|---|---|---|---|---|"]
-    fits: dict[tuple[str, str], tuple[int | None, str]] = {}
+             "| shape | system | longest that fits | first that failed | vs TRL | peak memory, step time at each length |",
+             "|---|---|---|---|---|---|"]
+    fits: dict[tuple[str, str], tuple[int | None, str | None]] = {}
+    tried: dict[tuple[str, str], list[str]] = {}
     for r in rows:  # in the order tried: ascending lengths, stopping at the first failure
-        fits_at, failed = fits.get((r.shape, r.system), (None, "-"))
+        fits_at, failed = fits.get((r.shape, r.system), (None, None))
         if r.ok:
             fits_at = r.completion
-        else:
+            tried.setdefault((r.shape, r.system), []).append(f"{r.completion}: {r.peak_gib:.2f} GiB, {r.step_s:.1f} s")
+        elif failed is None:
             failed = f"{r.completion}" + ("" if r.error == "OOM" else f" ({r.error})")
         fits[(r.shape, r.system)] = (fits_at, failed)
     for (shape, system), (fits_at, failed) in fits.items():
-        trl = fits.get((shape, "TRL"), (None,))[0]
-        vs = f"{fits_at / trl:.1f}x" if fits_at and trl else "-"
-        lines.append(f"| {shape} | {system} | {fits_at or 'none'} | {failed} | {vs} |")
+        trl_at, trl_failed = fits.get((shape, "TRL"), (None, None))
+        vs = "-"
+        if fits_at and trl_at and system != "TRL":
+            # A side that never failed may fit longer still: its ratio is a bound, not a measurement.
+            bound = ">=" if failed is None and trl_failed is not None else "<=" if failed is not None and trl_failed is None else ""
+            vs = "- (neither failed)" if failed is None and trl_failed is None else f"{bound}{fits_at / trl_at:.1f}x"
+        lines.append(f"| {shape} | {system} | {fits_at or 'none'} | {failed or '-'} | {vs} | "
+                     f"{'; '.join(tried.get((shape, system), [])) or '-'} |")
     return "\n".join(lines)
 
 
