@@ -117,7 +117,8 @@ def replay_only_ms(B: int, V: int, steps: int) -> float:
     g = torch.Generator().manual_seed(0)
     base = (3 * torch.randn(B, V, generator=g)).to(torch.bfloat16).cuda()
     graphs, _ = stand_in_graphs(base, B, "cuda", sleep=True)
-    tokens, positions = graphs.adopt(torch.zeros(B, dtype=torch.long).cuda(), torch.zeros(B, dtype=torch.long).cuda())
+    tokens, positions, _, _ = graphs.adopt(torch.zeros(B, dtype=torch.long).cuda(), torch.zeros(B, dtype=torch.long).cuda(),
+                                           torch.zeros(B, dtype=torch.bool).cuda(), torch.arange(B).cuda())
     graphs(tokens, positions, 0)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

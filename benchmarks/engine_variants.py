@@ -31,6 +31,7 @@ VARIANTS = {
     "attention 64-key blocks x 3 stages": {("decode_kernel", "BLOCK_N"): 64, ("decode_kernel", "NUM_STAGES"): 3},
     "o_proj unsplit": {("skinny", "O_SPLIT"): 0},
     "no PDL": {("pdl", "ENABLED"): False},
+    "sampler in the graph": {("engine", "GRAPH_SAMPLER"): True},
     "cuBLAS projections": {("skinny", "ENABLED"): False},
     "down_proj on cuBLAS": {("skinny", "DOWN_SPLIT"): 0},
     "down split-K 2": {("skinny", "DOWN_SPLIT"): 2},
@@ -39,8 +40,9 @@ VARIANTS = {
 
 
 def modules():
+    from atlas_fast.rollout import engine
     from atlas_fast.rollout.engine import decode_kernel, pdl, skinny
-    return {"skinny": skinny, "decode_kernel": decode_kernel, "pdl": pdl}
+    return {"skinny": skinny, "decode_kernel": decode_kernel, "pdl": pdl, "engine": engine}
 
 
 def main(argv=None) -> int:

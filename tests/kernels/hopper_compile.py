@@ -206,11 +206,12 @@ def engine_launches() -> None:
         decode_kernel.decode_attention_triton(qh, kc, vc, positions, 0.125, 64, variant=variant, tickets=tickets)
     logits = torch.randn(M, V).to(bf)
     sample_kernel.sample_tokens(logits, 0.9, 7)
-    sample_kernel.sample_tokens_into(
-        logits, 1.0, 7, t=3, finished=torch.zeros(M, dtype=torch.bool), rows=torch.arange(M),
-        out_tokens=torch.zeros(M + 1, 8, dtype=torch.long), out_logps=torch.zeros(M + 1, 8),
-        stop_mask=torch.zeros(V, dtype=torch.bool), tokens=torch.zeros(M, dtype=torch.long),
-        positions=positions.clone(), advance=1, pad_id=0)
+    for step in (None, torch.tensor([3, 7])):  # host t and seed; the in-graph sampler's device ones
+        sample_kernel.sample_tokens_into(
+            logits, 1.0, 7, t=3, finished=torch.zeros(M, dtype=torch.bool), rows=torch.arange(M),
+            out_tokens=torch.zeros(M + 1, 8, dtype=torch.long), out_logps=torch.zeros(M + 1, 8),
+            stop_mask=torch.zeros(V, dtype=torch.bool), tokens=torch.zeros(M, dtype=torch.long),
+            positions=positions.clone(), advance=1, pad_id=0, step=step)
     del act, parts
 
 

@@ -160,6 +160,37 @@ def test_generate_is_the_same_with_and_without_fused_bookkeeping(tok, monkeypatc
     assert compactions >= 1
 
 
+@pytest.mark.parametrize("t", [4, 7])
+def test_step_and_seed_read_from_the_device_match_the_host_values(t):
+    """The in-graph sampler reads t and the base seed from a device tensor (seed = base + t): the
+    draws, records and next inputs equal a launch given t and (base + t) from the host."""
+    from atlas_fast.rollout.engine import sample_kernel
+
+    B, N, V, T, pad_id, base = 13, 10, 61, 9, 0, 2**31 - 3  # base + t wraps past 2**31
+    inputs = step_inputs(B, N, V, T, torch.float32, seed=5)
+    results = []
+    for from_device in (False, True):
+        logits, finished, rows, positions, out_tokens, out_logps, stop_mask = [x.clone() for x in inputs]
+        tokens = torch.full((B,), -1, dtype=torch.long, device=DEVICE)
+        step = torch.tensor([t, base], device=DEVICE) if from_device else None
+        seed, t_arg = (0, 0) if from_device else ((base + t) % 2**31, t)
+        sample_kernel.sample_tokens_into(logits, 0.9, seed, t=t_arg, finished=finished, rows=rows,
+                                         out_tokens=out_tokens, out_logps=out_logps, stop_mask=stop_mask,
+                                         tokens=tokens, positions=positions, advance=1, pad_id=pad_id, step=step)
+        results.append((tokens, finished, positions, out_tokens, out_logps))
+        if from_device:
+            assert step.tolist() == [t, base]  # read only: advancing it is the caller's
+    for host, device in zip(*results):
+        assert torch.equal(host, device)
+    assert not torch.equal(results[0][3][:, t], inputs[4][:, t])  # column t was written
+    with pytest.raises(ValueError, match="step must be an int64"):
+        sample_kernel.sample_tokens_into(*inputs[:1], 0.9, 0, t=0, finished=inputs[1], rows=inputs[2],
+                                         out_tokens=inputs[4], out_logps=None, stop_mask=None,
+                                         tokens=torch.zeros(B, dtype=torch.long, device=DEVICE),
+                                         positions=inputs[3], advance=1, pad_id=0,
+                                         step=torch.zeros(3, dtype=torch.long, device=DEVICE))
+
+
 def test_graph_inputs_are_adopted_once_and_copied_only_when_foreign():
     """A replay reads the graphs' input buffers: a batch whose tokens/positions are views of them
     (after `adopt`) is read in place; any other tensor is copied in first."""
@@ -172,9 +203,12 @@ def test_graph_inputs_are_adopted_once_and_copied_only_when_foreign():
         def replay(self):
             seen.append((graphs.tokens[:4].clone(), graphs.positions[:4].clone()))
 
-    graphs.graphs[(4, 16)] = (Replay(), "logits")
-    tokens, positions = graphs.adopt(torch.tensor([5, 6, 7, 8]), torch.tensor([1, 2, 3, 4]))
+    graphs.graphs[(4, 16, None)] = (Replay(), "logits")
+    tokens, positions, finished, rows = graphs.adopt(torch.tensor([5, 6, 7, 8]), torch.tensor([1, 2, 3, 4]),
+                                                     torch.tensor([False, True, False, True]), torch.arange(4))
     assert tokens.data_ptr() == graphs.tokens.data_ptr() and positions.data_ptr() == graphs.positions.data_ptr()
+    assert finished.data_ptr() == graphs.finished.data_ptr() and rows.data_ptr() == graphs.rows.data_ptr()
+    assert finished.tolist() == [False, True, False, True] and rows.tolist() == [0, 1, 2, 3]
     tokens.copy_(torch.tensor([9, 9, 9, 9]))  # what the fused sampler does after a replay
     positions += 1
     assert graphs(tokens, positions, 16) == "logits"
@@ -182,7 +216,7 @@ def test_graph_inputs_are_adopted_once_and_copied_only_when_foreign():
     graphs(torch.tensor([1, 2, 3, 0]), positions, 16)  # a new tensor (the PyTorch path) is copied in
     assert seen[-1][0].tolist() == [1, 2, 3, 0] and seen[-1][1].tolist() == [2, 3, 4, 5]
     with pytest.raises(ValueError, match="B <= 8"):
-        graphs.adopt(torch.zeros(9, dtype=torch.long), torch.zeros(9, dtype=torch.long))
+        graphs.adopt(*(torch.zeros(9, dtype=torch.long) for _ in range(4)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="CUDA graphs need a GPU")
@@ -204,3 +238,27 @@ def test_cuda_graphs_read_the_fused_samplers_writes(tok, attention):
     assert outs[True].finish_reasons == outs[False].finish_reasons
     assert outs[True].logprobs == outs[False].logprobs
     assert outs[True].metrics["engine/compactions"] >= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("min_tokens", [0, 6])
+def test_sampler_inside_the_graph_draws_what_the_launched_sampler_draws(tok, min_tokens):
+    """graph_sampler captures the sampler into the decode graph: completions, finish reasons and
+    log-probs equal those of the sampler launched after each replay, with stops, compaction and
+    min_tokens steps (which take the PyTorch sampler outside the graph) in the mix."""
+    model = tiny_decoder("llama", tok).cuda()
+    prompts = [tok(text, add_special_tokens=False)["input_ids"] for text in ["12+3=", "4*5=ab cd", "9", "7-2=x<y>?"]]
+    stops = [tok.convert_tokens_to_ids(c) for c in "0123456789"]
+    params = SamplingParams(max_tokens=40, n=5, temperature=1.0, seed=3, logprobs=True, stop_token_ids=stops,
+                            min_tokens=min_tokens)
+    outs = {}
+    for in_graph in (True, False):
+        engine = EngineBackend(model, tok, dtype=torch.float32, check_every=1, graph_sampler=in_graph)
+        outs[in_graph] = [engine.generate(prompts, params) for _ in range(2)]  # the second call replays
+        keys = [key for key in engine.graphs.graphs]
+        assert any(key[2] is not None for key in keys) == in_graph
+    for a, b in zip(outs[True], outs[False]):
+        assert a.completion_ids == b.completion_ids
+        assert a.finish_reasons == b.finish_reasons
+        assert a.logprobs == b.logprobs
+    assert outs[True][0].metrics["engine/compactions"] >= 1

@@ -27,12 +27,16 @@ import torch
 from .. import FINISH_LENGTH, FINISH_STOP, RolloutOutput, SamplingParams, right_pad, stop_ids
 from .batch import DecodeBatch, compact, new_batch
 from .cache import KVCache
-from .graphs import DecodeGraphs, batch_bucket, round_up
+from .graphs import DecodeGraphs, GraphPost, batch_bucket, round_up
 from .model import Decoder, decode_logits, decode_logits_fused, fusable, prefill_logits, resolve_decoder, rope_table
 from .packed import PackedWeights
 from .sampling import sample, temperature_only
 
 __all__ = ["EngineBackend"]
+
+# The default of EngineBackend(graph_sampler=None): off until timed against the launched sampler
+# on a GPU (benchmarks/engine_variants.py, "sampler in the graph").
+GRAPH_SAMPLER = False
 
 
 class DecodeStep:
@@ -52,7 +56,7 @@ class EngineBackend:
                  cuda_graphs: bool = True, check_every: int = 8, span_step: int = 256,
                  prefill_tokens: int = 16384, max_rows: int = 0, max_length: int = 0,
                  fused_kernels: bool | None = None, attention: str = "auto", fused_sampler: bool | None = None,
-                 pack_projections: bool = True, fused_bookkeeping: bool = True):
+                 pack_projections: bool = True, fused_bookkeeping: bool = True, graph_sampler: bool | None = None):
         """dtype: compute dtype (default bf16 on CUDA, the parameters' dtype elsewhere); float32
         parameters then run under autocast. check_every: decode steps between looks at which
         sequences finished (each look is a host sync). span_step: the attention span's rounding
@@ -67,7 +71,10 @@ class EngineBackend:
         one GEMM each over packed copies (packed.py: refreshed when the weights change; costs
         their size in memory, ~0.47 GB for Qwen2.5-0.5B in bf16). fused_bookkeeping: with the
         one-pass sampler, its last kernel also records each draw and feeds it to the next step
-        (one launch instead of ~7 small PyTorch ops per step); off, the PyTorch ops run."""
+        (one launch instead of ~7 small PyTorch ops per step); off, the PyTorch ops run.
+        graph_sampler: with CUDA graphs and fused bookkeeping, temperature-only steps capture the
+        sampler into the decode graph (it reads the step and seed from the device), so a step is
+        one graph launch; the draws are the same as without it (None: GRAPH_SAMPLER)."""
         if check_every < 1 or span_step < 1 or prefill_tokens < 1:
             raise ValueError("EngineBackend: check_every, span_step and prefill_tokens must be >= 1")
         if attention not in ("auto", "triton", "sdpa"):
@@ -84,6 +91,10 @@ class EngineBackend:
         self.fused_sampler = fused_sampler
         self.pack_projections = pack_projections
         self.fused_bookkeeping = fused_bookkeeping
+        self.graph_sampler = GRAPH_SAMPLER if graph_sampler is None else graph_sampler
+        # Buffers an in-graph sampler writes (made with the graphs, which bake their addresses in):
+        # output tokens / log-probs [rows + 1, length], the stop mask [V], and (t, base seed).
+        self._graph_out: dict[str, torch.Tensor] = {}
         self.packed: PackedWeights | None = None
         self.cache: KVCache | None = None
         self.graphs: DecodeGraphs | None = None
@@ -163,8 +174,18 @@ class EngineBackend:
             stop_mask[torch.tensor(sorted(stops), device=device)] = True
         generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
         seeds = self._kernel_seeds(sampling, device)
-        out_tokens = torch.full((N + 1, T), self.pad_id, dtype=torch.long, device=device)  # row N: padding slots
-        out_logps = torch.zeros((N + 1, T), dtype=torch.float32, device=device) if sampling.logprobs else None
+        in_graph = (self.graph_sampler and self.graphs is not None and seeds is not None and self.fused_bookkeeping
+                    and sampling.repetition_penalty == 1.0)
+        if in_graph:  # the graphs' own output buffers, whose addresses the captured sampler holds
+            out = self._graph_out
+            out_tokens = out["tokens"][: N + 1, :T].fill_(self.pad_id)  # row N: padding slots
+            out_logps = out["logps"][: N + 1, :T].zero_() if sampling.logprobs else None
+            if stop_mask is not None:
+                stop_mask = out["stop"].copy_(stop_mask)
+            out["step"].copy_(torch.tensor([0, seeds]))
+        else:
+            out_tokens = torch.full((N + 1, T), self.pad_id, dtype=torch.long, device=device)  # row N: padding slots
+            out_logps = torch.zeros((N + 1, T), dtype=torch.float32, device=device) if sampling.logprobs else None
 
         first_logits = self._prefill(prompts, n, device)  # [N, V]
         seen = self._seen(prompts, n, size, device) if sampling.repetition_penalty != 1.0 else None
@@ -176,6 +197,7 @@ class EngineBackend:
 
         can_stop = stop_mask is not None
         steps, compactions = 1, 0
+        step_on_device = False  # whether out["step"][0] holds this t (it does after a graph-sampled step)
         for t in range(1, T):
             if can_stop and t % self.check_every == 0:
                 finished = batch.finished.tolist()  # host sync, once every check_every steps
@@ -187,8 +209,16 @@ class EngineBackend:
                     batch = self._graph_inputs(compact(batch, keep, batch_bucket(len(keep)), self.cache,
                                                        batch.span_needed(t), self.pad_id, N))
                     compactions += 1
-            logits = self._decode(batch, batch.span_needed(t))  # [B, V]
-            self._sample_into(batch, logits, t, sampling, stop_mask, generator, out_tokens, out_logps, seeds, advance=1)
+            if in_graph and temperature_only(sampling, t, stop_mask, dec.vocab_size):
+                if not step_on_device:
+                    self._graph_out["step"][0].fill_(t)
+                    step_on_device = True
+                self._decode(batch, batch.span_needed(t), self._graph_post(sampling, stop_mask, out_logps))
+            else:
+                step_on_device = False
+                logits = self._decode(batch, batch.span_needed(t))  # [B, V]
+                self._sample_into(batch, logits, t, sampling, stop_mask, generator, out_tokens, out_logps, seeds,
+                                  advance=1)
             steps += 1
         return out_tokens[:N], (out_logps[:N] if out_logps is not None else None), steps, compactions
 
@@ -210,13 +240,34 @@ class EngineBackend:
             start = stop
         return torch.cat(out)
 
-    def _decode(self, batch: DecodeBatch, needed: int) -> torch.Tensor:
+    def _decode(self, batch: DecodeBatch, needed: int, post: GraphPost | None = None) -> torch.Tensor:
         step = self._step_fn()
         if self.graphs is not None:
             # Span-free steps read each row's own length: one graph per batch bucket.
             span = self.cache.length if step.span_free else min(round_up(needed, self.span_step), self.cache.length)
-            return self.graphs(batch.tokens, batch.positions, span)
+            return self.graphs(batch.tokens, batch.positions, span, post)
         return step(self.dec, self.cache, self.rope, batch.tokens, batch.positions, needed)
+
+    def _graph_post(self, sampling: SamplingParams, stop_mask: torch.Tensor | None,
+                    out_logps: torch.Tensor | None) -> GraphPost:
+        """The one-pass sampler and its bookkeeping as part of the decode graph: it reads t and the
+        seed from out["step"] and advances t, writes the graphs' output buffers, and feeds the draw
+        to the next replay through the graphs' own tokens/positions/finished buffers."""
+        from .sample_kernel import sample_tokens_into  # Triton loads only when a kernel runs
+
+        out, temperature, pad_id = self._graph_out, sampling.temperature, self.pad_id
+        has_stop, has_logps = stop_mask is not None, out_logps is not None
+
+        def run(logits, tokens, positions, finished, rows, scratch: bool) -> None:
+            buffers = {k: (v.clone() if scratch else v) for k, v in out.items()}
+            sample_tokens_into(logits, temperature, 0, t=0, finished=finished, rows=rows, out_tokens=buffers["tokens"],
+                               out_logps=buffers["logps"] if has_logps else None,
+                               stop_mask=buffers["stop"] if has_stop else None, tokens=tokens, positions=positions,
+                               advance=1, pad_id=pad_id, step=buffers["step"])
+            buffers["step"][:1].add_(1)
+
+        # What the graph bakes in: the temperature (the kernels' scale) and which outputs it writes.
+        return GraphPost(("sampler", temperature, has_stop, has_logps), run)
 
     def _step_fn(self) -> "DecodeStep":
         use = self.fused_kernels
@@ -253,7 +304,7 @@ class EngineBackend:
             batch.seen.scatter_(1, tokens[:, None], True)
         if stop_mask is not None:
             batch.finished |= stop_mask[tokens]
-        batch.tokens = tokens
+        batch.tokens.copy_(tokens)  # in place: under CUDA graphs it is the next replay's input buffer
         if advance:
             batch.positions += advance
 
@@ -262,7 +313,8 @@ class EngineBackend:
         (one copy here, at the start and after each compaction), so the fused sampler's writes are
         the next replay's inputs and each step skips two copies."""
         if self.graphs is not None:
-            batch.tokens, batch.positions = self.graphs.adopt(batch.tokens, batch.positions)
+            batch.tokens, batch.positions, batch.finished, batch.rows = self.graphs.adopt(
+                batch.tokens, batch.positions, batch.finished, batch.rows)
         return batch
 
     # ------------------------------------------------------------------ helpers
@@ -348,3 +400,11 @@ class EngineBackend:
             return
         dec, cache, rope, step = self.dec, self.cache, self.rope, self._step_fn()
         self.graphs = DecodeGraphs(lambda tok, pos, span: step(dec, cache, rope, tok, pos, span), cache.rows, device)
+        if self.graph_sampler:
+            rows, length = cache.rows + 1, cache.length
+            self._graph_out = {
+                "tokens": torch.empty((rows, length), dtype=torch.long, device=device),
+                "logps": torch.empty((rows, length), dtype=torch.float32, device=device),
+                "stop": torch.zeros(dec.vocab_size, dtype=torch.bool, device=device),
+                "step": torch.zeros(2, dtype=torch.long, device=device),
+            }

@@ -129,9 +129,13 @@ def _pick_kernel(logits_ptr, max_ptr, sum_ptr, tokens_ptr, logps_ptr, V, stride,
 @triton.jit(do_not_specialize=["t", "seed"])
 def _pick_record_kernel(logits_ptr, max_ptr, sum_ptr, V, stride, scale, seed, NB,
                         finished_ptr, rows_ptr, out_tokens_ptr, out_tokens_stride, out_logps_ptr,
-                        out_logps_stride, t, stop_ptr, next_ptr, positions_ptr, advance, pad_id,
-                        HAS_LOGPS: tl.constexpr, HAS_STOP: tl.constexpr, BLOCK: tl.constexpr, NBP: tl.constexpr):
+                        out_logps_stride, t, stop_ptr, next_ptr, positions_ptr, advance, pad_id, step_ptr,
+                        HAS_LOGPS: tl.constexpr, HAS_STOP: tl.constexpr, STEP_IN_MEMORY: tl.constexpr,
+                        BLOCK: tl.constexpr, NBP: tl.constexpr):
     slot = tl.program_id(0)
+    if STEP_IN_MEMORY:  # a CUDA graph's replays: the step and its seed come from the device
+        t = tl.load(step_ptr)
+        seed = (tl.load(step_ptr + 1) + t) % 2147483648
     token, logp = _pick(logits_ptr, max_ptr, sum_ptr, V, stride, scale, seed, NB, BLOCK, NBP)
     done = tl.load(finished_ptr + slot) != 0
     token = tl.where(done, pad_id, token).to(tl.int64)
@@ -185,21 +189,28 @@ def sample_tokens(logits: torch.Tensor, temperature: float, seed: int) -> tuple[
 def sample_tokens_into(logits: torch.Tensor, temperature: float, seed: int, *, t: int, finished: torch.Tensor,
                        rows: torch.Tensor, out_tokens: torch.Tensor, out_logps: torch.Tensor | None,
                        stop_mask: torch.Tensor | None, tokens: torch.Tensor, positions: torch.Tensor,
-                       advance: int, pad_id: int) -> None:
+                       advance: int, pad_id: int, step: torch.Tensor | None = None) -> None:
     """Draw as `sample_tokens` (same seed, same tokens and log-probs) and record the draw in place,
     for every slot b of B:
         token = pad_id if finished[b] else the draw
         out_tokens[rows[b], t] = token;  out_logps[rows[b], t] = 0 if finished[b] else its log-prob
         finished[b] |= stop_mask[token];  tokens[b] = token;  positions[b] += advance
     finished/rows/tokens/positions [B] (bool/long/long/long), out_* [N + 1, T]; out_logps and
-    stop_mask may be None. finished is read before it is updated, as the PyTorch path does."""
+    stop_mask may be None. finished is read before it is updated, as the PyTorch path does.
+
+    `step` (int64 [2] on the device: t, base seed) replaces `t` and `seed` for launches captured in
+    a CUDA graph: t = step[0], seed = (step[1] + t) % 2**31, the host's seeding of a step; the
+    caller advances step[0] (and keeps t inside out_tokens)."""
     B, V = logits.shape
     for name, x, dtype in (("finished", finished, torch.bool), ("rows", rows, torch.long),
                            ("tokens", tokens, torch.long), ("positions", positions, torch.long)):
         if x.shape != (B,) or x.dtype != dtype or not x.is_contiguous():
             raise ValueError(f"sample_tokens_into: {name} must be a contiguous [{B}] {dtype} tensor, "
                              f"got {tuple(x.shape)} {x.dtype}")
-    if not 0 <= t < out_tokens.shape[1] or out_tokens.stride(1) != 1:
+    if step is not None and (step.shape != (2,) or step.dtype != torch.long or step.device != logits.device):
+        raise ValueError(f"sample_tokens_into: step must be an int64 [2] tensor (t, base seed) on {logits.device}, "
+                         f"got {tuple(step.shape)} {step.dtype} on {step.device}")
+    if (step is None and not 0 <= t < out_tokens.shape[1]) or out_tokens.stride(1) != 1:
         raise ValueError(f"sample_tokens_into: step {t} outside out_tokens of shape {tuple(out_tokens.shape)} "
                          f"(or its last dimension is not contiguous)")
     if out_logps is not None and (out_logps.shape != out_tokens.shape or out_logps.stride(1) != 1):
@@ -211,5 +222,6 @@ def sample_tokens_into(logits: torch.Tensor, temperature: float, seed: int, *, t
     lp = out_logps if out_logps is not None else run_max  # unread without log-probs
     _pick_record_kernel[(B,)](logits, run_max, run_sum, V, logits.stride(0), scale, seed, run_max.shape[1],
                               flags, rows, out_tokens, out_tokens.stride(0), lp, lp.stride(0), t, stop,
-                              tokens, positions, advance, pad_id, HAS_LOGPS=out_logps is not None,
-                              HAS_STOP=stop_mask is not None, **meta)
+                              tokens, positions, advance, pad_id, step if step is not None else rows,
+                              HAS_LOGPS=out_logps is not None, HAS_STOP=stop_mask is not None,
+                              STEP_IN_MEMORY=step is not None, **meta)
