@@ -143,6 +143,9 @@ class GRPOConfig:
     # per_device_train_batch_size x sequence length. Counted as packed tokens with padding_free,
     # else rows x the longest row. None: whole micro-batches.
     max_forward_tokens: int | None = None
+    # The policy's RMSNorms and SwiGLU activations in atlas_kernels' fused kernels, forward and
+    # backward (fused_layers.py): one kernel each way where the stock modules launch ~6-10.
+    fused_layers: bool = False
     disable_dropout: bool = False
     # -- reference model --------------------------------------------------------------------
     sync_ref_model: bool = False

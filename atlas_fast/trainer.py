@@ -43,6 +43,7 @@ from .data import PromptSampler, is_conversational, load_dataset_any, render_pro
 from .memory import (MemoryReport, OffloadedAdamW, enable_gradient_checkpointing, frozen_offload, on_device,
                      packed_completion_hidden, packed_completion_logits, place_frozen, prepare_packing,
                      split_micro_batches, token_chunks)
+from .fused_layers import fuse_layers
 from .metrics import MetricsLogger, format_metrics, plot_metrics
 from .modeling import load_causal_lm, load_tokenizer
 from .rewards import (append_reward_tables, combine_rewards, compute_rewards, prepare_reward_funcs,
@@ -103,6 +104,8 @@ class GRPOTrainer:
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer(model)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        if config.fused_layers:
+            fuse_layers(self.model)  # before the reference copy is taken, which keeps the swap
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.model, offload=config.activation_offload)
         if config.disable_dropout:
@@ -248,6 +251,8 @@ class GRPOTrainer:
         elif ref_model is None:
             ref_model = copy.deepcopy(self.model)
         ref_model.eval().requires_grad_(False)
+        if self.args.fused_layers:
+            fuse_layers(ref_model)  # a copy of the policy is already swapped; a loaded model is not
         return ref_model
 
     def _resolve_max_steps(self) -> int:

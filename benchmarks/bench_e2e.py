@@ -22,7 +22,8 @@ Cases
            rollout backend against TRL with HF `generate`, both at their default settings
            otherwise (beta = 0, micro-batches of 8, one generation batch per optimizer step).
 Systems
-  atlas-fast       gradient checkpointing (TRL's default) + padding-free micro-batches
+  atlas-fast       gradient checkpointing (TRL's default) + padding-free micro-batches + fused RMSNorm
+                   and SwiGLU (fused_layers; what use_liger_kernel patches in TRL+Liger)
   atlas-fast lean  the above + activation offload, frozen reference in CPU memory, optimizer offload,
                    forward passes of at most LEAN_FORWARD_TOKENS tokens
   TRL / TRL+Liger  TRL 1.16 GRPOTrainer at its defaults (gradient checkpointing on), use_liger_kernel
@@ -233,7 +234,7 @@ def run_atlas(path: Path, work: Workload, steps: int, device: str, lean: bool, s
     def rollout(prompts, trainer):
         return [fixed[i % len(fixed)] for i in range(len(prompts))]
 
-    options = dict(gradient_checkpointing=True, padding_free=True)
+    options = dict(gradient_checkpointing=True, padding_free=True, fused_layers=True)
     if lean:
         options.update(activation_offload=True, offload_untrained_models=True, optimizer_offload=True,
                        max_forward_tokens=LEAN_FORWARD_TOKENS)
@@ -514,7 +515,7 @@ def header(device: str, mode: str, steps: int, warmup: int) -> str:
             f"{', '.join(versions)}. Produced by `benchmarks/bench_e2e.py"
             f"{' --quick' if mode == 'quick' else ''}`: each trainer's own `train()`, one warm-up step then the median "
             f"of {steps - warmup} timed steps; peak = max allocated over a step. Random-weight bf16 models that "
-            "cannot stop early (fixed lengths). atlas-fast = gradient checkpointing + padding-free; "
+            "cannot stop early (fixed lengths). atlas-fast = gradient checkpointing + padding-free + fused layers; "
             "lean = + activation offload, frozen reference in CPU memory, optimizer offload, forward passes of "
             f"at most {LEAN_FORWARD_TOKENS} tokens. TRL at its defaults "
             "(gradient checkpointing on).\n")

@@ -269,3 +269,15 @@ def fused_linear_grpo_loss(
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(x.dtype)
     return (x * m).sum() / m.sum().clamp(min=1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The Llama/Qwen/Mistral RMSNorm: weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype)."""
+    h = x.to(torch.float32) if x.dtype != torch.float64 else x
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """A SwiGLU MLP's middle: silu(gate) * up, each rounded to the inputs' dtype as PyTorch does."""
+    return torch.nn.functional.silu(gate) * up

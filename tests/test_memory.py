@@ -407,6 +407,26 @@ def test_trainer_with_every_memory_option_matches_the_plain_run(tmp_path, tok):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_trainer_with_fused_layers_matches_the_plain_run(tmp_path, tok):
+    """fused_layers swaps the policy's (and its reference copy's) norms and SwiGLU for the fused
+    kernels: the logged losses, KL and gradient norms and the trained weights stay the plain run's."""
+    plain = _trainer(tmp_path, tok, "plain", gradient_checkpointing=True)
+    plain.train()
+    fused = _trainer(tmp_path, tok, "fused", gradient_checkpointing=True, fused_layers=True)
+    assert all("forward" in m.__dict__ for m in (fused.model.model.norm, fused.ref_model.model.norm))
+    assert fused.ref_model.model.norm.forward.__self__ is fused.ref_model.model.norm
+    fused.train()
+    for key in ("loss", "grad_norm", "kl"):
+        expected = [r[key] for r in plain.state.log_history if key in r]
+        got = [r[key] for r in fused.state.log_history if key in r]
+        assert len(got) == len(expected) == 2, key
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-6, msg=key)
+    for (name, a), b in zip(plain.model.named_parameters(), fused.model.parameters()):
+        if name.endswith("k_proj.bias"):
+            continue  # softmax ignores it: its gradient is rounding noise that Adam scales up to lr
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("loss_type,padding_free", [("grpo", True), ("bnpo", False), ("dr_grpo", True),
                                                     ("dapo", False)])
 def test_forward_token_budget_keeps_losses_and_updates(tmp_path, tok, loss_type, padding_free):

@@ -170,6 +170,16 @@ def _library_calls() -> None:
     a, b = torch.randn(B, T, generator=g).requires_grad_(), torch.randn(B, T, generator=g).requires_grad_()
     with contextlib.suppress(Exception):
         ak.kl_k3(a, b).sum().backward()
+    for dtype in (torch.bfloat16, torch.float32):
+        for width in (64, 1536, 3584):  # head-dim norms, the hidden sizes (warp count changes)
+            x = torch.randn(8, width, generator=g).to(dtype).requires_grad_()
+            w = torch.ones(width, dtype=dtype, requires_grad=True)
+            with contextlib.suppress(Exception):
+                ak.rms_norm(x, w, 1e-6).float().sum().backward()
+        gate = torch.randn(4, 96, generator=g).to(dtype).requires_grad_()
+        up = torch.randn(4, 96, generator=g).to(dtype).requires_grad_()
+        with contextlib.suppress(Exception):
+            ak.silu_mul(gate, up).float().sum().backward()
 
 
 def engine_launches() -> None:

@@ -220,3 +220,31 @@ def test_concurrent_calls_from_several_streams(seed):
     for got, want in zip(results, expected):
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("H", [896, 1536, 3584])
+def test_layer_kernels_match_the_hf_modules_bit_for_bit_cuda(seed, H):
+    """rms_norm and silu_mul compiled, at the Qwen2.5 shapes, against the modules they replace in
+    bf16: the same roundings in the same places, so outputs agree bit for bit but where the row's
+    mean square (summed in another order) tips a rounding; gradients close."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from atlas_kernels import rms_norm, silu_mul
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    norm = Qwen2RMSNorm(H, eps=1e-6).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.2 * torch.randn(H, device="cuda", generator=g))
+    x = (3 * torch.randn(4099, H, device="cuda", generator=g)).to(torch.bfloat16)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, theirs = rms_norm(xa, norm.weight, norm.variance_epsilon), norm(xb)
+    same = (ours == theirs).float().mean().item()
+    assert same > 0.999, same
+    torch.testing.assert_close(ours, theirs, atol=2 ** -6, rtol=2 ** -7)
+    dy = torch.randn(4099, H, device="cuda", generator=g).to(torch.bfloat16)
+    ours.backward(dy)
+    theirs.backward(dy)
+    torch.testing.assert_close(xa.grad.float(), xb.grad.float(), atol=3e-2, rtol=2e-2)
+    gate = (4 * torch.randn(4099, 4 * H, device="cuda", generator=g)).to(torch.bfloat16)
+    up = torch.randn(4099, 4 * H, device="cuda", generator=g).to(torch.bfloat16)
+    assert torch.equal(silu_mul(gate, up), torch.nn.functional.silu(gate) * up)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...fused_layers import plain_rms_norm
 from .attention import RopeTable, apply_rope, decode_attention, decode_mask, prefill_attention
 from .cache import KVCache
 
@@ -79,7 +80,7 @@ def resolve_decoder(model: nn.Module) -> Decoder:
         model_type=model_type, embed=embed, layers=list(layers), norm=norm, lm_head=lm_head, rotary=rotary,
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=attn.head_dim, scaling=float(attn.scaling),
         windows=[_window(config, layer.self_attn) for layer in layers], vocab_size=config.vocab_size,
-        plain_norms=all(_plain_rms_norm(m) for m in _norms(layers, norm)),
+        plain_norms=all(plain_rms_norm(m) for m in _norms(layers, norm)),
     )
 
 
@@ -89,14 +90,6 @@ def _norms(layers, final: nn.Module) -> list[nn.Module]:
         out += [layer.input_layernorm, layer.post_attention_layernorm]
         out += [getattr(layer.self_attn, name) for name in ("q_norm", "k_norm") if hasattr(layer.self_attn, name)]
     return out
-
-
-def _plain_rms_norm(m: nn.Module) -> bool:
-    """The families' own RMSNorm (weight * x / rms(x)), unwrapped and unhooked: safe to compute
-    with our kernel from its weight. Anything else is called as a module."""
-    return (type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), nn.Parameter)
-            and isinstance(getattr(m, "variance_epsilon", None), float) and not m._forward_hooks
-            and not m._forward_pre_hooks)
 
 
 def _window(config, attn: nn.Module) -> int | None:

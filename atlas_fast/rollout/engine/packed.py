@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...fused_layers import silu_activation
 from .model import Decoder
 
 
@@ -86,7 +87,7 @@ class PackedWeights:
             attn, mlp = layer.self_attn, layer.mlp
             qkv = _pack([attn.q_proj, attn.k_proj, attn.v_proj], dtype)
             gate_up = None
-            if _silu(mlp) and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            if silu_activation(mlp) and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
                 gate_up = _pack([mlp.gate_proj, mlp.up_proj], dtype)
             down = _alias(mlp.down_proj, dtype) if gate_up is not None else None
             self.layers.append(PackedLayer(qkv, gate_up, _alias(attn.o_proj, dtype), down))
@@ -121,7 +122,3 @@ class PackedWeights:
     def count(self) -> int:
         return len(self._packs())
 
-
-def _silu(mlp: nn.Module) -> bool:
-    act = getattr(mlp, "act_fn", None)
-    return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")

@@ -1,0 +1,88 @@
+"""fused_layers: the stock RMSNorms and SwiGLU MLPs swapped for atlas_kernels' fused kernels give the
+model's outputs and gradients (float32, kernels through the Triton interpreter on CPU), survive a
+deepcopy bound to the copy, and leave modules they do not know alone."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from atlas_fast.fused_layers import fuse_layers, plain_rms_norm, swiglu_mlp, unfuse_layers
+from tiny import char_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+def qwen3(tok):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(1)
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+                      tie_word_embeddings=False, pad_token_id=tok.pad_token_id)
+    return Qwen3ForCausalLM(cfg)
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_fused_model_keeps_outputs_and_gradients(tok, arch):
+    model = tiny_model(tok, layers=2) if arch == "qwen2" else qwen3(tok)
+    ids = torch.randint(0, len(tok), (3, 11), generator=torch.Generator().manual_seed(0))
+    loss, grads = loss_and_grads(model, ids)
+    norms = sum(plain_rms_norm(m) for m in model.modules())
+    mlps = sum(swiglu_mlp(m) for m in model.modules())
+    assert norms == (2 * 2 + 1 + (2 * 2 if arch == "qwen3" else 0)) and mlps == 2  # q/k norms in Qwen3
+    assert fuse_layers(model) == norms + mlps
+    assert fuse_layers(model) == 0  # already swapped
+    fused_loss, fused_grads = loss_and_grads(model, ids)
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=1e-6)
+    assert fused_grads.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(fused_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_forward_runs_the_kernels_and_survives_deepcopy(tok, monkeypatch):
+    import atlas_kernels
+
+    model = tiny_model(tok, layers=1)
+    fuse_layers(model)
+    calls = []
+    real_norm, real_silu = atlas_kernels.rms_norm, atlas_kernels.silu_mul
+    monkeypatch.setattr(atlas_kernels, "rms_norm", lambda *a: calls.append("norm") or real_norm(*a))
+    monkeypatch.setattr(atlas_kernels, "silu_mul", lambda *a: calls.append("silu") or real_silu(*a))
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        copied.model.norm.weight.mul_(2.0)  # the copy's forward must read the copy's weight
+        ids = torch.tensor([[1, 2, 3, 4]])
+        hidden = copied.model(input_ids=ids).last_hidden_state
+        original = model.model(input_ids=ids).last_hidden_state
+    assert calls.count("norm") == 2 * 3 and calls.count("silu") == 2  # two norms per layer + final, both models
+    torch.testing.assert_close(hidden, 2.0 * original, rtol=1e-5, atol=1e-6)
+    unfuse_layers(model)
+    calls.clear()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert calls == []
+
+
+def test_modules_it_does_not_know_are_left_alone(tok):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, hidden_act="gelu")
+    model = Qwen2ForCausalLM(cfg)
+    model.model.norm.register_forward_hook(lambda *a: None)  # a hooked norm is called as a module
+    assert fuse_layers(model) == 2  # the layer's two norms; not the GELU MLP, not the hooked final norm
+    assert "forward" not in model.model.layers[0].mlp.__dict__
+    assert "forward" not in model.model.norm.__dict__
