@@ -8,15 +8,16 @@ drew a Philox number and took two precise logs per token, ~90 us per step on an 
 V = 151936 against ~5 us to read the logits, ~9% of a decode step.
 
 1. `_block_stats_kernel`, grid (B, C): the vocabulary in blocks of BLOCK_V tokens; for each block,
-   its max m_b and s_b = sum exp(y - m_b) of y = l / T (one exp per token, no random numbers).
+   its max logit m_b and s_b = sum exp((l - m_b) / T) (one exp per token, no random numbers).
    Programs take C contiguous runs of blocks so that ~4 programs per SM share the sweep.
 2. `_pick_kernel`, one program per row: block weights w_b = s_b exp(m_b - m), their cumulative
    sum, one uniform u keyed by (seed, row) and target u * total pick the block; its logits are
    re-read (4096 tokens, ~8 KB) and the token is the first whose in-block cumulative weight passes
-   what remains of the target. Its log-prob y - m - log(total) uses the same stats. The draw
+   what remains of the target. Its log-prob (l - m) / T - log(total) uses the same stats. The draw
    depends on the per-block stats only, so it is bitwise the same whatever C is.
 
-Everything runs in base 2 (y = l log2(e) / T, exp2): a CUDA `exp` is a multiply then `ex2` anyway.
+Everything runs in base 2 (differences of logits times log2(e) / T, then exp2): a CUDA `exp` is a
+multiply then `ex2` anyway.
 
 `sample_tokens_into` is the engine's decode step: its pick kernel also records the draw (output
 row, log-prob, finished flag, next input token and position) in the same per-row program. The
