@@ -5,25 +5,47 @@ What is fused is the elementwise work between the GEMMs, forward and backward: e
 ~6 and ~10, and each SwiGLU MLP's silu(gate) * up one kernel each way instead of 2 and ~5. The
 projections stay the modules they are (LoRA adapters apply). The kernels round where the modules
 round, so outputs match the stock forward (tests/test_fused_layers.py). Only modules whose
-computation is known are swapped: the Llama/Qwen/Mistral RMSNorm (weight * x / rms(x)) and MLPs
-with gate/up/down projections and a SiLU activation; anything else is left as it is.
+computation is known are swapped: those whose class's forward compiles to the same code as
+transformers' Llama RMSNorm or Llama MLP (the Qwen2/Qwen3/Mistral/OLMo2 copies of them, with a SiLU
+activation for the MLP). Look-alikes that scale, clamp, drop out or round elsewhere (OLMo2's norm
+rounds after the weight; Falcon-H1's MLP scales) are left as they are, as is anything unknown.
 
 The swap binds a new `forward` on each module instance, so `copy.deepcopy` of the model (a
 reference model) keeps it, bound to the copy; `unfuse_layers` puts the class's forward back.
 """
 from __future__ import annotations
 
+import functools
 import types
 
 from torch import nn
 
 
+@functools.lru_cache(maxsize=None)
+def _stock_code() -> dict:
+    """The compiled forwards whose computation the kernels reproduce (compared by code, so the
+    families' "copied from Llama" classes match and anything edited does not)."""
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    def code(f):
+        c = f.__code__
+        return c.co_code, c.co_names, c.co_consts
+
+    return {"norm": code(LlamaRMSNorm.forward), "mlp": code(LlamaMLP.forward), "code": code}
+
+
+def _computes_like(module: nn.Module, kind: str) -> bool:
+    stock = _stock_code()
+    forward = getattr(type(module), "forward", None)
+    return getattr(forward, "__code__", None) is not None and stock["code"](forward) == stock[kind]
+
+
 def plain_rms_norm(m: nn.Module) -> bool:
-    """The families' own RMSNorm (weight * x / rms(x)), unwrapped and unhooked: safe to compute
-    from its weight and epsilon by our kernels. Anything else is called as a module."""
+    """The families' own RMSNorm (weight * (x / rms(x)).to(x.dtype)), unwrapped and unhooked:
+    safe to compute from its weight and epsilon by our kernels. Anything else is called as a module."""
     return (type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), nn.Parameter)
             and isinstance(getattr(m, "variance_epsilon", None), float) and not m._forward_hooks
-            and not m._forward_pre_hooks)
+            and not m._forward_pre_hooks and _computes_like(m, "norm"))
 
 
 def silu_activation(mlp: nn.Module) -> bool:
@@ -35,7 +57,7 @@ def swiglu_mlp(m: nn.Module) -> bool:
     """An MLP computing down(silu(gate(x)) * up(x)) with those three projections as modules."""
     return (type(m).__name__.endswith("MLP") and silu_activation(m)
             and all(isinstance(getattr(m, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
-            and not m._forward_hooks and not m._forward_pre_hooks)
+            and not m._forward_hooks and not m._forward_pre_hooks and _computes_like(m, "mlp"))
 
 
 def _rms_norm_forward(self, hidden_states):

@@ -445,8 +445,12 @@ class GRPOTrainer:
         budget = self.args.max_forward_tokens
         if budget is None:
             return [range(rows)]
-        lengths = mb.attention_mask.sum(1).tolist()  # host sync, once per micro-batch
-        return token_chunks(lengths, budget, packed=self.padding_free)
+        P = mb.input_ids.shape[1] - mb.completion_ids.shape[1]
+        prompts = mb.attention_mask[:, :P].sum(1).tolist()  # host syncs, once per micro-batch
+        completions = mb.attention_mask[:, P:].sum(1).tolist()
+        if not self.padding_free:  # a trimmed chunk keeps completion columns up to the longest mask
+            completions = mb.completion_mask.sum(1).tolist()
+        return token_chunks(prompts, completions, budget, packed=self.padding_free)
 
     def _micro_batches(self) -> Iterator[MicroBatch]:
         """Yield micro-batches forever, generating a new batch whenever the previous is spent."""

@@ -86,3 +86,26 @@ def test_modules_it_does_not_know_are_left_alone(tok):
     assert fuse_layers(model) == 2  # the layer's two norms; not the GELU MLP, not the hooked final norm
     assert "forward" not in model.model.layers[0].mlp.__dict__
     assert "forward" not in model.model.norm.__dict__
+
+
+def test_look_alikes_that_compute_something_else_are_left_alone():
+    """Same names and attributes, another computation: a norm that rounds after the weight (as
+    OLMo2's does) and an MLP that scales its activation (as Falcon-H1's does) keep their forward."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Config, Qwen2MLP, Qwen2RMSNorm
+
+    class RoundAfterRMSNorm(Qwen2RMSNorm):
+        def forward(self, hidden_states):
+            h = hidden_states.to(torch.float32)
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return (self.weight * h).to(hidden_states.dtype)
+
+    class ScaledMLP(Qwen2MLP):
+        def forward(self, x):
+            return self.down_proj(self.act_fn(0.5 * self.gate_proj(x)) * self.up_proj(x))
+
+    cfg = Qwen2Config(hidden_size=16, intermediate_size=32)
+    model = torch.nn.ModuleList([RoundAfterRMSNorm(16), ScaledMLP(cfg), Qwen2RMSNorm(16), Qwen2MLP(cfg)])
+    assert [plain_rms_norm(m) for m in model] == [False, False, True, False]
+    assert [swiglu_mlp(m) for m in model] == [False, False, False, True]
+    assert fuse_layers(model) == 2
+    assert [("forward" in m.__dict__) for m in model] == [False, False, True, True]

@@ -455,15 +455,19 @@ def test_forward_token_budget_keeps_losses_and_updates(tmp_path, tok, loss_type,
 def test_token_chunks_respect_the_budget():
     from atlas_fast.memory import token_chunks
 
-    lengths = [5, 9, 3, 12, 4, 4]
-    packed = token_chunks(lengths, 12, packed=True)
+    prompts, completions = [3, 4, 1, 6, 2, 2], [2, 5, 2, 6, 2, 2]  # rows of 5, 9, 3, 12, 4, 4 tokens
+    packed = token_chunks(prompts, completions, 12, packed=True)
     assert [list(c) for c in packed] == [[0], [1, 2], [3], [4, 5]]
-    padded = token_chunks(lengths, 12, packed=False)
+    padded = token_chunks(prompts, completions, 12, packed=False)
     assert [list(c) for c in padded] == [[0], [1], [2], [3], [4, 5]]
-    assert [list(c) for c in token_chunks(lengths, 100, packed=True)] == [list(range(6))]
-    assert [list(c) for c in token_chunks([30, 2], 8, packed=True)] == [[0], [1]]  # a long row goes alone
+    assert [list(c) for c in token_chunks(prompts, completions, 100, packed=True)] == [list(range(6))]
+    assert [list(c) for c in token_chunks([20, 1], [10, 1], 8, packed=True)] == [[0], [1]]  # a long row goes alone
+    # Padded, the trimmed width is the longest prompt plus the longest completion, which may come
+    # from different rows: two rows of 7 tokens (6 + 1 and 1 + 6) are 2 x 12 = 24 tokens wide.
+    assert [list(c) for c in token_chunks([6, 1], [1, 6], 14, packed=False)] == [[0], [1]]
+    assert [list(c) for c in token_chunks([6, 1], [1, 6], 14, packed=True)] == [[0, 1]]
     with pytest.raises(ValueError, match="token budget must be >= 1"):
-        token_chunks(lengths, 0, packed=True)
+        token_chunks(prompts, completions, 0, packed=True)
 
 
 def test_trainer_resume_with_optimizer_offload_is_exact(tmp_path, tok):

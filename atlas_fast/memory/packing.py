@@ -268,22 +268,26 @@ def balance_rows(lengths: list[int], num_micro_batches: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def token_chunks(lengths: list[int], budget: int, *, packed: bool) -> list[range]:
-    """Consecutive row ranges whose forward pass costs at most `budget` tokens: the sum of their
-    lengths when rows are packed, rows x the longest when padded. A row longer than the budget
-    goes alone (a sequence is never cut)."""
+def token_chunks(prompt_lens: list[int], completion_lens: list[int], budget: int, *, packed: bool) -> list[range]:
+    """Consecutive row ranges whose forward pass costs at most `budget` tokens: the sum of the rows'
+    lengths when packed; padded, rows x (longest prompt + longest completion), the width a chunk
+    has once trimmed (prompts are left-padded and completions right-padded, so the two longest may
+    be different rows). A row over the budget goes alone (a sequence is never cut)."""
     if budget < 1:
         raise ValueError(f"token budget must be >= 1, got {budget}")
-    chunks, start, total, longest = [], 0, 0, 0
-    for i, n in enumerate(lengths):
-        cost = total + n if packed else (i - start + 1) * max(longest, n)
+    chunks, start, total, prompt_max, completion_max = [], 0, 0, 0, 0
+    for i, (p, c) in enumerate(zip(prompt_lens, completion_lens)):
+        if packed:
+            cost = total + p + c
+        else:
+            cost = (i - start + 1) * (max(prompt_max, p) + max(completion_max, c))
         if i > start and cost > budget:
             chunks.append(range(start, i))
-            start, total, longest = i, 0, 0
-        total += n
-        longest = max(longest, n)
-    if lengths:
-        chunks.append(range(start, len(lengths)))
+            start, total, prompt_max, completion_max = i, 0, 0, 0
+        total += p + c
+        prompt_max, completion_max = max(prompt_max, p), max(completion_max, c)
+    if prompt_lens:
+        chunks.append(range(start, len(prompt_lens)))
     return chunks
 
 
