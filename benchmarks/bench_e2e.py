@@ -52,6 +52,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import sys
@@ -122,7 +123,7 @@ def save_model(shape: Shape, folder: Path, device: str) -> Path:
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="tok0", eos_token="<eos>", unk_token="tok1")
     cfg = Qwen2Config(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                       num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                      num_key_value_heads=shape.kv_heads, max_position_embeddings=65536, rope_theta=1e6,
+                      num_key_value_heads=shape.kv_heads, max_position_embeddings=262144, rope_theta=1e6,
                       rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=0, eos_token_id=None,
                       bos_token_id=None)
     torch.manual_seed(0)
@@ -466,7 +467,8 @@ def fit_table(rows: list[Result]) -> str:
         fits_at, failed = fits.get((r.shape, r.system), (None, None))
         if r.ok:
             fits_at = r.completion
-            tried.setdefault((r.shape, r.system), []).append(f"{r.completion}: {r.peak_gib:.2f} GiB, {r.step_s:.1f} s")
+            tried.setdefault((r.shape, r.system), []).append(
+                f"{r.completion}: {fmt(r.peak_gib, '.2f')} GiB, {r.step_s:.1f} s")
         elif failed is None:
             failed = f"{r.completion}" + ("" if r.error == "OOM" else f" ({r.error})")
         fits[(r.shape, r.system)] = (fits_at, failed)
@@ -497,7 +499,9 @@ def step_table(rows: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def header(device: str, mode: str, steps: int, warmup: int) -> str:
+def provenance(device: str, mode: str, steps: int, warmup: int, argv: list[str]) -> str:
+    """Where and how one run measured: each case's section carries its own, so sections written by
+    different runs (a rerun of one case) each say where they come from."""
     if device == "cuda":
         card = torch.cuda.get_device_name()
         total = torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -510,19 +514,23 @@ def header(device: str, mode: str, steps: int, warmup: int) -> str:
             versions.append(f"{dist} {importlib.metadata.version(dist)}")
         except importlib.metadata.PackageNotFoundError:
             versions.append(f"{dist} not installed")
-    return (f"## End to end: GRPO steps against TRL ({mode})\n\n"
-            f"{card}, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {_git_commit()}; "
-            f"{', '.join(versions)}. Produced by `benchmarks/bench_e2e.py"
-            f"{' --quick' if mode == 'quick' else ''}`: each trainer's own `train()`, one warm-up step then the median "
-            f"of {steps - warmup} timed steps; peak = max allocated over a step. Random-weight bf16 models that "
-            "cannot stop early (fixed lengths). atlas-fast = gradient checkpointing + padding-free + fused layers; "
-            "lean = + activation offload, frozen reference in CPU memory, optimizer offload, forward passes of "
-            f"at most {LEAN_FORWARD_TOKENS} tokens. TRL at its defaults "
-            "(gradient checkpointing on).\n")
+    command = "python benchmarks/bench_e2e.py " + shlex.join(argv)
+    return (f"{card}, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {_git_commit()}; "
+            f"{', '.join(versions)}; `{command}` ({mode}: one warm-up step, then the median of "
+            f"{steps - warmup} timed steps).")
 
 
-def write_section(path: Path, body: str) -> None:
-    results_md.write_section(path, "e2e", body)
+HEADER = ("## End to end: GRPO steps against TRL (`bench_e2e.py`)\n\n"
+          "Each trainer's own `train()`; peak = max allocated over a step. Random-weight bf16 models that "
+          "cannot stop early (fixed lengths). atlas-fast = gradient checkpointing + padding-free + fused layers; "
+          "lean = + activation offload, frozen reference in CPU memory, optimizer offload, forward passes of "
+          f"at most {LEAN_FORWARD_TOKENS} tokens. TRL at its defaults (gradient checkpointing on). Each case "
+          "below is its own section, rewritten only by a run of that case, and says which run produced it.\n")
+
+
+def write_sections(path: Path, sections: dict[str, str]) -> None:
+    for name, body in sections.items():
+        results_md.write_section(path, name, body)
 
 
 # ---------------------------------------------------------------------- main
@@ -549,7 +557,7 @@ def make_plan(device: str, quick: bool) -> Plan:
         return Plan("quick", ["0.5b", "1.5b"], [1024], ["1.5b"], ("atlas-fast lean", "TRL"), [2048, 4096, 8192, 16384],
                     ["0.5b"], 3, 1, STEP_TOKENS, STEP_PROMPTS, STEP_PROMPT_LENS)
     return Plan("full", ["0.5b", "1.5b"], [1024, 2048, 4096, 8192], ["0.5b", "1.5b"], SYSTEMS,
-                [1024, 2048, 4096, 8192, 16384, 32768, 65536], ["0.5b", "1.5b"], 4, 1, STEP_TOKENS, STEP_PROMPTS,
+                [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072], ["0.5b", "1.5b"], 4, 1, STEP_TOKENS, STEP_PROMPTS,
                 STEP_PROMPT_LENS)
 
 
@@ -649,26 +657,30 @@ def main(argv=None) -> int:
     order = {s: i for i, s in enumerate(SYSTEMS)}
     rows: list[Result] = []
 
-    def body() -> str:
+    stamp = provenance(device, plan.mode, plan.steps, plan.warmup, argv)
+
+    def body() -> dict[str, str]:
         def of(case):
             return sorted((r for r in rows if r.case == case),
                           key=lambda r: (r.shape, r.completion, order.get(r.system, 9)))
 
-        sections = [header(device, plan.mode, plan.steps, plan.warmup)] + checks
+        sections = {"e2e": HEADER}
+        if checks:
+            sections["e2e_checks"] = stamp + "\n\n" + "\n\n".join(checks)
         if "update" in cases:
-            sections.append(result_table(of("update"), "Update phase (reference log-probs, policy forward, loss, "
-                                         f"backward, optimizer step; 8 generations of a {PROMPT_TOKENS}-token prompt, "
-                                         f"fixed completions, beta {BETA})"))
+            sections["e2e_update"] = stamp + "\n\n" + result_table(
+                of("update"), "Update phase (reference log-probs, policy forward, loss, backward, optimizer step; "
+                f"8 generations of a {PROMPT_TOKENS}-token prompt, fixed completions, beta {BETA})")
         if "fit" in cases:
-            sections.append(fit_table(sorted((r for r in rows if r.case == "fit"),
-                                             key=lambda r: (r.shape, order.get(r.system, 9), r.completion))))
+            sections["e2e_fit"] = stamp + "\n\n" + fit_table(sorted(
+                (r for r in rows if r.case == "fit"), key=lambda r: (r.shape, order.get(r.system, 9), r.completion)))
         if "step" in cases:
-            sections.append(step_table(of("step")))
-        return "\n\n".join(sections)
+            sections["e2e_step"] = stamp + "\n\n" + step_table(of("step"))
+        return sections
 
     def publish() -> None:  # after every case: a run cut short by a time limit keeps what it measured
         if out is not None:
-            write_section(out, body())
+            write_sections(out, body())
 
     isolated = [s for s in systems if s == "TRL+Liger"]
     collect(plan, cases, [s for s in systems if s not in isolated], models, device, rows, publish)
@@ -681,7 +693,7 @@ def main(argv=None) -> int:
             i = argv.index("--systems")
             parent_argv = argv[:i] + argv[i + 2:]
         rows += run_isolated(parent_argv, isolated, models)
-    print("\n" + body())
+    print("\n" + "\n\n".join(body().values()))
     if out is not None:
         publish()
         print(f"\nwritten to {out}")
