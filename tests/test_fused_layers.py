@@ -109,3 +109,22 @@ def test_look_alikes_that_compute_something_else_are_left_alone():
     assert [swiglu_mlp(m) for m in model] == [False, False, False, True]
     assert fuse_layers(model) == 2
     assert [("forward" in m.__dict__) for m in model] == [False, False, True, True]
+
+
+def test_lora_adapters_on_the_mlp_still_apply(tok):
+    """Under PEFT the fused MLP calls the wrapped projections, so the adapters' updates count:
+    outputs and the adapters' gradients equal the unfused model's."""
+    import peft
+
+    torch.manual_seed(3)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj", "q_proj"],
+                           init_lora_weights=False)  # non-zero B: the adapters change the output
+    model = peft.get_peft_model(tiny_model(tok, layers=1), lora)
+    ids = torch.randint(0, len(tok), (2, 9), generator=torch.Generator().manual_seed(1))
+    loss, grads = loss_and_grads(model, ids)
+    assert fuse_layers(model) == 4  # two layer norms, the final norm, the MLP
+    fused_loss, fused_grads = loss_and_grads(model, ids)
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=1e-6)
+    assert any("lora" in name for name in grads) and fused_grads.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(fused_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
