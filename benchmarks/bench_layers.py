@@ -27,24 +27,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import results_md  # noqa: E402
+from bench_generation import copy_rate  # noqa: E402
 
 SECTION = "layers"
 WIDTHS = {"Qwen2.5-0.5B": (896, 4864), "Qwen2.5-1.5B": (1536, 8960), "Qwen2.5-7B": (3584, 18944)}
 TOKENS = 8 * 1280
-
-
-def copy_rate(device: str) -> float:
-    x = torch.empty(2**28, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    y.copy_(x)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        y.copy_(x)
-    end.record()
-    end.synchronize()
-    return 2 * x.numel() * 10 / (start.elapsed_time(end) / 1e3)
 
 
 def timed_us(fn, device: str, reps: int = 20) -> float:
@@ -87,7 +74,7 @@ def main(argv=None) -> int:
     cpu = device == "cpu"
     widths = {"tiny (CPU smoke)": (64, 96)} if cpu else WIDTHS
     N = 16 if cpu else TOKENS
-    rate = None if cpu else copy_rate(device)
+    rate = copy_rate(device)  # nan on the CPU: floors read nan
     g = torch.Generator(device=device).manual_seed(0)
     rows = []
     for shape, (H, I) in widths.items():
@@ -122,7 +109,7 @@ def main(argv=None) -> int:
                 except Exception as exc:  # a baseline that fails to compile is reported, the rest still run
                     us, note = float("nan"), f"failed: {type(exc).__name__}"
                 ours = us if ours is None else ours
-                floor = nbytes / rate * 1e6 if rate else float("nan")
+                floor = nbytes / rate * 1e6
                 rows.append((shape, op_name, impl, us, floor, us / ours, note))
                 print(f"{shape:>16} {op_name:>8} {impl:>34}: {us:9.1f} us (floor {floor:.1f})", flush=True)
     lines = ["| shape (N = %d tokens) | op, forward + backward | implementation | us | floor us | x floor | vs ours |"
@@ -138,7 +125,7 @@ def main(argv=None) -> int:
         body = (f"## Decoder-layer kernels, forward + backward (`bench_layers.py`)\n\n"
                 f"{name}, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, commit "
                 f"{os.environ.get('ATLAS_FAST_COMMIT', 'unknown')}; bf16; copy rate "
-                f"{(rate or 0) / 1e12:.2f} TB/s (floor = bytes moved / that rate); 'vs ours' = that row's time / "
+                f"{rate / 1e12:.2f} TB/s (floor = bytes moved / that rate); 'vs ours' = that row's time / "
                 f"atlas_kernels'.\n\n{text}\n")
         results_md.write_section(out, SECTION, body)
         print(f"wrote {out}")
