@@ -386,6 +386,19 @@ def _trainer(tmp_path, tok, name, **overrides):
                            sum(t % 3 == 0 for t in ids) / max(len(ids), 1) for ids in completion_ids]])
 
 
+def assert_same_run(expected_run, run, keys=("loss", "grad_norm", "kl")) -> None:
+    """Two trainers' runs agree: the logged metrics of both steps and the trained weights."""
+    for key in keys:
+        expected = [r[key] for r in expected_run.state.log_history if key in r]
+        got = [r[key] for r in run.state.log_history if key in r]
+        assert len(got) == len(expected) == 2, key
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-6, msg=key)
+    for (name, a), b in zip(expected_run.model.named_parameters(), run.model.parameters()):
+        if name.endswith("k_proj.bias"):
+            continue  # softmax ignores it: its gradient is rounding noise that Adam scales up to lr
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
 ALL_OPTIONS = dict(gradient_checkpointing=True, activation_offload=True, offload_untrained_models=True,
                    optimizer_offload=True, padding_free=True)
 
@@ -396,15 +409,7 @@ def test_trainer_with_every_memory_option_matches_the_plain_run(tmp_path, tok):
     lean = _trainer(tmp_path, tok, "lean", **ALL_OPTIONS)
     assert lean.ref_model is not None and all(p.device.type == "cpu" for p in lean.ref_model.parameters())
     lean.train()
-    for key in ("loss", "grad_norm", "kl"):
-        expected = [r[key] for r in plain.state.log_history if key in r]
-        got = [r[key] for r in lean.state.log_history if key in r]
-        assert len(got) == len(expected) == 2
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-6, msg=key)
-    for (name, a), b in zip(plain.model.named_parameters(), lean.model.parameters()):
-        if name.endswith("k_proj.bias"):
-            continue  # softmax ignores it: its gradient is rounding noise that Adam scales up to lr
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_run(plain, lean)
 
 
 def test_trainer_with_fused_layers_matches_the_plain_run(tmp_path, tok):
@@ -416,15 +421,7 @@ def test_trainer_with_fused_layers_matches_the_plain_run(tmp_path, tok):
     assert all("forward" in m.__dict__ for m in (fused.model.model.norm, fused.ref_model.model.norm))
     assert fused.ref_model.model.norm.forward.__self__ is fused.ref_model.model.norm
     fused.train()
-    for key in ("loss", "grad_norm", "kl"):
-        expected = [r[key] for r in plain.state.log_history if key in r]
-        got = [r[key] for r in fused.state.log_history if key in r]
-        assert len(got) == len(expected) == 2, key
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-6, msg=key)
-    for (name, a), b in zip(plain.model.named_parameters(), fused.model.parameters()):
-        if name.endswith("k_proj.bias"):
-            continue  # softmax ignores it: its gradient is rounding noise that Adam scales up to lr
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_run(plain, fused)
 
 
 @pytest.mark.parametrize("loss_type,padding_free", [("grpo", True), ("bnpo", False), ("dr_grpo", True),
@@ -441,15 +438,7 @@ def test_forward_token_budget_keeps_losses_and_updates(tmp_path, tok, loss_type,
     chunked._row_chunks = lambda mb: splits.append(len(real(mb))) or real(mb)
     chunked.train()
     assert max(splits) >= 3  # micro-batches of 4 rows of ~6-14 tokens really were split
-    for key in ("loss", "grad_norm", "kl", "clip_ratio/region_mean"):
-        expected = [r[key] for r in whole.state.log_history if key in r]
-        got = [r[key] for r in chunked.state.log_history if key in r]
-        assert len(got) == len(expected) == 2, key
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-4, atol=1e-6, msg=key)
-    for (name, a), b in zip(whole.model.named_parameters(), chunked.model.parameters()):
-        if name.endswith("k_proj.bias"):
-            continue  # softmax ignores it: its gradient is rounding noise that Adam scales up to lr
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_run(whole, chunked, keys=("loss", "grad_norm", "kl", "clip_ratio/region_mean"))
 
 
 def test_token_chunks_respect_the_budget():
