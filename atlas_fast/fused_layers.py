@@ -21,23 +21,23 @@ import types
 from torch import nn
 
 
+def _code(forward) -> tuple:
+    c = forward.__code__
+    return c.co_code, c.co_names, c.co_consts
+
+
 @functools.lru_cache(maxsize=None)
-def _stock_code() -> dict:
-    """The compiled forwards whose computation the kernels reproduce (compared by code, so the
+def _stock_code(kind: str) -> tuple:
+    """The compiled forward whose computation the kernels reproduce (compared by code, so the
     families' "copied from Llama" classes match and anything edited does not)."""
     from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-    def code(f):
-        c = f.__code__
-        return c.co_code, c.co_names, c.co_consts
-
-    return {"norm": code(LlamaRMSNorm.forward), "mlp": code(LlamaMLP.forward), "code": code}
+    return _code({"norm": LlamaRMSNorm, "mlp": LlamaMLP}[kind].forward)
 
 
 def _computes_like(module: nn.Module, kind: str) -> bool:
-    stock = _stock_code()
     forward = getattr(type(module), "forward", None)
-    return getattr(forward, "__code__", None) is not None and stock["code"](forward) == stock[kind]
+    return getattr(forward, "__code__", None) is not None and _code(forward) == _stock_code(kind)
 
 
 def plain_rms_norm(m: nn.Module) -> bool:
