@@ -136,6 +136,9 @@ class GRPOConfig:
     gradient_checkpointing_kwargs: dict | None = None  # only {"use_reentrant": False}, which is what runs
     activation_offload: bool = False  # with gradient_checkpointing: saved layer inputs wait in pinned CPU memory
     optimizer_offload: bool = False  # fp32 master weights and AdamW moments on the CPU, stepped there
+    # AdamW moments in pinned CPU memory, streamed through the GPU for the step: the default
+    # optimizer's numbers, its GPU memory down to weights and gradients.
+    optimizer_state_offload: bool = False
     padding_free: bool = False  # each micro-batch packed into one row without pad tokens
     # The most tokens one forward pass of the update (and of the old/reference log-prob passes)
     # takes: a micro-batch holding more runs in row chunks under it, accumulating gradients, with
@@ -279,6 +282,8 @@ class GRPOConfig:
         need(not (self.optimizer_offload and self.fp16),
              "optimizer_offload does not combine with fp16: the gradient scaler unscales the optimizer's own (CPU) "
              "parameters, not the model's gradients; use bf16")
+        need(not (self.optimizer_offload and self.optimizer_state_offload),
+             "optimizer_offload and optimizer_state_offload are two optimizers: set one")
         need(self.rollout_backend in ROLLOUT_BACKENDS,
              f"rollout_backend must be one of {ROLLOUT_BACKENDS}, got {self.rollout_backend!r}")
         need(0 < self.vllm_gpu_memory_utilization <= 1,

@@ -40,7 +40,7 @@ from . import checkpoint as ckpt
 from .batch import LMHead, MicroBatch, completion_hidden, completion_logits, split_lm_head, trim
 from .config import GRPOConfig
 from .data import PromptSampler, is_conversational, load_dataset_any, render_prompt
-from .memory import (MemoryReport, OffloadedAdamW, enable_gradient_checkpointing, frozen_offload, on_device,
+from .memory import (MemoryReport, OffloadedAdamW, StreamedAdamW, enable_gradient_checkpointing, frozen_offload, on_device,
                      packed_completion_hidden, packed_completion_logits, place_frozen, prepare_packing,
                      split_micro_batches, token_chunks)
 from .fused_layers import fuse_layers
@@ -148,12 +148,17 @@ class GRPOTrainer:
 
         self.optimizer, self.lr_scheduler = optimizers
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if config.optimizer_offload and self.optimizer is not None:
-            raise ValueError("optimizer_offload builds its own CPU AdamW: pass optimizers=(None, scheduler) or turn it off")
+        for flag in ("optimizer_offload", "optimizer_state_offload"):
+            if getattr(config, flag) and self.optimizer is not None:
+                raise ValueError(f"{flag} builds its own AdamW: pass optimizers=(None, scheduler) or turn it off")
         if config.optimizer_offload:  # fp32 masters and moments in CPU memory; the model keeps autocast-dtype weights
             self.optimizer = OffloadedAdamW(
                 self._trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                 eps=config.adam_epsilon, weight_decay=config.weight_decay, weight_dtype=self.autocast_dtype)
+        if config.optimizer_state_offload:  # moments in CPU memory, the step on the device
+            self.optimizer = StreamedAdamW(
+                self._trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                eps=config.adam_epsilon, weight_decay=config.weight_decay)
         if self.optimizer is None:
             self.optimizer = torch.optim.AdamW(
                 self._trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),

@@ -24,8 +24,10 @@ Cases
 Systems
   atlas-fast       gradient checkpointing (TRL's default) + padding-free micro-batches + fused RMSNorm
                    and SwiGLU (fused_layers; what use_liger_kernel patches in TRL+Liger)
-  atlas-fast lean  the above + activation offload, frozen reference in CPU memory, optimizer offload,
-                   forward passes of at most LEAN_FORWARD_TOKENS tokens
+  atlas-fast offload  the above + frozen reference in CPU memory (streamed layer by layer) + AdamW
+                   moments in CPU memory (streamed through the GPU for the step): the default's numbers
+  atlas-fast lean  the offload system + activation offload and forward passes of at most
+                   LEAN_FORWARD_TOKENS tokens: the longest completions
   TRL / TRL+Liger  TRL 1.16 GRPOTrainer at its defaults (gradient checkpointing on), use_liger_kernel
                    off / on
 
@@ -84,10 +86,16 @@ SHAPES = {
     "tiny": Shape("tiny (CPU smoke)", 64, 2, 4, 2, 128, 500),
 }
 
-SYSTEMS = ("atlas-fast", "atlas-fast lean", "TRL", "TRL+Liger")
+SYSTEMS = ("atlas-fast", "atlas-fast offload", "atlas-fast lean", "TRL", "TRL+Liger")
 # lean's max_forward_tokens: whole micro-batches at the update case's 8 x 1280 tokens, one
 # sequence per pass once completions pass ~16k (activation memory then stops growing with the batch).
 LEAN_FORWARD_TOKENS = 16384
+ATLAS_OPTIONS = {
+    "atlas-fast": dict(gradient_checkpointing=True, padding_free=True, fused_layers=True),
+    "atlas-fast offload": dict(offload_untrained_models=True, optimizer_state_offload=True),
+    "atlas-fast lean": dict(offload_untrained_models=True, optimizer_state_offload=True, activation_offload=True,
+                            max_forward_tokens=LEAN_FORWARD_TOKENS),
+}
 
 
 @dataclass
@@ -225,7 +233,7 @@ class Workload:
     fixed: list[list[int]] | None  # None: generate
 
 
-def run_atlas(path: Path, work: Workload, steps: int, device: str, lean: bool, scratch: Path) -> StepClock:
+def run_atlas(path: Path, work: Workload, steps: int, device: str, system: str, scratch: Path) -> StepClock:
     from atlas_fast import GRPOConfig, GRPOTrainer
     from atlas_fast.rollout import BACKENDS
 
@@ -235,10 +243,7 @@ def run_atlas(path: Path, work: Workload, steps: int, device: str, lean: bool, s
     def rollout(prompts, trainer):
         return [fixed[i % len(fixed)] for i in range(len(prompts))]
 
-    options = dict(gradient_checkpointing=True, padding_free=True, fused_layers=True)
-    if lean:
-        options.update(activation_offload=True, offload_untrained_models=True, optimizer_offload=True,
-                       max_forward_tokens=LEAN_FORWARD_TOKENS)
+    options = {**ATLAS_OPTIONS["atlas-fast"], **ATLAS_OPTIONS[system]}
     backend = "engine" if device == "cuda" and "engine" in BACKENDS else "hf"
     config = GRPOConfig(
         output_dir=str(scratch / "atlas"), max_steps=steps, num_generations=G, per_device_train_batch_size=work.per_device,
@@ -297,7 +302,7 @@ def run_case(case: str, shape: Shape, path: Path, system: str, work: Workload, s
     clock = None
     try:
         if system.startswith("atlas"):
-            clock = run_atlas(path, work, steps, device, lean=system.endswith("lean"), scratch=scratch)
+            clock = run_atlas(path, work, steps, device, system, scratch=scratch)
         else:
             clock = run_trl(path, work, steps, device, liger=system.endswith("Liger"), scratch=scratch)
         result.step_s, peak = clock.summary(warmup)
@@ -342,7 +347,7 @@ def check_memory_paths(device: str) -> str:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from atlas_fast.batch import MicroBatch, completion_logits
-    from atlas_fast.memory import (OffloadedAdamW, enable_activation_checkpointing, offload_frozen, on_device,
+    from atlas_fast.memory import (OffloadedAdamW, StreamedAdamW, enable_activation_checkpointing, offload_frozen, on_device,
                                    packed_completion_logits, prepare_packing)
 
     torch.manual_seed(0)
@@ -425,6 +430,18 @@ def check_memory_paths(device: str) -> str:
         worst = max(worst, max(float((x - y).abs().max()) for x, y in zip(compared(a), compared(b))))
     record("optimizer offload (3 steps, fp32) vs fused AdamW on the GPU", worst, 1e-4,
            f"{len(opt_b._chunks)} chunks; CPU and GPU AdamW round differently")
+    a, b = copy.deepcopy(base).bfloat16(), copy.deepcopy(base).bfloat16()
+    opt_a = torch.optim.AdamW(a.parameters(), lr=1e-3, weight_decay=0.01, fused=True)
+    opt_b = StreamedAdamW(b.parameters(), lr=1e-3, weight_decay=0.01, chunk_bytes=2**16)
+    worst = 0.0
+    for _ in range(3):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            loss_grads(model)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        worst = max(worst, max(float((x.float() - y.float()).abs().max()) for x, y in zip(a.parameters(), b.parameters())))
+    record("optimizer state offload (3 steps, bf16) vs fused AdamW on the GPU", worst, 0.0,
+           f"moments pinned: {all(s['exp_avg'].is_pinned() for s in opt_b.state.values())}; 32 KiB slots")
     head = ["**Device-path checks** (a 4-layer model against the plain path: loss difference and worst "
             "per-parameter gradient difference relative to its norm; frozen offload: logits; optimizer: parameters)", "",
             "| path | difference | limit | result | note |", "|---|---|---|---|---|"]
@@ -523,8 +540,9 @@ def provenance(device: str, mode: str, steps: int, warmup: int, argv: list[str])
 HEADER = ("## End to end: GRPO steps against TRL (`bench_e2e.py`)\n\n"
           "Each trainer's own `train()`; peak = max allocated over a step. Random-weight bf16 models that "
           "cannot stop early (fixed lengths). atlas-fast = gradient checkpointing + padding-free + fused layers; "
-          "lean = + activation offload, frozen reference in CPU memory, optimizer offload, forward passes of "
-          f"at most {LEAN_FORWARD_TOKENS} tokens. TRL at its defaults (gradient checkpointing on). Each case "
+          "offload = + frozen reference in CPU memory and AdamW moments in CPU memory, streamed through the GPU "
+          "(the default's numbers); lean = offload + activation offload and forward passes of at most "
+          f"{LEAN_FORWARD_TOKENS} tokens. TRL at its defaults (gradient checkpointing on). Each case "
           "below is its own section, rewritten only by a run of that case, and says which run produced it.\n")
 
 

@@ -15,10 +15,11 @@ import torch
 
 from atlas_kernels import reference as ref_kernels
 from atlas_fast.batch import MicroBatch, completion_logits
-from atlas_fast.memory import (OffloadedAdamW, balance_rows, decoder_layers, enable_activation_checkpointing,
+from atlas_fast.memory import (OffloadedAdamW, StreamedAdamW, balance_rows, decoder_layers, enable_activation_checkpointing,
                                offload_frozen, on_device, pack, packed_completion_logits, prepare_packing,
                                split_micro_batches, supports_packing)
 from atlas_fast.memory.report import MemoryReport
+from atlas_fast.memory.streamed import _pieces as _streamed_pieces
 from tiny import char_tokenizer, tiny_model
 
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -252,6 +253,101 @@ def test_optimizer_offload_keeps_bf16_weights_and_fp32_masters(tok):
         OffloadedAdamW(model.requires_grad_(False).parameters())
 
 
+def _adamw_pair(tok, **hyper):
+    plain, streamed = tiny_model(tok, layers=2), tiny_model(tok, layers=2)
+    opt = StreamedAdamW(streamed.parameters(), **hyper, chunk_bytes=1024)
+    return plain, torch.optim.AdamW(plain.parameters(), **hyper, fused=True), streamed, opt
+
+
+def test_streamed_adamw_steps_exactly_as_fused_adamw(tok):
+    """Moments in host memory, parameters stepped in flat slices of at most 512 bytes of moments:
+    the same kernel on the same numbers, so the weights match the default optimizer bit for bit."""
+    hyper = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    plain, plain_opt, streamed, opt = _adamw_pair(tok, **hyper)
+    _train(plain, plain_opt, 3, torch.Generator().manual_seed(0))
+    _train(streamed, opt, 3, torch.Generator().manual_seed(0))
+    for (name, a), b in zip(plain.named_parameters(), streamed.parameters()):
+        assert torch.equal(a, b), name
+    embed = streamed.get_input_embeddings().weight
+    for p in opt.state:
+        p.grad = torch.zeros_like(p)  # the layout of a step's slices needs gradients to slice
+    pieces = _streamed_pieces(list(opt.state), list(opt.state.values()), 512)
+    storage = embed.untyped_storage().data_ptr()
+    assert sum(piece[0].untyped_storage().data_ptr() == storage for chunk in pieces for piece in chunk) > 1
+    for p, state in opt.state.items():
+        assert state["exp_avg"].device.type == "cpu" and state["exp_avg"].dtype == p.dtype
+        assert state["exp_avg"].data_ptr() != p.data_ptr()
+        assert int(state["step"]) == 3
+        torch.testing.assert_close(state["exp_avg_sq"], plain_opt.state[dict(zip(streamed.parameters(),
+                                   plain.parameters()))[p]]["exp_avg_sq"], rtol=0, atol=0)
+
+
+def test_streamed_adamw_skips_parameters_without_gradients(tok):
+    model = tiny_model(tok, layers=1)
+    frozen = model.get_input_embeddings().weight
+    before = frozen.detach().clone()
+    opt = StreamedAdamW(model.parameters(), lr=1e-2, chunk_bytes=1024)
+    model.zero_grad(set_to_none=True)
+    ids = torch.randint(3, 40, (2, 5))
+    model(input_ids=ids).logits.float().mean().backward()
+    frozen.grad = None  # as if it took no part in the loss
+    opt.step()
+    assert torch.equal(frozen, before) and frozen not in opt.state
+    with pytest.raises(ValueError, match="no parameters that require grad"):
+        StreamedAdamW(model.requires_grad_(False).parameters())
+    with pytest.raises(ValueError, match="chunk_bytes must be >= 512"):
+        StreamedAdamW(tiny_model(tok, layers=1).parameters(), chunk_bytes=100)
+
+
+def test_streamed_adamw_checkpoints_load_both_ways(tok, tmp_path):
+    """A StreamedAdamW checkpoint resumes exactly, and is a plain AdamW checkpoint: each loads the other's."""
+    hyper = dict(lr=1e-2, weight_decay=0.1)
+    straight = tiny_model(tok, layers=2)
+    _train(straight, torch.optim.AdamW(straight.parameters(), **hyper, fused=True), 4, torch.Generator().manual_seed(0))
+    for first_kind, second_kind in (("streamed", "plain"), ("plain", "streamed"), ("streamed", "streamed")):
+        def make(kind, model):
+            if kind == "plain":
+                return torch.optim.AdamW(model.parameters(), **hyper, fused=True)
+            return StreamedAdamW(model.parameters(), **hyper, chunk_bytes=1024)
+
+        first = tiny_model(tok, layers=2)
+        batches = torch.Generator().manual_seed(0)
+        opt = make(first_kind, first)
+        _train(first, opt, 2, batches)
+        torch.save({"model": first.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
+        saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+        second = tiny_model(tok, seed=1, layers=2)
+        second.load_state_dict(saved["model"])
+        opt2 = make(second_kind, second)
+        opt2.load_state_dict(saved["optimizer"])
+        if second_kind == "streamed":
+            assert all(s["exp_avg"].device.type == "cpu" for s in opt2.state.values())
+        _train(second, opt2, 2, batches)
+        for (name, a), b in zip(straight.named_parameters(), second.parameters()):
+            assert torch.equal(a, b), f"{first_kind} -> {second_kind}: {name}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the streamed path needs CUDA streams")
+def test_streamed_adamw_on_cuda_matches_fused_adamw(tok):
+    torch.manual_seed(0)
+    hyper = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    plain, streamed = tiny_model(tok, layers=2).cuda().bfloat16(), tiny_model(tok, layers=2).cuda().bfloat16()
+    plain_opt = torch.optim.AdamW(plain.parameters(), **hyper, fused=True)
+    opt = StreamedAdamW(streamed.parameters(), **hyper, chunk_bytes=4096)  # many chunks through two slots
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        ids = torch.randint(3, 40, (3, 7), generator=g).cuda()
+        for model, o in ((plain, plain_opt), (streamed, opt)):
+            model(input_ids=ids).logits.float().log_softmax(-1)[..., 5].mean().neg().backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    for (name, a), b in zip(plain.named_parameters(), streamed.parameters()):
+        assert torch.equal(a, b), name
+    state = opt.state_dict()["state"]
+    assert all(s["exp_avg"].is_pinned() for s in state.values())
+
+
 # ---------------------------------------------------------------------- packing
 def test_pack_layout():
     mb = micro_batch(prompt_lengths=(2, 1), completion_lengths=(2, 3))
@@ -412,6 +508,18 @@ def test_trainer_with_every_memory_option_matches_the_plain_run(tmp_path, tok):
     assert_same_run(plain, lean)
 
 
+def test_trainer_with_streamed_optimizer_state_matches_the_plain_run(tmp_path, tok):
+    """optimizer_state_offload with the other memory options: the same run as the plain trainer's."""
+    plain = _trainer(tmp_path, tok, "plain")
+    plain.train()
+    lean = _trainer(tmp_path, tok, "streamed", **{**ALL_OPTIONS, "optimizer_offload": False,
+                                                  "optimizer_state_offload": True})
+    assert isinstance(lean.optimizer, StreamedAdamW)
+    lean.train()
+    assert_same_run(plain, lean)
+    assert all(s["exp_avg"].device.type == "cpu" for s in lean.optimizer.state.values())
+
+
 def test_trainer_with_fused_layers_matches_the_plain_run(tmp_path, tok):
     """fused_layers swaps the policy's (and its reference copy's) norms and SwiGLU for the fused
     kernels: the logged losses, KL and gradient norms and the trained weights stay the plain run's."""
@@ -459,14 +567,15 @@ def test_token_chunks_respect_the_budget():
         token_chunks(prompts, completions, 0, packed=True)
 
 
-def test_trainer_resume_with_optimizer_offload_is_exact(tmp_path, tok):
+@pytest.mark.parametrize("flag", ["optimizer_offload", "optimizer_state_offload"])
+def test_trainer_resume_with_optimizer_offload_is_exact(tmp_path, tok, flag):
     from transformers import TrainerCallback
 
     class StopAt(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             control.should_training_stop = state.global_step == 2
 
-    options = dict(max_steps=4, optimizer_offload=True, padding_free=True)
+    options = {"max_steps": 4, flag: True, "padding_free": True}
     straight = _trainer(tmp_path, tok, "straight", **options)
     straight.train()
     first = _trainer(tmp_path, tok, "resumed", save_steps=2, **options)
@@ -477,8 +586,14 @@ def test_trainer_resume_with_optimizer_offload_is_exact(tmp_path, tok):
     assert second.state.global_step == 4
     for (name, a), b in zip(straight.model.named_parameters(), second.model.parameters()):
         assert torch.equal(a, b), name
-    masters = second.optimizer.masters
-    assert all(torch.equal(m, s) for m, s in zip(masters, straight.optimizer.masters))
+    if flag == "optimizer_offload":
+        masters = second.optimizer.masters
+        assert all(torch.equal(m, s) for m, s in zip(masters, straight.optimizer.masters))
+    else:
+        moments = [(s["exp_avg"], s["exp_avg_sq"]) for s in second.optimizer.state.values()]
+        assert all(m.device.type == "cpu" for pair in moments for m in pair)
+        assert all(torch.equal(a, b) for pa, pb in zip(moments, [(s["exp_avg"], s["exp_avg_sq"]) for s in
+                   straight.optimizer.state.values()]) for a, b in zip(pa, pb))
 
 
 def test_impossible_memory_options_are_clear_errors(tmp_path, tok):
@@ -490,13 +605,15 @@ def test_impossible_memory_options_are_clear_errors(tmp_path, tok):
         GRPOConfig(offload_mode="always")
     with pytest.raises(ValueError, match="optimizer_offload does not combine with fp16"):
         GRPOConfig(optimizer_offload=True, fp16=True)
+    with pytest.raises(ValueError, match="optimizer_offload and optimizer_state_offload are two optimizers"):
+        GRPOConfig(optimizer_offload=True, optimizer_state_offload=True)
     with pytest.raises(ValueError, match="max_forward_tokens must be >= 1"):
         GRPOConfig(max_forward_tokens=0)
     from atlas_fast import GRPOTrainer
     from tiny import arithmetic_rows
 
     model = tiny_model(tok)
-    with pytest.raises(ValueError, match="optimizer_offload builds its own CPU AdamW"):
+    with pytest.raises(ValueError, match="optimizer_offload builds its own AdamW"):
         GRPOTrainer(GRPOConfig(output_dir=str(tmp_path / "x"), optimizer_offload=True, num_generations=4,
                                per_device_train_batch_size=4, disable_tqdm=True),
                     model=model, tokenizer=tok, train_dataset=arithmetic_rows(4), reward_funcs=["format"],

@@ -5,6 +5,7 @@
 - `offload`: frozen models (reference, reward models) kept in CPU memory, streamed to the GPU
   layer by layer or moved wholesale for a forward;
 - `optimizer`: AdamW with fp32 master weights and moments on the CPU, stepped there;
+- `streamed`: AdamW with its moments in CPU memory, streamed through the GPU for the step;
 - `packing`: padding-free micro-batches (one packed row per micro-batch) and token balancing;
 - `report`: peak device memory per phase of a step.
 """
@@ -19,6 +20,7 @@ from .checkpointing import (ActivationOffload, decoder_layers, disable_activatio
                             enable_activation_checkpointing)
 from .offload import FrozenOffload, frozen_offload, offload_frozen, place_frozen
 from .optimizer import OffloadedAdamW
+from .streamed import StreamedAdamW
 from .packing import (PackedBatch, balance_rows, pack, packed_completion_hidden, packed_completion_logits,
                       prepare_packing, split_micro_batches, supports_packing, token_chunks)
 from .report import MemoryReport
@@ -28,7 +30,7 @@ __all__ = [
     "decoder_layers", "disable_activation_checkpointing", "enable_activation_checkpointing",
     "enable_gradient_checkpointing", "frozen_offload", "module_device", "offload_frozen", "on_device", "pack",
     "packed_completion_hidden", "packed_completion_logits", "place_frozen", "prepare_packing",
-    "split_micro_batches", "supports_packing", "token_chunks",
+    "split_micro_batches", "StreamedAdamW", "supports_packing", "token_chunks",
 ]
 
 
