@@ -47,6 +47,7 @@ the markers below, leaving the rest of that file alone.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import datetime as dt
 import gc
@@ -90,6 +91,7 @@ SYSTEMS = ("atlas-fast", "atlas-fast offload", "atlas-fast lean", "TRL", "TRL+Li
 # lean's max_forward_tokens: whole micro-batches at the update case's 8 x 1280 tokens, one
 # sequence per pass once completions pass ~16k (activation memory then stops growing with the batch).
 LEAN_FORWARD_TOKENS = 16384
+OVERRIDES: dict = {}  # --set KEY=VALUE: GRPOConfig fields for every atlas-fast system (A/B runs)
 ATLAS_OPTIONS = {
     "atlas-fast": dict(gradient_checkpointing=True, padding_free=True, fused_layers=True),
     "atlas-fast offload": dict(offload_untrained_models=True, optimizer_state_offload=True),
@@ -243,7 +245,7 @@ def run_atlas(path: Path, work: Workload, steps: int, device: str, system: str, 
     def rollout(prompts, trainer):
         return [fixed[i % len(fixed)] for i in range(len(prompts))]
 
-    options = {**ATLAS_OPTIONS["atlas-fast"], **ATLAS_OPTIONS[system]}
+    options = {**ATLAS_OPTIONS["atlas-fast"], **ATLAS_OPTIONS[system], **OVERRIDES}
     backend = "engine" if device == "cuda" and "engine" in BACKENDS else "hf"
     config = GRPOConfig(
         output_dir=str(scratch / "atlas"), max_steps=steps, num_generations=G, per_device_train_batch_size=work.per_device,
@@ -642,8 +644,15 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=None, help="folder for the saved random models (default: a temp folder)")
     ap.add_argument("--fit-lengths", default=None, help="comma list of completion lengths for the fit case "
                     "(default: the plan's doubling ladder)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a GRPOConfig field for every atlas-fast system, e.g. --set fused_layers=False (A/B runs)")
     ap.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set takes KEY=VALUE, got {item!r}")
+        OVERRIDES[key] = ast.literal_eval(value)
 
     device = args.device
     plan = make_plan(device, args.quick)
