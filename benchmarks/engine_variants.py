@@ -32,6 +32,11 @@ VARIANTS = {
     "o_proj unsplit": {("skinny", "O_SPLIT"): 0},
     "no PDL": {("pdl", "ENABLED"): False},
     "sampler in the graph": {("engine", "GRAPH_SAMPLER"): True},
+    "gate/up 3 stages": {("skinny", "GATE_UP_CONFIG"): (64, 128, 4, 3)},
+    "attention 1 program per SM": {("decode_kernel", "PROGRAMS_PER_SM"): 1},
+    "attention 6 programs per SM": {("decode_kernel", "PROGRAMS_PER_SM"): 6},
+    "attention 8 warps": {("decode_kernel", "NUM_WARPS"): 8},
+    "sampler 8192-token blocks": {("sample_kernel", "BLOCK_V"): 8192},
     "cuBLAS projections": {("skinny", "ENABLED"): False},
     "down_proj on cuBLAS": {("skinny", "DOWN_SPLIT"): 0},
     "down split-K 2": {("skinny", "DOWN_SPLIT"): 2},
@@ -41,8 +46,9 @@ VARIANTS = {
 
 def modules():
     from atlas_fast.rollout import engine
-    from atlas_fast.rollout.engine import decode_kernel, pdl, skinny
-    return {"skinny": skinny, "decode_kernel": decode_kernel, "pdl": pdl, "engine": engine}
+    from atlas_fast.rollout.engine import decode_kernel, pdl, sample_kernel, skinny
+    return {"skinny": skinny, "decode_kernel": decode_kernel, "pdl": pdl, "engine": engine,
+            "sample_kernel": sample_kernel}
 
 
 def main(argv=None) -> int:

@@ -320,11 +320,15 @@ class EngineBackend:
     # ------------------------------------------------------------------ helpers
     def _collect(self, tokens: torch.Tensor, logps: torch.Tensor | None, sampling: SamplingParams) -> RolloutOutput:
         stops = self._stops(sampling)
+        ends = [None] * tokens.shape[0]  # per row: the length up to and with its first stop token
+        if stops:  # found on the device: a Python scan of every token costs ~3 ms per 32k tokens
+            hit = torch.isin(tokens, torch.tensor(sorted(stops), device=tokens.device))
+            first = torch.where(hit.any(1), hit.int().argmax(1) + 1, 0)
+            ends = [e or None for e in first.tolist()]
         rows = tokens.tolist()  # host sync: the ids are needed on the host next
         lp_rows = logps.tolist() if logps is not None else None
         ids, reasons, lps = [], [], []
-        for r, row in enumerate(rows):
-            end = next((i + 1 for i, tok in enumerate(row) if tok in stops), None)
+        for r, (row, end) in enumerate(zip(rows, ends)):
             ids.append(row[:end] if end else row)
             reasons.append(FINISH_STOP if end else FINISH_LENGTH)
             if lp_rows is not None:
