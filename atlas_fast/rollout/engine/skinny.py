@@ -24,9 +24,15 @@ from . import pdl
 
 # Per-kernel launch settings (BLOCK_N, BLOCK_K, num_warps, num_stages[, BLOCK_M]): the fastest on an
 # H200 at batch 64 and the Qwen2.5-0.5B shape (benchmarks/bench_decode_step.py): o_proj 3.6 us
-# against cuBLAS's 4.5, gate/up + SiLU-mul 8.3 against 9.2, q/k/v + rotary + KV write 6.0 against 7.5.
+# against cuBLAS's 4.5, q/k/v + rotary + KV write 6.0 against 7.5.
 LINEAR_CONFIG = (16, 128, 4, 4)
-GATE_UP_CONFIG = (64, 128, 4, 4)
+# gate/up: 3 stages, and half-width column blocks once the weight passes GATE_UP_WIDE_BYTES (twice
+# the programs to stream it). H200, batch 64, 512 new tokens (engine_variants.py), whole decode
+# step: 0.5B (17 MB gate/up) 0.952 ms against 0.961 with 4 stages and 0.973 with 32 columns; 1.5B
+# (55 MB) 1.915 ms with 32 columns against 1.964 with 64 (3 stages) and 1.970 (4 stages).
+GATE_UP_CONFIG = (64, 128, 4, 3)
+GATE_UP_LARGE_CONFIG = (32, 128, 4, 3)
+GATE_UP_WIDE_BYTES = 32 * 2**20
 QKV_CONFIG = (16, 128, 4, 4)  # BLOCK_N: rotary pairs per program (0: a whole head)
 MAX_ROWS = 64  # rows per program; more rows take more programs along the second grid axis
 # Measured at batch 64 only; each further 64 rows re-read the weights, so bigger batches (prefill-
@@ -185,7 +191,8 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     M, K = x.shape
     I = weight.shape[0] // 2
     assert x.stride(1) == 1 and weight.stride(1) == 1 and weight.shape == (2 * I, K)
-    config = config or GATE_UP_CONFIG
+    config = config or (GATE_UP_CONFIG if weight.numel() * weight.element_size() <= GATE_UP_WIDE_BYTES
+                        else GATE_UP_LARGE_CONFIG)
     BN, BK, warps, stages = config[:4]
     BM = _block_m(M, config)
     out = torch.empty((M, I), dtype=x.dtype, device=x.device)
