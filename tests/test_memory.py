@@ -299,6 +299,34 @@ def test_streamed_adamw_skips_parameters_without_gradients(tok):
         StreamedAdamW(tiny_model(tok, layers=1).parameters(), chunk_bytes=100)
 
 
+def test_streamed_adamw_steps_mixed_dtypes_and_respects_the_grad_scaler():
+    """Parameters of two dtypes step as torch's fused AdamW steps them (one kernel per dtype), and
+    a GradScaler that found an overflow skips the step."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [((7, 5), torch.float32), ((300,), torch.bfloat16), ((3, 129), torch.float32), ((64,), torch.bfloat16)]
+    init = [torch.randn(shape, generator=g).to(dtype) for shape, dtype in shapes]
+    plain = [torch.nn.Parameter(t.clone()) for t in init]
+    streamed = [torch.nn.Parameter(t.clone()) for t in init]
+    plain_opt = torch.optim.AdamW(plain, lr=1e-2, weight_decay=0.1, fused=True)
+    opt = StreamedAdamW(streamed, lr=1e-2, weight_decay=0.1, chunk_bytes=1024)
+    for _ in range(3):
+        grads = [torch.randn(t.shape, generator=g).to(t.dtype) for t in init]
+        for params, o in ((plain, plain_opt), (streamed, opt)):
+            for p, grad in zip(params, grads):
+                p.grad = grad.clone()
+            o.step()
+    for a, b in zip(plain, streamed):
+        assert torch.equal(a, b)
+    before = [p.detach().clone() for p in streamed]
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.ones(()))  # the scale exists from the first scaled loss on
+    for p in streamed:
+        p.grad = torch.full_like(p, float("inf"))
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, streamed))
+
+
 def test_streamed_adamw_checkpoints_load_both_ways(tok, tmp_path):
     """A StreamedAdamW checkpoint resumes exactly, and is a plain AdamW checkpoint: each loads the other's."""
     hyper = dict(lr=1e-2, weight_decay=0.1)

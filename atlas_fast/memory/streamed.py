@@ -40,12 +40,16 @@ class StreamedAdamW(torch.optim.AdamW):
         # fused=True: the groups say which kernel steps them, so a plain AdamW that loads this
         # optimizer's checkpoint goes on with the same kernel (and the same numbers).
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+        # fused=True told GradScaler that this step skips overflowed gradients itself (it would
+        # hand over found_inf and step anyway); it does not, so the scaler skips the call instead.
+        self._step_supports_amp_scaling = False
         self.device = params[0].device
         self.chunk_bytes = chunk_bytes
+        self._half = chunk_bytes // 2 // _ALIGN * _ALIGN  # bytes per moment in a slot, aligned
         on_cuda = self.device.type == "cuda"
         self._streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)) if on_cuda else None
-        # Two slots of moments (exp_avg then exp_avg_sq, each chunk_bytes // 2 at most).
-        self._slots = [torch.empty(chunk_bytes, dtype=torch.uint8, device=self.device) for _ in range(2)] if on_cuda else None
+        # Two slots of moments: exp_avg in a slot's first half, exp_avg_sq in its second.
+        self._slots = [torch.empty(2 * self._half, dtype=torch.uint8, device=self.device) for _ in range(2)] if on_cuda else None
         self._freed = [None, None]  # per slot: event after the last download that read it
         self._written = None  # event: the last step's downloads are in host memory
 
@@ -73,17 +77,19 @@ class StreamedAdamW(torch.optim.AdamW):
         for group in self.param_groups:
             if group["amsgrad"]:
                 raise ValueError("StreamedAdamW does not implement amsgrad")
-            live = [p for p in group["params"] if p.grad is not None]
+            # One dtype per kernel call: grouped by dtype, each group in parameter order.
+            live = sorted((p for p in group["params"] if p.grad is not None), key=lambda p: str(p.dtype))
             if not live:
                 continue
             if any(p.grad.is_sparse for p in live):
                 raise ValueError("StreamedAdamW does not take sparse gradients")
             states = [self._state_of(p) for p in live]
             torch._foreach_add_([s["step"] for s in states], 1.0)  # once per parameter, before its slices
-            hyper = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+            lr = group["lr"]
+            hyper = dict(lr=lr.item() if torch.is_tensor(lr) else lr, beta1=group["betas"][0], beta2=group["betas"][1],
                          weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
                          maximize=group["maximize"])
-            pieces = _pieces(live, states, self.chunk_bytes // 2)
+            pieces = _pieces(live, states, self._half)
             if self._streams is None:
                 for chunk in pieces:
                     _adamw(chunk, [m for _, _, m, _, _ in chunk], [v for _, _, _, v, _ in chunk], hyper)
@@ -102,7 +108,7 @@ class StreamedAdamW(torch.optim.AdamW):
             with torch.cuda.stream(up):
                 if self._freed[slot] is not None:
                     up.wait_event(self._freed[slot])
-                ms, vs = _views(self._slots[slot], chunk, self.chunk_bytes // 2)
+                ms, vs = _views(self._slots[slot], chunk, self._half)
                 for (_, _, m_host, v_host, _), m, v in zip(chunk, ms, vs):
                     m.copy_(m_host, non_blocking=True)
                     v.copy_(v_host, non_blocking=True)
@@ -144,9 +150,13 @@ class StreamedAdamW(torch.optim.AdamW):
 
 def _pieces(params, states, limit: int) -> list[list[tuple]]:
     """Chunks of (param, grad, exp_avg, exp_avg_sq, step) flat slices whose moments take at most
-    `limit` bytes each (per moment), in parameter order; a large parameter spans several chunks."""
+    `limit` bytes each (per moment), in parameter order, one dtype per chunk; a large parameter
+    spans several chunks."""
     chunks, current, used = [], [], 0
     for p, s in zip(params, states):
+        if current and current[-1][0].dtype != p.dtype:
+            chunks.append(current)
+            current, used = [], 0
         flat = [t.reshape(-1) for t in (p, p.grad, s["exp_avg"], s["exp_avg_sq"])]
         if not all(t.is_contiguous() for t in (p, p.grad)):
             raise ValueError("StreamedAdamW needs contiguous parameters and gradients")
