@@ -137,7 +137,8 @@ class GRPOConfig:
     activation_offload: bool = False  # with gradient_checkpointing: saved layer inputs wait in pinned CPU memory
     optimizer_offload: bool = False  # fp32 master weights and AdamW moments on the CPU, stepped there
     # AdamW moments in pinned CPU memory, streamed through the GPU for the step: the default
-    # optimizer's numbers, its GPU memory down to weights and gradients.
+    # optimizer's numbers (always its fused kernel, whatever `optim` says), its GPU memory down
+    # to weights and gradients.
     optimizer_state_offload: bool = False
     padding_free: bool = False  # each micro-batch packed into one row without pad tokens
     # The most tokens one forward pass of the update (and of the old/reference log-prob passes)

@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import dataclasses
 import datetime as dt
 import gc
 import importlib.metadata
@@ -133,7 +134,8 @@ def save_model(shape: Shape, folder: Path, device: str) -> Path:
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="tok0", eos_token="<eos>", unk_token="tok1")
     cfg = Qwen2Config(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                       num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                      num_key_value_heads=shape.kv_heads, max_position_embeddings=262144, rope_theta=1e6,
+                      # room for the fit ladder's top rung (262144 completion tokens after the prompt)
+                      num_key_value_heads=shape.kv_heads, max_position_embeddings=524288, rope_theta=1e6,
                       rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=0, eos_token_id=None,
                       bos_token_id=None)
     torch.manual_seed(0)
@@ -443,7 +445,7 @@ def check_memory_paths(device: str) -> str:
             opt.zero_grad(set_to_none=True)
         worst = max(worst, max(float((x.float() - y.float()).abs().max()) for x, y in zip(a.parameters(), b.parameters())))
     record("optimizer state offload (3 steps, bf16) vs fused AdamW on the GPU", worst, 0.0,
-           f"moments pinned: {all(s['exp_avg'].is_pinned() for s in opt_b.state.values())}; 32 KiB slots")
+           f"moments pinned: {all(s['exp_avg'].is_pinned() for s in opt_b.state.values())}; 64 KiB slots")
     head = ["**Device-path checks** (a 4-layer model against the plain path: loss difference and worst "
             "per-parameter gradient difference relative to its norm; frozen offload: logits; optimizer: parameters)", "",
             "| path | difference | limit | result | note |", "|---|---|---|---|---|"]
@@ -577,7 +579,7 @@ def make_plan(device: str, quick: bool) -> Plan:
         return Plan("quick", ["0.5b", "1.5b"], [1024], ["1.5b"], ("atlas-fast lean", "TRL"), [2048, 4096, 8192, 16384],
                     ["0.5b"], 3, 1, STEP_TOKENS, STEP_PROMPTS, STEP_PROMPT_LENS)
     return Plan("full", ["0.5b", "1.5b"], [1024, 2048, 4096, 8192], ["0.5b", "1.5b"], SYSTEMS,
-                [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072], ["0.5b", "1.5b"], 4, 1, STEP_TOKENS, STEP_PROMPTS,
+                [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144], ["0.5b", "1.5b"], 4, 1, STEP_TOKENS, STEP_PROMPTS,
                 STEP_PROMPT_LENS)
 
 
@@ -648,11 +650,19 @@ def main(argv=None) -> int:
                     help="a GRPOConfig field for every atlas-fast system, e.g. --set fused_layers=False (A/B runs)")
     ap.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    from atlas_fast import GRPOConfig
+
+    fields = {f.name for f in dataclasses.fields(GRPOConfig)}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             ap.error(f"--set takes KEY=VALUE, got {item!r}")
-        OVERRIDES[key] = ast.literal_eval(value)
+        if key not in fields:
+            ap.error(f"--set {key}: GRPOConfig has no field {key!r}")
+        try:
+            OVERRIDES[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):  # a bare word: the string itself (--set offload_mode=layer)
+            OVERRIDES[key] = value
 
     device = args.device
     plan = make_plan(device, args.quick)

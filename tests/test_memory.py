@@ -327,6 +327,25 @@ def test_streamed_adamw_steps_mixed_dtypes_and_respects_the_grad_scaler():
     assert all(torch.equal(a, b) for a, b in zip(before, streamed))
 
 
+def test_streamed_adamw_takes_parameter_groups(tok):
+    """Groups (a no-decay group, say) step as torch's fused AdamW steps them."""
+    def groups(model):
+        decay = [p for n, p in model.named_parameters() if p.dim() > 1]
+        rest = [p for n, p in model.named_parameters() if p.dim() <= 1]
+        return [{"params": decay}, {"params": rest, "weight_decay": 0.0, "lr": 3e-2}]
+
+    plain, streamed = tiny_model(tok, layers=2), tiny_model(tok, layers=2)
+    plain_opt = torch.optim.AdamW(groups(plain), lr=1e-2, weight_decay=0.1, fused=True)
+    opt = StreamedAdamW(groups(streamed), lr=1e-2, weight_decay=0.1, chunk_bytes=1024)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    _train(plain, plain_opt, 2, torch.Generator().manual_seed(0))
+    _train(streamed, opt, 2, torch.Generator().manual_seed(0))
+    for (name, a), b in zip(plain.named_parameters(), streamed.parameters()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="runs on CUDA or the CPU, not on meta"):
+        StreamedAdamW([torch.nn.Parameter(torch.zeros(3, device="meta"))])
+
+
 def test_streamed_adamw_checkpoints_load_both_ways(tok, tmp_path):
     """A StreamedAdamW checkpoint resumes exactly, and is a plain AdamW checkpoint: each loads the other's."""
     hyper = dict(lr=1e-2, weight_decay=0.1)
@@ -350,30 +369,56 @@ def test_streamed_adamw_checkpoints_load_both_ways(tok, tmp_path):
         opt2.load_state_dict(saved["optimizer"])
         if second_kind == "streamed":
             assert all(s["exp_avg"].device.type == "cpu" for s in opt2.state.values())
+            assert all(g["fused"] for g in opt2.param_groups)
         _train(second, opt2, 2, batches)
         for (name, a), b in zip(straight.named_parameters(), second.parameters()):
             assert torch.equal(a, b), f"{first_kind} -> {second_kind}: {name}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the streamed path needs CUDA streams")
-def test_streamed_adamw_on_cuda_matches_fused_adamw(tok):
+def test_streamed_adamw_on_cuda_matches_fused_adamw(tok, monkeypatch):
+    """On CUDA, with a float32 parameter among bf16 ones and each chunk's step held back on the GPU
+    (so an upload or download that does not wait for it reads or writes the wrong moments)."""
+    import atlas_fast.memory.streamed as streamed_module
+
     torch.manual_seed(0)
     hyper = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
     plain, streamed = tiny_model(tok, layers=2).cuda().bfloat16(), tiny_model(tok, layers=2).cuda().bfloat16()
-    plain_opt = torch.optim.AdamW(plain.parameters(), **hyper, fused=True)
-    opt = StreamedAdamW(streamed.parameters(), **hyper, chunk_bytes=4096)  # many chunks through two slots
+    extra = torch.randn(1000, device="cuda")  # a float32 parameter among the bf16 ones, its gradient made up
+    extras = [torch.nn.Parameter(extra.clone()), torch.nn.Parameter(extra.clone())]
+    plain_opt = torch.optim.AdamW([*plain.parameters(), extras[0]], **hyper, fused=True)
+    opt = StreamedAdamW([*streamed.parameters(), extras[1]], **hyper, chunk_bytes=4096)  # many chunks, two slots
+    step_chunk = streamed_module._adamw
+
+    def slow_step(chunk, ms, vs, hyper):
+        torch.cuda._sleep(2_000_000)  # ~1 ms of GPU time before the chunk's step
+        step_chunk(chunk, ms, vs, hyper)
+
+    monkeypatch.setattr(streamed_module, "_adamw", slow_step)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         ids = torch.randint(3, 40, (3, 7), generator=g).cuda()
-        for model, o in ((plain, plain_opt), (streamed, opt)):
+        grad = torch.randn(1000, generator=g).cuda()
+        for model, o, x in ((plain, plain_opt, extras[0]), (streamed, opt, extras[1])):
             model(input_ids=ids).logits.float().log_softmax(-1)[..., 5].mean().neg().backward()
+            x.grad = grad.clone()
             o.step()
             o.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     for (name, a), b in zip(plain.named_parameters(), streamed.parameters()):
         assert torch.equal(a, b), name
+    assert torch.equal(extras[0], extras[1])
     state = opt.state_dict()["state"]
     assert all(s["exp_avg"].is_pinned() for s in state.values())
+    # Loading puts the moments straight into host memory: the GPU holds no copy of them on the way.
+    fresh = StreamedAdamW([*streamed.parameters(), extras[1]], **hyper, chunk_bytes=4096)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fresh.load_state_dict(opt.state_dict())
+    moment_bytes = sum(p.numel() * p.element_size() for p in streamed.parameters())
+    assert torch.cuda.max_memory_allocated() - before < moment_bytes / 2
+    assert all(s["exp_avg"].is_pinned() for s in fresh.state.values())
 
 
 # ---------------------------------------------------------------------- packing
@@ -618,6 +663,8 @@ def test_trainer_resume_with_optimizer_offload_is_exact(tmp_path, tok, flag):
         masters = second.optimizer.masters
         assert all(torch.equal(m, s) for m, s in zip(masters, straight.optimizer.masters))
     else:
+        for run in (straight, second):
+            run.optimizer.synchronize()
         moments = [(s["exp_avg"], s["exp_avg_sq"]) for s in second.optimizer.state.values()]
         assert all(m.device.type == "cpu" for pair in moments for m in pair)
         assert all(torch.equal(a, b) for pa, pb in zip(moments, [(s["exp_avg"], s["exp_avg_sq"]) for s in

@@ -24,22 +24,30 @@ import torch
 # footprint; 64 MiB moves in ~1.2 ms each way, long enough to hide a step launch (~50 us).
 STREAM_CHUNK_BYTES = 64 * 2**20
 _ALIGN = 256  # bytes: slot views start where any dtype's kernels can use vector loads
+_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 class StreamedAdamW(torch.optim.AdamW):
     def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
                  *, chunk_bytes: int = STREAM_CHUNK_BYTES) -> None:
-        params = [p for p in params if p.requires_grad]
+        groups = list(params)
+        if not groups or not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+        params = [p for g in groups for p in g["params"]]
         if not params:
             raise ValueError("StreamedAdamW got no parameters that require grad")
         if len({p.device for p in params}) != 1:
             raise ValueError("StreamedAdamW needs all parameters on one device")
+        if params[0].device.type not in ("cpu", "cuda"):
+            raise ValueError(f"StreamedAdamW runs on CUDA or the CPU, not on {params[0].device.type}")
         if chunk_bytes < 2 * _ALIGN:
             raise ValueError(f"StreamedAdamW: chunk_bytes must be >= {2 * _ALIGN}, got {chunk_bytes}")
         # fused=True: the groups say which kernel steps them, so a plain AdamW that loads this
         # optimizer's checkpoint goes on with the same kernel (and the same numbers).
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+        super().__init__([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps,
+                         weight_decay=weight_decay, fused=True)
         # fused=True told GradScaler that this step skips overflowed gradients itself (it would
         # hand over found_inf and step anyway); it does not, so the scaler skips the call instead.
         self._step_supports_amp_scaling = False
@@ -52,22 +60,40 @@ class StreamedAdamW(torch.optim.AdamW):
         self._slots = [torch.empty(2 * self._half, dtype=torch.uint8, device=self.device) for _ in range(2)] if on_cuda else None
         self._freed = [None, None]  # per slot: event after the last download that read it
         self._written = None  # event: the last step's downloads are in host memory
+        # Host moments: one zeroed pinned buffer per dtype and moment, each parameter a slice of it
+        # (one pinned allocation per parameter would be rounded up by the host caching allocator).
+        self._arena, self._home = {}, {}
+        for p in params:
+            offset = self._arena.get(p.dtype, 0)
+            self._home[p] = (p.dtype, offset)
+            self._arena[p.dtype] = offset + _aligned(p.numel() * p.element_size()) // p.element_size()
+        self._arena = {dtype: tuple(torch.zeros(n, dtype=dtype, pin_memory=on_cuda) for _ in range(2))
+                       for dtype, n in self._arena.items()}
 
     # ------------------------------------------------------------------ state
+    def _moments(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """p's two host moment tensors, zeroed until its first step: slices of the arena, or their
+        own pinned tensors for parameters added later (add_param_group)."""
+        if p in self._home:
+            dtype, offset = self._home[p]
+            return tuple(buf[offset:offset + p.numel()].view(p.shape) for buf in self._arena[dtype])
+        pin = self.device.type == "cuda"
+        return tuple(torch.zeros(p.shape, dtype=p.dtype, pin_memory=pin) for _ in range(2))
+
     def _state_of(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if not state:
-            pin = self.device.type == "cuda"
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros(p.shape, dtype=p.dtype, pin_memory=pin)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=p.dtype, pin_memory=pin)
+            state["exp_avg"], state["exp_avg_sq"] = self._moments(p)
         return state
 
-    def _settle(self) -> None:
-        """Wait for the downloads of the last step: the host moments are final afterwards."""
+    def synchronize(self) -> None:
+        """Wait until the last step's moments are back in host memory (state_dict does this too);
+        on CUDA the step returns while the downloads are still in flight."""
         if self._written is not None:
             self._written.synchronize()
             self._written = None
+
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -131,21 +157,31 @@ class StreamedAdamW(torch.optim.AdamW):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        self._settle()
+        self.synchronize()
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._settle()
-        super().load_state_dict(state_dict)  # casts every moment to its parameter's device and dtype
-        pin = self.device.type == "cuda"
-        for p, state in self.state.items():
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    host = torch.empty(p.shape, dtype=p.dtype, pin_memory=pin)
-                    host.copy_(state[key])
+        self.synchronize()
+        # The moments go straight into host memory: torch's loader would first cast each to its
+        # parameter's device, putting all of them on the GPU at once.
+        saved = state_dict["state"]
+        moments = {i: {k: v for k, v in s.items() if k in _MOMENTS} for i, s in saved.items()}
+        rest = {i: {k: v for k, v in s.items() if k not in _MOMENTS} for i, s in saved.items()}
+        super().load_state_dict({**state_dict, "state": rest})
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            if i not in saved:
+                continue
+            state = self.state[p]
+            for key, host in zip(_MOMENTS, self._moments(p)):
+                if key in moments[i]:
+                    host.copy_(moments[i][key].reshape(p.shape))
                     state[key] = host
             if "step" in state:
                 state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device).clone()
+        for group in self.param_groups:  # a plain foreach checkpoint's flags: this optimizer runs fused
+            group["fused"], group["foreach"] = True, None
 
 
 def _pieces(params, states, limit: int) -> list[list[tuple]]:
