@@ -40,7 +40,7 @@ from . import checkpoint as ckpt
 from .batch import LMHead, MicroBatch, completion_hidden, completion_logits, split_lm_head, trim
 from .config import GRPOConfig
 from .data import PromptSampler, is_conversational, load_dataset_any, render_prompt
-from .memory import (MemoryReport, OffloadedAdamW, StreamedAdamW, enable_gradient_checkpointing, frozen_offload, on_device,
+from .memory import (OffloadedAdamW, PhaseReport, StreamedAdamW, enable_gradient_checkpointing, frozen_offload, on_device,
                      packed_completion_hidden, packed_completion_logits, place_frozen, prepare_packing,
                      split_micro_batches, token_chunks)
 from .fused_layers import fuse_layers
@@ -187,7 +187,7 @@ class GRPOTrainer:
         self._epochs_ended = 0  # epochs whose last rows this step trains on: on_epoch_end after the step
         self._stream = self._micro_batches()
         self._num_tokens = 0
-        self.memory = MemoryReport(self.device)  # memory/<phase>_peak_gib in each step's metrics (CUDA)
+        self.memory = PhaseReport(self.device)  # memory/<phase>_peak_gib (CUDA) and time/<phase>_s in each step
         self._epochs_announced: set[int] = set()  # epochs whose on_epoch_begin has fired
         self._last_good: dict | None = None  # state at the end of the last good step (NaN guard)
 

@@ -9,6 +9,7 @@ transfers themselves run on the GPU benchmark (benchmarks/bench_e2e.py).
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from atlas_fast.batch import MicroBatch, completion_logits
 from atlas_fast.memory import (OffloadedAdamW, StreamedAdamW, balance_rows, decoder_layers, enable_activation_checkpointing,
                                offload_frozen, on_device, pack, packed_completion_logits, prepare_packing,
                                split_micro_batches, supports_packing)
-from atlas_fast.memory.report import MemoryReport
+from atlas_fast.memory.report import PhaseReport
 from atlas_fast.memory.streamed import _pieces as _streamed_pieces
 from tiny import char_tokenizer, tiny_model
 
@@ -523,11 +524,17 @@ def test_balanced_split_keeps_every_row_once():
 
 
 # ---------------------------------------------------------------------- memory report
-def test_memory_report_is_silent_on_cpu():
-    report = MemoryReport("cpu")
-    with report.phase("update"):
-        torch.ones(4)
-    assert report.metrics() == {}
+def test_phase_report_on_cpu_times_phases_and_reports_no_peaks():
+    report = PhaseReport("cpu")
+    for pause in (0.01, 0.02):  # a phase entered twice adds up its time
+        with report.phase("update"):
+            time.sleep(pause)
+    with report.phase("optimizer"):
+        pass
+    metrics = report.metrics()
+    assert set(metrics) == {"time/update_s", "time/optimizer_s"}
+    assert 0.03 <= metrics["time/update_s"] < 1.0 and 0 <= metrics["time/optimizer_s"] < metrics["time/update_s"]
+    assert report.metrics() == {}  # collected: the next step starts over
 
 
 # ---------------------------------------------------------------------- through the trainer

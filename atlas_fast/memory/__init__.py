@@ -7,7 +7,7 @@
 - `optimizer`: AdamW with fp32 master weights and moments on the CPU, stepped there;
 - `streamed`: AdamW with its moments in CPU memory, streamed through the GPU for the step;
 - `packing`: padding-free micro-batches (one packed row per micro-batch) and token balancing;
-- `report`: peak device memory per phase of a step.
+- `report`: peak device memory and time per phase of a step.
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from .optimizer import OffloadedAdamW
 from .streamed import StreamedAdamW
 from .packing import (PackedBatch, balance_rows, pack, packed_completion_hidden, packed_completion_logits,
                       prepare_packing, split_micro_batches, supports_packing, token_chunks)
-from .report import MemoryReport
+from .report import PhaseReport
 
 __all__ = [
-    "ActivationOffload", "FrozenOffload", "MemoryReport", "OffloadedAdamW", "PackedBatch", "balance_rows",
+    "ActivationOffload", "FrozenOffload", "OffloadedAdamW", "PackedBatch", "PhaseReport", "balance_rows",
     "decoder_layers", "disable_activation_checkpointing", "enable_activation_checkpointing",
     "enable_gradient_checkpointing", "frozen_offload", "module_device", "offload_frozen", "on_device", "pack",
     "packed_completion_hidden", "packed_completion_logits", "place_frozen", "prepare_packing",
