@@ -183,6 +183,7 @@ class StepClock:
         self.times: list[float] = []
         self.peaks: list[int] = []
         self.lengths: list[float] = []
+        self.phases: list[dict[str, float]] = []  # atlas-fast's time/<phase>_s, one dict per logged step
         self._last: float | None = None
 
     def _sync(self) -> None:
@@ -210,6 +211,9 @@ class StepClock:
         for key in ("completions/mean_length", "completion_length"):
             if key in logs:
                 self.lengths.append(float(logs[key]))
+        times = {k[len("time/"):-len("_s")]: float(v) for k, v in logs.items() if k.startswith("time/") and k.endswith("_s")}
+        if times:
+            self.phases.append(times)
         # atlas-fast resets the peak counter at each phase of its step to log memory/<phase>_peak_gib;
         # the step's peak is the largest of those and of what followed the last reset.
         phases = [v for k, v in logs.items() if k.startswith("memory/") and k.endswith("_peak_gib")]
@@ -313,6 +317,9 @@ def run_case(case: str, shape: Shape, path: Path, system: str, work: Workload, s
         result.peak_gib = None if peak is None else peak / 2**30
         if clock.lengths:
             result.notes["mean_length"] = clock.lengths[-1]
+        timed = clock.phases[warmup:]
+        if timed:  # the median step's phases, each phase's median over the timed steps
+            result.notes["phases"] = {k: statistics.median(step.get(k, 0.0) for step in timed) for k in timed[-1]}
         result.notes.update(getattr(clock, "notes", {}) or {})
     except torch.cuda.OutOfMemoryError:
         result.error = "OOM"
@@ -475,6 +482,22 @@ def result_table(rows: list[Result], title: str) -> str:
                      f"{ratio(r, trl, 'step_s') if r.system != 'TRL' else '1.00x'} | "
                      f"{ratio(r, trl, 'peak_gib') if r.system != 'TRL' else '1.00x'} | "
                      f"{ratio(r, liger, 'peak_gib') if r.system != 'TRL+Liger' else '1.00x'} |")
+    return "\n".join(lines)
+
+
+def phase_table(rows: list[Result]) -> str:
+    """atlas-fast's own split of its step (time/<phase>_s, medians over the timed steps)."""
+    timed = [r for r in rows if r.ok and r.notes.get("phases")]
+    if not timed:
+        return ""
+    names = [p for p in ("generation", "reference", "update", "optimizer") if any(p in r.notes["phases"] for r in timed)]
+    lines = ["**Where atlas-fast's step goes** (its `time/<phase>_s` metrics: CUDA events around each phase; "
+             "the rest of the step is scoring, batching and logging)", "",
+             "| shape | completion | system | " + " | ".join(names) + " | step |",
+             "|---|---|---|" + "---|" * (len(names) + 1)]
+    for r in timed:
+        cells = " | ".join(fmt(r.notes["phases"].get(p), ".3f") + " s" for p in names)
+        lines.append(f"| {r.shape} | {r.completion} | {r.system} | {cells} | {r.step_s:.3f} s |")
     return "\n".join(lines)
 
 
@@ -708,11 +731,17 @@ def main(argv=None) -> int:
             sections["e2e_update"] = stamp + "\n\n" + result_table(
                 of("update"), "Update phase (reference log-probs, policy forward, loss, backward, optimizer step; "
                 f"8 generations of a {PROMPT_TOKENS}-token prompt, fixed completions, beta {BETA})")
+            phases = phase_table(of("update"))
+            if phases:
+                sections["e2e_update"] += "\n\n" + phases
         if "fit" in cases:
             sections["e2e_fit"] = stamp + "\n\n" + fit_table(sorted(
                 (r for r in rows if r.case == "fit"), key=lambda r: (r.shape, order.get(r.system, 9), r.completion)))
         if "step" in cases:
             sections["e2e_step"] = stamp + "\n\n" + step_table(of("step"))
+            phases = phase_table(of("step"))
+            if phases:
+                sections["e2e_step"] += "\n\n" + phases
         return sections
 
     def publish() -> None:  # after every case: a run cut short by a time limit keeps what it measured
