@@ -135,6 +135,9 @@ class GRPOConfig:
     gradient_checkpointing: bool = False
     gradient_checkpointing_kwargs: dict | None = None  # only {"use_reentrant": False}, which is what runs
     activation_offload: bool = False  # with gradient_checkpointing: saved layer inputs wait in pinned CPU memory
+    # With gradient_checkpointing: each layer's attention output is kept as well (one more [N, H]
+    # per layer, on the GPU), so the backward's recompute skips attention, most of it at long completions.
+    checkpoint_keep_attention: bool = False
     optimizer_offload: bool = False  # fp32 master weights and AdamW moments on the CPU, stepped there
     # AdamW moments in pinned CPU memory, streamed through the GPU for the step: the default
     # optimizer's numbers (always its fused kernel, whatever `optim` says), its GPU memory down
@@ -278,6 +281,9 @@ class GRPOConfig:
         need(self.offload_mode in OFFLOAD_MODES, f"offload_mode must be one of {OFFLOAD_MODES}, got {self.offload_mode!r}")
         need(self.max_forward_tokens is None or self.max_forward_tokens >= 1,
              f"max_forward_tokens must be >= 1 (or None for whole micro-batches), got {self.max_forward_tokens}")
+        need(not self.checkpoint_keep_attention or self.gradient_checkpointing,
+             "checkpoint_keep_attention keeps attention outputs through gradient checkpointing's recompute: "
+             "set gradient_checkpointing=True too")
         need(not self.activation_offload or self.gradient_checkpointing,
              "activation_offload moves the layer inputs that gradient checkpointing saves: set gradient_checkpointing=True too")
         need(not (self.optimizer_offload and self.fp16),

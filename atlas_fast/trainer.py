@@ -107,7 +107,8 @@ class GRPOTrainer:
         if config.fused_layers:
             fuse_layers(self.model)  # before the reference copy is taken, which keeps the swap
         if config.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model, offload=config.activation_offload)
+            enable_gradient_checkpointing(self.model, offload=config.activation_offload,
+                                          keep_attention=config.checkpoint_keep_attention)
         if config.disable_dropout:
             for module in self.model.modules():
                 if isinstance(module, torch.nn.Dropout):

@@ -13,12 +13,14 @@ import time
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from atlas_kernels import reference as ref_kernels
 from atlas_fast.batch import MicroBatch, completion_logits
 from atlas_fast.memory import (OffloadedAdamW, StreamedAdamW, balance_rows, decoder_layers, enable_activation_checkpointing,
                                offload_frozen, on_device, pack, packed_completion_logits, prepare_packing,
                                split_micro_batches, supports_packing)
+from atlas_fast.memory.checkpointing import attention_ops, disable_activation_checkpointing
 from atlas_fast.memory.report import PhaseReport
 from atlas_fast.memory.streamed import _pieces as _streamed_pieces
 from tiny import char_tokenizer, tiny_model
@@ -98,6 +100,56 @@ def test_checkpointing_saves_only_layer_inputs_and_offload_keeps_them_on_cpu(tok
     assert offloader.stashed() == []  # each consumed by its layer's recompute
     assert len(calls) == 6  # forward, then the recompute in backward
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self, ops):
+        super().__init__()
+        self.ops, self.calls = ops, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func in self.ops
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["keep", "keep+offload"])
+def test_checkpointing_that_keeps_attention_runs_it_once_with_the_same_gradients(tok, offload):
+    """An unpadded batch takes SDPA's fused CPU kernel: plain checkpointing runs it twice per layer
+    (forward and recompute), keep_attention once, and the gradients do not change."""
+    ids = torch.randint(3, 40, (3, 9), generator=torch.Generator().manual_seed(0))
+
+    def run(model):
+        model.zero_grad(set_to_none=True)
+        counter = _CountOps(attention_ops())
+        with counter:
+            model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)[..., 7].mean().neg().backward()
+        return counter.calls, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, kept = tiny_model(tok, layers=3), tiny_model(tok, layers=3)
+    enable_activation_checkpointing(plain)
+    enable_activation_checkpointing(kept, offload=offload, keep_attention=True)
+    plain_calls, plain_grads = run(plain)
+    kept_calls, kept_grads = run(kept)
+    assert plain_calls == 6 and kept_calls == 3
+    for name, grad in plain_grads.items():
+        assert torch.equal(grad, kept_grads[name]), name
+    disable_activation_checkpointing(kept)
+    assert run(kept)[0] == 3 and "_atlas_keep_attention" not in decoder_layers(kept)[0].__dict__
+
+
+def test_a_forward_that_fills_a_kv_cache_is_not_checkpointed(tok):
+    """A recompute would append each layer's keys to the cache a second time (and attend over
+    them): with a cache in the call, whatever transformers names it, the layers run plainly."""
+    ids = torch.randint(3, 40, (2, 6), generator=torch.Generator().manual_seed(0))
+    plain, wrapped = tiny_model(tok, layers=2), tiny_model(tok, layers=2)
+    enable_activation_checkpointing(wrapped, keep_attention=True)
+    grads = []
+    for model in (plain, wrapped):
+        out = model(input_ids=ids, use_cache=True)
+        out.logits.float().logsumexp(-1).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
 
 
 def test_checkpointing_is_skipped_without_grad_and_generation_still_works(tok):
@@ -600,6 +652,15 @@ def test_trainer_with_streamed_optimizer_state_matches_the_plain_run(tmp_path, t
     assert all(s["exp_avg"].device.type == "cpu" for s in lean.optimizer.state.values())
 
 
+def test_trainer_that_keeps_attention_matches_the_plain_run(tmp_path, tok):
+    plain = _trainer(tmp_path, tok, "plain")
+    plain.train()
+    kept = _trainer(tmp_path, tok, "kept", gradient_checkpointing=True, checkpoint_keep_attention=True)
+    assert all(layer._atlas_keep_attention for layer in decoder_layers(kept.model))
+    kept.train()
+    assert_same_run(plain, kept)
+
+
 def test_trainer_with_fused_layers_matches_the_plain_run(tmp_path, tok):
     """fused_layers swaps the policy's (and its reference copy's) norms and SwiGLU for the fused
     kernels: the logged losses, KL and gradient norms and the trained weights stay the plain run's."""
@@ -683,6 +744,8 @@ def test_impossible_memory_options_are_clear_errors(tmp_path, tok):
 
     with pytest.raises(ValueError, match="activation_offload .* set gradient_checkpointing=True"):
         GRPOConfig(activation_offload=True)
+    with pytest.raises(ValueError, match="checkpoint_keep_attention .* set gradient_checkpointing=True"):
+        GRPOConfig(checkpoint_keep_attention=True)
     with pytest.raises(ValueError, match="offload_mode must be one of"):
         GRPOConfig(offload_mode="always")
     with pytest.raises(ValueError, match="optimizer_offload does not combine with fp16"):

@@ -34,9 +34,11 @@ __all__ = [
 ]
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module, offload: bool = False) -> ActivationOffload | None:
-    """Checkpoint each decoder layer (non-reentrant); `offload` keeps the saved inputs in CPU memory."""
-    return enable_activation_checkpointing(model, offload=offload)
+def enable_gradient_checkpointing(model: torch.nn.Module, offload: bool = False,
+                                  keep_attention: bool = False) -> ActivationOffload | None:
+    """Checkpoint each decoder layer (non-reentrant); `offload` keeps the saved inputs in CPU memory,
+    `keep_attention` each layer's attention output (the recompute then skips attention)."""
+    return enable_activation_checkpointing(model, offload=offload, keep_attention=keep_attention)
 
 
 def module_device(model: torch.nn.Module) -> torch.device:

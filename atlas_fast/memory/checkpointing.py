@@ -6,17 +6,25 @@ What is left, one [N, H] hidden state per layer (28 x 0.2 GiB at N = 64k, H = 15
 go to pinned CPU memory: copied out on a side stream as the forward moves on, and copied back one
 layer ahead of the backward, so the copies hide behind the recomputation.
 
+At long completions the recompute is mostly attention, quadratic in the sequence where the rest
+of the layer is linear. `keep_attention` keeps each layer's attention output as well (one more
+[N, H] tensor per layer, on the GPU) so the recompute skips the attention kernel: the backward then
+runs the attention forward once instead of twice. It is PyTorch's selective checkpointing with a
+policy that saves the outputs of the fused attention ops; a model whose attention is not one of
+them (eager attention, a masked math path) recomputes as before.
+
 We wrap the layers ourselves instead of using transformers' `gradient_checkpointing_enable`:
 the wrapper works on any module list of decoder layers (PEFT-wrapped too), checkpoints whenever
 autograd is recording (train or eval mode), and leaves generation with a KV cache untouched.
 """
 from __future__ import annotations
 
+import functools
 import types
 import weakref
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder's list of layers: the largest `ModuleList` whose members share one class.
@@ -122,24 +130,61 @@ class _Stash:
         return t
 
 
+@functools.cache
+def attention_ops() -> frozenset:
+    """The fused attention forward ops whose outputs `keep_attention` saves: SDPA's kernels (CUDA
+    and CPU), PyTorch's varlen attention (padding-free batches) and flash-attn's, where present."""
+    names = [("aten", n) for n in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                                   "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                                   "_flash_attention_forward", "_efficient_attention_forward")]
+    names += [("torch_attn", "_varlen_attn"), ("flash_attn", "_flash_attn_forward"),
+              ("flash_attn", "_flash_attn_varlen_forward")]
+    try:
+        import torch.nn.attention.varlen  # noqa: F401  (registers torch_attn ops where this torch has them)
+    except ImportError:
+        pass
+    ops = set()
+    for namespace, name in names:
+        try:
+            packet = getattr(getattr(torch.ops, namespace), name)
+        except (AttributeError, RuntimeError):
+            continue
+        ops.update(getattr(packet, overload) for overload in packet.overloads())
+    return frozenset(ops)
+
+
+def _keep_attention_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in attention_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _keep_attention_context():
+    return create_selective_checkpoint_contexts(_keep_attention_policy)
+
+
 def _checkpointed_call(layer: torch.nn.Module, *args, **kwargs):
     # Bound to each layer as a method, with the real forward and the offloader kept on the layer,
     # so that copy.deepcopy of the model (a reference model) rebinds them to the copy.
     forward, offload = layer._atlas_inner_forward, layer._atlas_offload
-    # Nothing to save without autograd; and a KV cache must not be updated twice by the recompute.
-    if not torch.is_grad_enabled() or kwargs.get("past_key_values") is not None:
+    # Nothing to save without autograd; and a KV cache must not be updated twice by the recompute
+    # (transformers names it `cache` from 5.2x on, `past_key_values` before).
+    if not torch.is_grad_enabled() or any(kwargs.get(k) is not None for k in ("past_key_values", "cache")):
         return forward(*args, **kwargs)
+    if getattr(layer, "_atlas_keep_attention", False):
+        kwargs = {**kwargs, "context_fn": _keep_attention_context}
     if offload is None:
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     # Only the positional tensors (the hidden states) pass through these hooks: checkpoint keeps
-    # keyword tensors (mask, rotary cos/sin, shared by every layer) by reference.
+    # keyword tensors (mask, rotary cos/sin, shared by every layer) by reference. Attention outputs
+    # that keep_attention saves stay on the device: they bypass these hooks.
     with offload.hooks():
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
-def enable_activation_checkpointing(model: torch.nn.Module, offload: bool = False) -> ActivationOffload | None:
+def enable_activation_checkpointing(model: torch.nn.Module, offload: bool = False,
+                                    keep_attention: bool = False) -> ActivationOffload | None:
     """Checkpoint every decoder layer of `model` (non-reentrant); with `offload`, keep the saved
-    layer inputs in CPU memory between forward and backward. Returns the offloader, if any."""
+    layer inputs in CPU memory between forward and backward; with `keep_attention`, keep each
+    layer's attention output too, so the recompute skips attention. Returns the offloader, if any."""
     layers = decoder_layers(model)
     _disable_transformers_checkpointing(model)  # ours replaces transformers' switch: never both
     offloader = ActivationOffload() if offload else None
@@ -147,6 +192,7 @@ def enable_activation_checkpointing(model: torch.nn.Module, offload: bool = Fals
         if "_atlas_inner_forward" not in layer.__dict__:
             layer._atlas_inner_forward = layer.forward
         layer._atlas_offload = offloader
+        layer._atlas_keep_attention = keep_attention
         layer.forward = types.MethodType(_checkpointed_call, layer)
     return offloader
 
@@ -164,3 +210,4 @@ def disable_activation_checkpointing(model: torch.nn.Module) -> None:
         if "_atlas_inner_forward" in layer.__dict__:
             layer.forward = layer.__dict__.pop("_atlas_inner_forward")
             del layer._atlas_offload
+            layer.__dict__.pop("_atlas_keep_attention", None)
