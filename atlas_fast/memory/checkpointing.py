@@ -154,11 +154,27 @@ def attention_ops() -> frozenset:
 
 
 def _keep_attention_policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in attention_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+    if op not in attention_ops() or _dropout(op, args, kwargs) > 0:
+        # With dropout the kernel advances the RNG: skipping it in the recompute would shift every
+        # later random op of the layer (residual or LoRA dropout) off the forward's masks.
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE
+
+
+def _dropout(op, args, kwargs) -> float:
+    if "dropout_p" in kwargs:
+        return float(kwargs["dropout_p"] or 0.0)
+    for i, arg in enumerate(op._schema.arguments):
+        if arg.name == "dropout_p":
+            return float(args[i] or 0.0) if i < len(args) else 0.0
+    return 0.0
 
 
 def _keep_attention_context():
     return create_selective_checkpoint_contexts(_keep_attention_policy)
+
+
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 def _checkpointed_call(layer: torch.nn.Module, *args, **kwargs):
@@ -166,8 +182,9 @@ def _checkpointed_call(layer: torch.nn.Module, *args, **kwargs):
     # so that copy.deepcopy of the model (a reference model) rebinds them to the copy.
     forward, offload = layer._atlas_inner_forward, layer._atlas_offload
     # Nothing to save without autograd; and a KV cache must not be updated twice by the recompute
-    # (transformers names it `cache` from 5.2x on, `past_key_values` before).
-    if not torch.is_grad_enabled() or any(kwargs.get(k) is not None for k in ("past_key_values", "cache")):
+    # (transformers names it `cache` from 5.2x on, `past_key_values` before, `layer_past` in some
+    # older architectures).
+    if not torch.is_grad_enabled() or any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
         return forward(*args, **kwargs)
     if getattr(layer, "_atlas_keep_attention", False):
         kwargs = {**kwargs, "context_fn": _keep_attention_context}

@@ -55,7 +55,8 @@ class PhaseReport:
         out = {f"memory/{k}_peak_gib": v / 2**30 for k, v in self._peaks.items()}
         for name, spans in self._spans.items():
             if self.on_cuda:
-                spans[-1][1].synchronize()  # events complete in order: the last one covers all
+                for _, end in spans:
+                    end.synchronize()
                 out[f"time/{name}_s"] = sum(start.elapsed_time(end) for start, end in spans) / 1e3
             else:
                 out[f"time/{name}_s"] = sum(spans)
