@@ -152,20 +152,14 @@ class GRPOTrainer:
         for flag in ("optimizer_offload", "optimizer_state_offload"):
             if getattr(config, flag) and self.optimizer is not None:
                 raise ValueError(f"{flag} builds its own AdamW: pass optimizers=(None, scheduler) or turn it off")
+        adamw = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                     weight_decay=config.weight_decay)
         if config.optimizer_offload:  # fp32 masters and moments in CPU memory; the model keeps autocast-dtype weights
-            self.optimizer = OffloadedAdamW(
-                self._trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                eps=config.adam_epsilon, weight_decay=config.weight_decay, weight_dtype=self.autocast_dtype)
+            self.optimizer = OffloadedAdamW(self._trainable, **adamw, weight_dtype=self.autocast_dtype)
         if config.optimizer_state_offload:  # moments in CPU memory, the step on the device
-            self.optimizer = StreamedAdamW(
-                self._trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                eps=config.adam_epsilon, weight_decay=config.weight_decay)
-        if self.optimizer is None:
-            self.optimizer = torch.optim.AdamW(
-                self._trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                eps=config.adam_epsilon, weight_decay=config.weight_decay,
-                fused=config.optim == "adamw_torch_fused",  # one kernel for all parameters
-            )
+            self.optimizer = StreamedAdamW(self._trainable, **adamw)
+        if self.optimizer is None:  # fused: one kernel for all parameters
+            self.optimizer = torch.optim.AdamW(self._trainable, **adamw, fused=config.optim == "adamw_torch_fused")
         if self.lr_scheduler is None:
             self.lr_scheduler = get_scheduler(
                 config.lr_scheduler_type, self.optimizer, num_warmup_steps=config.warmup_for(self.max_steps),
