@@ -670,6 +670,10 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=None, help="folder for the saved random models (default: a temp folder)")
     ap.add_argument("--fit-lengths", default=None, help="comma list of completion lengths for the fit case "
                     "(default: the plan's doubling ladder)")
+    ap.add_argument("--shapes", default=None, help="comma list of model shapes for the update and fit cases "
+                    f"({', '.join(SHAPES)}; default: the plan's)")
+    ap.add_argument("--lengths", default=None, help="comma list of completion lengths for the update case "
+                    "(default: the plan's)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a GRPOConfig field for every atlas-fast system, e.g. --set fused_layers=False (A/B runs)")
     ap.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
@@ -692,6 +696,13 @@ def main(argv=None) -> int:
     plan = make_plan(device, args.quick)
     if args.fit_lengths:
         plan.fit_lengths = [int(x) for x in args.fit_lengths.split(",")]
+    if args.lengths:
+        plan.lengths = [int(x) for x in args.lengths.split(",")]
+    if args.shapes:
+        unknown = [k for k in args.shapes.split(",") if k not in SHAPES]
+        if unknown:
+            ap.error(f"--shapes: unknown shape(s) {unknown}; known: {', '.join(SHAPES)}")
+        plan.shapes = plan.fit_shapes = args.shapes.split(",")
     cases = set(args.cases.split(","))
     default = [s for s in SYSTEMS if device == "cuda" or s != "TRL+Liger"]
     systems = [s for s in SYSTEMS if s in (args.systems.split(",") if args.systems else default)]
