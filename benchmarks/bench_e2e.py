@@ -92,6 +92,7 @@ SYSTEMS = ("atlas-fast", "atlas-fast offload", "atlas-fast lean", "TRL", "TRL+Li
 # lean's max_forward_tokens: whole micro-batches at the update case's 8 x 1280 tokens, one
 # sequence per pass once completions pass ~16k (activation memory then stops growing with the batch).
 LEAN_FORWARD_TOKENS = 16384
+PROFILE = False  # --profile: a kernel table of the first step after the warm-up (that step's time is not a result)
 OVERRIDES: dict = {}  # --set KEY=VALUE: GRPOConfig fields for every atlas-fast system (A/B runs)
 ATLAS_OPTIONS = {
     "atlas-fast": dict(gradient_checkpointing=True, padding_free=True, fused_layers=True),
@@ -185,6 +186,9 @@ class StepClock:
         self.lengths: list[float] = []
         self.phases: list[dict[str, float]] = []  # atlas-fast's time/<phase>_s, one dict per logged step
         self._last: float | None = None
+        self._ends = 0
+        self._profiler = None
+        self.profiled: int | None = None
 
     def _sync(self) -> None:
         if self.device == "cuda":
@@ -204,6 +208,16 @@ class StepClock:
         if self.device == "cuda":
             self.peaks.append(torch.cuda.max_memory_allocated())
             torch.cuda.reset_peak_memory_stats()
+        self._ends += 1
+        if PROFILE and self._ends == 1:  # the step after the warm-up: autotuning and compilation are done
+            activity = torch.profiler.ProfilerActivity.CUDA if self.device == "cuda" else torch.profiler.ProfilerActivity.CPU
+            self._profiler = torch.profiler.profile(activities=[activity])
+            self._profiler.__enter__()
+        elif self._profiler is not None:
+            self._profiler.__exit__(None, None, None)
+            print(kernel_table(self._profiler, self.device), flush=True)
+            self._profiler = None
+            self.profiled = len(self.times) - 1  # slowed by the profiler: not a timing
         self._last = now
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -226,8 +240,28 @@ class StepClock:
         raise AttributeError(name)
 
     def summary(self, warmup: int) -> tuple[float | None, int | None]:
-        times, peaks = self.times[warmup:], self.peaks[warmup:]
+        keep = [i for i in range(warmup, len(self.times)) if i != self.profiled]
+        times, peaks = [self.times[i] for i in keep], [self.peaks[i] for i in keep if i < len(self.peaks)]
         return (statistics.median(times) if times else None), (max(peaks) if peaks else None)
+
+
+def kernel_table(prof, device: str, rows: int = 25) -> str:
+    """The profiled step's GPU kernels (on the CPU: ops, by self time) by total time: where a
+    trainer's step goes, kernel by kernel."""
+    if device == "cuda":
+        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        time_of = lambda e: e.device_time_total  # noqa: E731
+    else:
+        kernels = list(prof.key_averages())
+        time_of = lambda e: e.self_cpu_time_total  # noqa: E731
+    kernels.sort(key=time_of, reverse=True)
+    total = sum(time_of(e) for e in kernels) / 1e3
+    lines = [f"profiled step: {total:.1f} ms of {'GPU kernel' if device == 'cuda' else 'CPU op'} time in "
+             f"{sum(e.count for e in kernels)} calls", f"{'ms':>9} {'share':>6} {'calls':>6}  kernel"]
+    for e in kernels[:rows]:
+        ms = time_of(e) / 1e3
+        lines.append(f"{ms:9.2f} {ms / total:6.1%} {e.count:6d}  {e.key[:110]}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- the two trainers
@@ -317,7 +351,7 @@ def run_case(case: str, shape: Shape, path: Path, system: str, work: Workload, s
         result.peak_gib = None if peak is None else peak / 2**30
         if clock.lengths:
             result.notes["mean_length"] = clock.lengths[-1]
-        timed = clock.phases[warmup:]
+        timed = [p for i, p in enumerate(clock.phases) if i >= warmup and i != clock.profiled]
         if timed:  # per timed step on average: phases that not every step runs (generation) count fairly
             names = {k for step in timed for k in step}
             result.notes["phases"] = {k: sum(step.get(k, 0.0) for step in timed) / len(timed) for k in names}
@@ -676,6 +710,8 @@ def main(argv=None) -> int:
                     "(default: the plan's)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a GRPOConfig field for every atlas-fast system, e.g. --set fused_layers=False (A/B runs)")
+    ap.add_argument("--profile", action="store_true", help="print the GPU kernels of the first step after the "
+                    "warm-up, by total time (that step is left out of the timings)")
     ap.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     from atlas_fast import GRPOConfig
@@ -692,6 +728,8 @@ def main(argv=None) -> int:
         except (ValueError, SyntaxError):  # a bare word: the string itself (--set offload_mode=layer)
             OVERRIDES[key] = value
 
+    global PROFILE
+    PROFILE = args.profile
     device = args.device
     plan = make_plan(device, args.quick)
     if args.fit_lengths:

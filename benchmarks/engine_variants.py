@@ -35,6 +35,7 @@ VARIANTS = {
     "gate/up 4 stages": {("skinny", "GATE_UP_CONFIG"): (64, 128, 4, 4), ("skinny", "GATE_UP_LARGE_CONFIG"): (64, 128, 4, 4)},
     "gate/up 64 columns": {("skinny", "GATE_UP_LARGE_CONFIG"): (64, 128, 4, 3)},
     "gate/up 32 columns": {("skinny", "GATE_UP_CONFIG"): (32, 128, 4, 3)},
+    "attention unsplit": {("decode_kernel", "SPLIT_TOKENS"): 1 << 20},
     "attention 1 program per SM": {("decode_kernel", "PROGRAMS_PER_SM"): 1},
     "attention 6 programs per SM": {("decode_kernel", "PROGRAMS_PER_SM"): 6},
     "attention 8 warps": {("decode_kernel", "NUM_WARPS"): 8},
