@@ -591,7 +591,10 @@ class GRPOTrainer:
                 with self.model.disable_adapter():
                     ref = self._batched_logps(self.model, batch, size)
             else:
-                with on_device(self.ref_model, self.device):
+                # One forward (one micro-batch, one chunk) lets an offloaded reference stream its
+                # layers behind the compute instead of uploading first.
+                single = len(batch.advantages) <= size and len(self._row_chunks(batch)) == 1
+                with on_device(self.ref_model, self.device, forwards=1 if single else None):
                     ref = self._batched_logps(self.ref_model, batch, size)
         return old, ref
 

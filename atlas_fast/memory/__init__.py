@@ -48,15 +48,17 @@ def module_device(model: torch.nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def on_device(model: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
+def on_device(model: torch.nn.Module, device: torch.device, forwards: int | None = None) -> Iterator[torch.nn.Module]:
     """Run a block of forwards of `model` on `device`, then leave it where it was.
 
     An offloaded frozen model (`offload_frozen`) already runs every forward on its device; the
     block lets it stay resident for all of them when it fits (one upload, not one per forward).
+    `forwards`, the block's number of forwards when known, lets its "auto" mode stream a single
+    forward layer by layer instead (see FrozenOffload.visit).
     """
     offload = frozen_offload(model)
     if offload is not None:
-        with offload.visit():
+        with offload.visit(forwards):
             yield model
         return
     home = module_device(model)

@@ -10,8 +10,11 @@ whole update. Here their weights live in pinned host memory; a forward brings th
   ones wait on the copy. Or
 - wholesale: the whole model for the length of a `visit()` block, one upload for every forward in
   it (the reference pass over all micro-batches), when it fits in free device memory.
-`mode="auto"` picks wholesale when the model's bytes fit in half the free device memory at the
-start of the visit, layer-wise otherwise.
+`mode="auto"` streams layer by layer when the visit is known to hold one forward (the copy then
+overlaps the compute instead of preceding it: on an H200 the 1.5B reference pass over 8 x 1.3k
+tokens took 0.096 s streamed against 0.134 s wholesale, at the same peak), and otherwise goes
+wholesale when the model's bytes fit in half the free device memory at the start of the visit
+(one upload for all its forwards), layer-wise when they do not.
 
 Weights are swapped through `tensor.data`, so the module tree, parameter identities, tied weights
 and in-place updates of the home copy (the reference model's EMA sync) are all preserved.
@@ -94,15 +97,16 @@ class FrozenOffload:
 
     # ------------------------------------------------------------------ public
     @contextlib.contextmanager
-    def visit(self) -> Iterator[torch.nn.Module]:
-        """A block of forwards: the whole model resident for the block when the mode allows it;
-        otherwise the non-layer weights (embeddings, final norm, head) stay resident and the layers
-        stream. Either way the body and the head can also be called on their own inside the block
-        (the fused linear head calls the decoder body, then reads the head's weight itself)."""
+    def visit(self, forwards: int | None = None) -> Iterator[torch.nn.Module]:
+        """A block of forwards (`forwards`: how many, when the caller knows): the whole model
+        resident for the block when the mode allows it; otherwise the non-layer weights
+        (embeddings, final norm, head) stay resident and the layers stream. Either way the body and
+        the head can also be called on their own inside the block (the fused linear head calls the
+        decoder body, then reads the head's weight itself)."""
         if self._visit is not None:
             yield self.model
             return
-        self._visit = "wholesale" if self._wholesale_fits() else "layers"
+        self._visit = "wholesale" if self._wholesale_fits(forwards) else "layers"
         groups = range(len(self._groups)) if self._visit == "wholesale" else [self._rest]
         for g in groups:
             self._enter(g)
@@ -126,8 +130,8 @@ class FrozenOffload:
         setattr(self.model, _ATTR, None)
 
     # ------------------------------------------------------------------ decisions
-    def _wholesale_fits(self) -> bool:
-        if self.mode == "layer":
+    def _wholesale_fits(self, forwards: int | None = None) -> bool:
+        if self.mode == "layer" or (self.mode == "auto" and forwards == 1):
             return False
         if self.mode == "model" or self.device.type != "cuda":
             return True
