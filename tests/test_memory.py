@@ -816,7 +816,7 @@ def test_varlen_kernels_on_cuda_match_per_sequence_attention():
     if not kernels:
         pytest.skip("no varlen kernel on this GPU / torch")
     g = torch.Generator(device="cuda").manual_seed(1)
-    lengths = [5, 130, 1, 77]
+    lengths = [5, 130, 2, 77]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
     for heads, kv_heads, d in ((4, 2, 64), (6, 6, 128)):
         q, k, v = (torch.randn(sum(lengths), h, d, device="cuda", generator=g).bfloat16().requires_grad_()

@@ -232,7 +232,7 @@ def _cudnn_varlen_matches(model: torch.nn.Module) -> bool:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     g = torch.Generator(device="cuda").manual_seed(0)
-    lengths = [37, 200, 1, 90]
+    lengths = [37, 200, 2, 90]  # a packed sequence holds at least a prompt token and a completion token
     n = sum(lengths)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
     q, k, v = (torch.randn(n, h, head_dim, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
