@@ -218,7 +218,7 @@ class StepClock:
             print(kernel_table(self._profiler, self.device), flush=True)
             self._profiler = None
             self.profiled = len(self.times) - 1  # slowed by the profiler: not a timing
-        self._last = now
+        self._last = time.perf_counter()  # the profiler's start, stop and table count toward no step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
