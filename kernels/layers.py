@@ -1,4 +1,5 @@
-"""The decoder layer's elementwise work in fused kernels, forward and backward: RMSNorm and SwiGLU.
+"""The decoder layer's elementwise work in fused kernels, forward and backward: RMSNorm, SwiGLU and
+the rotary position embedding of queries and keys.
 
 In a training step of a small model over long sequences these are a visible share of the time: an
 HF RMSNorm is ~6 kernels forward (cast, square, mean, rsqrt, two multiplies) and more in backward,
@@ -9,8 +10,13 @@ otherwise.
 
   rms_norm(x, weight, eps) = weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype)      (last dim)
   silu_mul(gate, up)       = silu(gate).to(dtype) * up
+  rope(q, k, cos, sin)     = (x * cos + rotate_half(x) * sin for x in (q, k))          (per head)
 
-rms_norm saves only the per-row 1/rms (float32) for backward; silu_mul saves its inputs.
+rms_norm saves only the per-row 1/rms (float32) for backward; silu_mul saves its inputs; rope saves
+only cos and sin (the rotation's transpose needs nothing else). HF's rotary embedding is 5 kernels per
+tensor forward (rotate_half's negation and concatenation, two products, a sum) and about twice that
+backward; rope is one kernel each way for queries and keys together, reading cos and sin once per
+token.
 """
 from __future__ import annotations
 
@@ -148,6 +154,93 @@ class SiLUMulFn(torch.autograd.Function):
         return dg, du
 
 
+# Elements of one half-head tile that a rope program rotates at once: 16 heads of a 128-dim head
+# (64 per half) in one step, 8 elements per thread of the default 4 warps; more heads loop.
+ROPE_TILE = 1024
+
+
+@triton.jit
+def _rope_heads(x_ptr, y_ptr, x_row, y_row, sxh, sxd, syh, syd, H, HALF, c1, c2, s1, s2,
+                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    heads = tl.arange(0, BLOCK_H)[:, None].to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)[None, :].to(tl.int64)
+    ty = y_ptr.dtype.element_ty
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + heads
+        mask = (h < H) & (cols < HALF)
+        xp = x_ptr + x_row + h * sxh + cols * sxd
+        x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(xp + HALF * sxd, mask=mask, other=0.0).to(tl.float32)
+        # PyTorch rounds x * cos and rotate_half(x) * sin each to the output dtype, then adds them
+        # and rounds again: so do we (bf16 products are exact in float32, so the results are the
+        # same bits; in float32 the compiler may fuse a product into the sum, 1 ulp apart).
+        y1 = (x1 * c1).to(ty).to(tl.float32) - (x2 * s1).to(ty).to(tl.float32)
+        y2 = (x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)
+        yp = y_ptr + y_row + h * syh + cols * syd
+        tl.store(yp, y1.to(ty), mask=mask)
+        tl.store(yp + HALF * syd, y2.to(ty), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, T, Hq, Hkv, HALF, cos_sb,
+                 sqb, sqh, sqt, sqd, skb, skh, skt, skd, sob, soh, sot, sod, spb, sph, spt, spd,
+                 BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # one token of one sequence: all its query and key heads
+    b = row // T
+    t = row % T
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < HALF
+    c_row = b * cos_sb + t * (2 * HALF)
+    # cos and sin in full: HF builds their halves equal, but the formula reads both, so do we
+    c1 = tl.load(cos_ptr + c_row + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + c_row + HALF + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + c_row + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + c_row + HALF + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if BACKWARD:
+        # the rotation's transpose: sin's halves trade places and sign. Each term is rounded to
+        # the gradient's dtype before the sum, as autograd accumulates the two paths' gradients.
+        s1, s2 = -s2, -s1
+    _rope_heads(q_ptr, qo_ptr, b * sqb + t * sqt, b * sob + t * sot, sqh, sqd, soh, sod, Hq, HALF,
+                c1, c2, s1, s2, BLOCK_H, BLOCK_D)
+    _rope_heads(k_ptr, ko_ptr, b * skb + t * skt, b * spb + t * spt, skh, skd, sph, spd, Hkv, HALF,
+                c1, c2, s1, s2, BLOCK_H, BLOCK_D)
+
+
+def _rope_launch(q, k, qo, ko, cos, sin, backward: bool) -> None:
+    B, Hq, T, D = q.shape
+    if not (B * T) or not (Hq + k.shape[1]):
+        return
+    block_d = next_pow2(D // 2)
+    block_h = min(next_pow2(max(Hq, k.shape[1])), max(1, ROPE_TILE // block_d))
+    cos_sb = 0 if cos.shape[0] == 1 else T * D  # one table for every sequence when position ids are shared
+    _rope_kernel[(B * T,)](q, k, qo, ko, cos, sin, T, Hq, k.shape[1], D // 2, cos_sb, *q.stride(), *k.stride(),
+                           *qo.stride(), *ko.stride(), BACKWARD=backward, BLOCK_H=block_h, BLOCK_D=block_d)
+
+
+class RoPEFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        cos, sin = cos.contiguous(), sin.contiguous()  # [B or 1, T, D]: 1/H of q's size
+        table = torch.promote_types(cos.dtype, sin.dtype)
+        # empty_like keeps q's memory order: the model's q is a transposed view of [B, T, H, D],
+        # and its output (and gradient) stay in that order, as PyTorch's elementwise ops leave them.
+        qo = torch.empty_like(q, dtype=torch.promote_types(q.dtype, table))
+        ko = torch.empty_like(k, dtype=torch.promote_types(k.dtype, table))
+        _rope_launch(q, k, qo, ko, cos, sin, backward=False)
+        ctx.save_for_backward(cos, sin)
+        ctx.layouts = (qo.stride(), q.dtype), (ko.stride(), k.dtype)
+        return qo, ko
+
+    @staticmethod
+    def backward(ctx, dqo, dko):
+        cos, sin = ctx.saved_tensors
+        (q_stride, q_dtype), (k_stride, k_dtype) = ctx.layouts
+        dq = torch.empty_strided(dqo.shape, q_stride, dtype=q_dtype, device=dqo.device)
+        dk = torch.empty_strided(dko.shape, k_stride, dtype=k_dtype, device=dko.device)
+        _rope_launch(dqo, dko, dq, dk, cos, sin, backward=True)
+        return dq, dk, None, None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * (x / sqrt(mean(x^2, -1) + eps)).to(x.dtype), as the Llama/Qwen/Mistral RMSNorm
     modules compute it; output dtype promote(weight, x). Gradients flow to x and weight."""
@@ -168,3 +261,33 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if not use_triton(gate, up) or gate.dtype not in TRITON_DTYPES or up.dtype not in TRITON_DTYPES:
         return reference.silu_mul(gate, up)
     return SiLUMulFn.apply(gate, up)
+
+
+def rope_problem(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> str | None:
+    """Why rope cannot take these tensors (None if it can): what callers that fall back to
+    transformers' apply_rotary_pos_emb check before calling it."""
+    if q.dim() != 4 or k.dim() != 4:
+        return f"q {tuple(q.shape)} and k {tuple(k.shape)} must be [batch, heads, tokens, head_dim]"
+    B, _, T, D = q.shape
+    if k.shape[0] != B or k.shape[2:] != q.shape[2:]:
+        return f"k {tuple(k.shape)} must share q's {tuple(q.shape)} batch, tokens and head_dim"
+    if D % 2:
+        return f"head_dim {D} must be even: rotate_half splits each head in two halves"
+    if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[0] not in (1, B) or cos.shape[1:] != (T, D):
+        return (f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must both be [{B} or 1, {T}, {D}] "
+                f"([batch, tokens, head_dim], as the rotary embedding returns them)")
+    if cos.requires_grad or sin.requires_grad:
+        return "cos and sin must not require grad: rope gives gradients to q and k only (they are buffers)"
+    return None
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' apply_rotary_pos_emb(q, k, cos, sin): x * cos + rotate_half(x) * sin for the
+    queries q [B, Hq, T, D] and keys k [B, Hkv, T, D] (any strides), cos and sin [B or 1, T, D];
+    each output in promote(x, cos, sin), rounded as PyTorch rounds. Gradients flow to q and k."""
+    problem = rope_problem(q, k, cos, sin)
+    if problem is not None:
+        raise ValueError(f"rope: {problem}")
+    if not use_triton(q, k, cos, sin) or any(t.dtype not in TRITON_DTYPES for t in (q, k, cos, sin)):
+        return reference.rope(q, k, cos, sin)
+    return RoPEFn.apply(q, k, cos, sin)
