@@ -248,3 +248,45 @@ def test_layer_kernels_match_the_hf_modules_bit_for_bit_cuda(seed, H):
     gate = (4 * torch.randn(4099, 4 * H, device="cuda", generator=g)).to(torch.bfloat16)
     up = torch.randn(4099, 4 * H, device="cuda", generator=g).to(torch.bfloat16)
     assert torch.equal(silu_mul(gate, up), torch.nn.functional.silu(gate) * up)
+
+
+@pytest.mark.parametrize("Hq, Hkv, D", [(12, 2, 128), (14, 2, 64), (28, 4, 128)])
+def test_rope_matches_hf_apply_rotary_pos_emb_bit_for_bit_cuda(seed, Hq, Hkv, D):
+    """rope compiled, at the Qwen2.5 1.5B / 0.5B / 7B head shapes, against transformers' function
+    on queries and keys as the attention makes them (transposed views of the projections) with a
+    Qwen2 rotary embedding's cos/sin over packed sequences: in bf16 each product and the sum are
+    rounded where PyTorch rounds them, forward and backward, so all agree bit for bit; in float32
+    within a few ulps of float64 (the compiler may fuse a product into the sum)."""
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
+
+    from atlas_kernels import rope
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    B, T = 2, 4099
+    cfg = Qwen2Config(hidden_size=Hq * D, num_attention_heads=Hq, num_key_value_heads=Hkv, max_position_embeddings=32768)
+    rotary = Qwen2RotaryEmbedding(cfg).to("cuda")
+    lengths = torch.randint(T // 4 + 1, 3000, (B, 4), device="cuda", generator=g)
+    position_ids = torch.stack([torch.cat([torch.arange(int(n), device="cuda") for n in row])[:T] for row in lengths])
+    assert position_ids.shape == (B, T)  # 4 sequences of up to 3000 tokens per row, cut at T
+    for dtype in (torch.bfloat16, torch.float32):
+        cos, sin = rotary(torch.empty(1, device="cuda", dtype=dtype), position_ids)
+        q = (2 * torch.randn(B, T, Hq, D, device="cuda", generator=g)).to(dtype).transpose(1, 2)
+        k = (2 * torch.randn(B, T, Hkv, D, device="cuda", generator=g)).to(dtype).transpose(1, 2)
+        dq = torch.randn(B, Hq, T, D, device="cuda", generator=g).to(dtype)
+        dk = torch.randn(B, Hkv, T, D, device="cuda", generator=g).to(dtype)
+        qa, ka = q.clone().requires_grad_(), k.clone().requires_grad_()
+        qb, kb = q.clone().requires_grad_(), k.clone().requires_grad_()
+        ours, theirs = rope(qa, ka, cos, sin), apply_rotary_pos_emb(qb, kb, cos, sin)
+        torch.autograd.backward(ours, [dq, dk])
+        torch.autograd.backward(theirs, [dq, dk])
+        pairs = [(ours[0], theirs[0]), (ours[1], theirs[1]), (qa.grad, qb.grad), (ka.grad, kb.grad)]
+        assert all(torch.isfinite(a).all() for a, _ in pairs)
+        if dtype == torch.bfloat16:
+            assert all(torch.equal(a, b) for a, b in pairs), [(a != b).float().mean().item() for a, b in pairs]
+        else:
+            q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
+            r = reference.rope(q64, k64, cos.double(), sin.double())
+            torch.autograd.backward(r, [dq.double(), dk.double()])
+            for a, b in zip([*ours, qa.grad, ka.grad], [*r, q64.grad, k64.grad]):
+                torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-6)
