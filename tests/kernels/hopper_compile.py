@@ -180,6 +180,13 @@ def _library_calls() -> None:
         up = torch.randn(4, 96, generator=g).to(dtype).requires_grad_()
         with contextlib.suppress(Exception):
             ak.silu_mul(gate, up).float().sum().backward()
+        for heads, kv_heads, d in ((14, 2, 64), (12, 2, 128)):  # the Qwen2.5-0.5B / 1.5B heads
+            q = torch.randn(1, 5, heads, d, generator=g).to(dtype).transpose(1, 2).requires_grad_()
+            k = torch.randn(1, 5, kv_heads, d, generator=g).to(dtype).transpose(1, 2).requires_grad_()
+            cos, sin = torch.randn(1, 5, d, generator=g).to(dtype), torch.randn(1, 5, d, generator=g).to(dtype)
+            with contextlib.suppress(Exception):
+                qe, ke = ak.rope(q, k, cos, sin)
+                (qe.float().sum() + ke.float().sum()).backward()
 
 
 def engine_launches() -> None:
