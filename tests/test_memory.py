@@ -804,34 +804,3 @@ def test_offloaded_model_runs_its_body_and_head_apart_inside_a_visit(tok, mode):
         assert offload.on_device_tensors() == 0
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen kernels need CUDA")
-def test_varlen_kernels_on_cuda_match_per_sequence_attention():
-    """cuDNN's (Hopper and newer) and flash's varlen kernels against float32 SDPA run sequence by
-    sequence: outputs and gradients, GQA included."""
-    from atlas_fast.memory.packing import _cudnn_varlen, _flash_varlen, _varlen_attn
-
-    kernels = ([_flash_varlen] if _varlen_attn() is not None else []) + (
-        [_cudnn_varlen] if torch.cuda.get_device_capability()[0] >= 9 else [])
-    if not kernels:
-        pytest.skip("no varlen kernel on this GPU / torch")
-    g = torch.Generator(device="cuda").manual_seed(1)
-    lengths = [5, 130, 2, 77]
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
-    for heads, kv_heads, d in ((4, 2, 64), (6, 6, 128)):
-        q, k, v = (torch.randn(sum(lengths), h, d, device="cuda", generator=g).bfloat16().requires_grad_()
-                   for h in (heads, kv_heads, kv_heads))
-        dout = torch.randn(sum(lengths), heads, d, device="cuda", generator=g).bfloat16()
-        outs = []
-        for start, n in zip(cu[:-1].tolist(), lengths):
-            qs, ks, vs = (t[start:start + n].float().transpose(0, 1) for t in (q, k, v))
-            ks, vs = ks.repeat_interleave(heads // kv_heads, 0), vs.repeat_interleave(heads // kv_heads, 0)
-            outs.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1))
-        ref = torch.cat(outs)
-        ref_grads = torch.autograd.grad(ref, (q, k, v), dout.float())
-        for attend in kernels:
-            out = attend(q, k, v, cu, max(lengths), d ** -0.5)
-            grads = torch.autograd.grad(out, (q, k, v), dout)
-            for got, want in zip((out, *grads), (ref, *ref_grads)):
-                assert torch.isfinite(got).all(), attend.__name__
-                assert (got.float() - want).abs().max() <= 0.02 * want.abs().max() + 1e-3, attend.__name__

@@ -136,7 +136,7 @@ def attention_ops() -> frozenset:
     and CPU), PyTorch's varlen attention (padding-free batches) and flash-attn's, where present."""
     names = [("aten", n) for n in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                                    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-                                   "_flash_attention_forward", "_efficient_attention_forward", "_cudnn_attention_forward")]
+                                   "_flash_attention_forward", "_efficient_attention_forward")]
     names += [("torch_attn", "_varlen_attn"), ("flash_attn", "_flash_attn_forward"),
               ("flash_attn", "_flash_attn_varlen_forward")]
     try:

@@ -7,12 +7,8 @@ tokens; position ids restart at 0 for each sequence and attention stays inside e
 - `flash_attention_2/3` and `flex_attention` models: transformers reads the sequence boundaries
   from the restarting position ids (flash: varlen kernels; flex: a block mask).
 - `sdpa` / `eager` on CUDA: we register one more attention implementation, `atlas_varlen`, that
-  runs a varlen kernel with the cumulative sequence lengths, and is plain SDPA for every unpacked
-  call (generation included). The kernel is cuDNN's (`aten._cudnn_attention_forward` over ragged
-  rows, the kernel SDPA picks for padded batches on Hopper) where a probe at setup shows it gives
-  flash's numbers, else PyTorch's varlen flash attention (`torch.nn.attention.varlen`, torch >=
-  2.10). On an H200 at 8 x 8448 tokens (Qwen2.5-1.5B shape) the flash kernels took 965 ms of a
-  GRPO update against 532 ms for cuDNN's in TRL's padded run of the same batch.
+  calls PyTorch's own varlen flash attention (`torch.nn.attention.varlen`, torch >= 2.10) with the
+  cumulative sequence lengths, and is plain SDPA for every unpacked call (generation included).
 - otherwise (`sdpa` / `eager` on the CPU, an older torch): transformers builds a dense
   block-diagonal causal mask, [N, N] booleans: exact, and fine for short rows.
 Models whose attention cannot be restricted this way (remote code, unknown implementations) keep
@@ -138,8 +134,6 @@ def prepare_packing(model: torch.nn.Module, *, varlen: bool | None = None) -> bo
         if varlen:
             _register_varlen_attention()
             base.set_attn_implementation(VARLEN_ATTENTION)
-            if torch.cuda.is_available():
-                _use_cudnn[torch.cuda.current_device()] = _cudnn_varlen_matches(base)
     return True
 
 
@@ -177,84 +171,6 @@ def _varlen_runs(model: torch.nn.Module) -> bool:
     return True
 
 
-# Per CUDA device: whether packed rows go through cuDNN's varlen kernel (set by prepare_packing's probe).
-_use_cudnn: dict[int, bool] = {}
-
-
-def varlen_kernel(device: torch.device | int | None = None) -> str:
-    """Which kernel packed rows run on a CUDA device: "cudnn" or "flash"."""
-    index = torch.device("cuda", device).index if isinstance(device, int) else (
-        torch.cuda.current_device() if device is None or torch.device(device).index is None else torch.device(device).index)
-    return "cudnn" if _use_cudnn.get(index, False) else "flash"
-
-
-def _cudnn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
-                  scale: float | None) -> torch.Tensor:
-    """Causal attention within each packed sequence through cuDNN: q [N, Hq, D], k/v [N, Hkv, D]."""
-    if k.shape[1] != q.shape[1]:  # cuDNN's ragged path has no GQA: each KV head serves its group
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    need_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, max_len, max_len, need_lse, 0.0, True, False,
-                                                   scale=scale)[0]
-
-
-def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
-                  scale: float | None) -> torch.Tensor:
-    varlen_attn = _varlen_attn()
-    options = inspect.signature(varlen_attn).parameters
-    extra = {}
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in options:
-            extra["enable_gqa"] = True
-        else:
-            groups = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    if "window_size" in options:  # torch >= 2.11 spells causal as a window
-        extra["window_size"] = (-1, 0)
-    else:
-        extra["is_causal"] = True
-    if scale is not None and "scale" in options:
-        extra["scale"] = scale
-    elif scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-12:
-        raise ValueError(f"this torch's varlen attention takes no scale; the model uses {scale}")
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **extra)
-
-
-def _cudnn_varlen_matches(model: torch.nn.Module) -> bool:
-    """Whether cuDNN's varlen kernel runs here for the model's head shape and agrees with flash's,
-    forward and backward, on a small packed batch. Hopper and newer only: that is where it was
-    measured faster; elsewhere flash stays."""
-    if torch.cuda.get_device_capability()[0] < 9 or not hasattr(torch.ops.aten, "_cudnn_attention_forward"):
-        return False
-    config = model.config
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    g = torch.Generator(device="cuda").manual_seed(0)
-    lengths = [37, 200, 2, 90]  # a packed sequence holds at least a prompt token and a completion token
-    n = sum(lengths)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
-    q, k, v = (torch.randn(n, h, head_dim, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
-               for h in (heads, kv_heads, kv_heads))
-    dout = torch.randn(n, heads, head_dim, device="cuda", generator=g).to(torch.bfloat16)
-    results = []
-    try:
-        for attend in (_cudnn_varlen, _flash_varlen):
-            out = attend(q, k, v, cu, max(lengths), head_dim ** -0.5)
-            results.append((out.float(), *(t.float() for t in torch.autograd.grad(out, (q, k, v), dout))))
-    except Exception as err:  # an unsupported build or shape: flash it is
-        warnings.warn(f"padding_free: cuDNN varlen attention cannot run here ({type(err).__name__}: {err}); "
-                      "using flash varlen attention", stacklevel=3)
-        return False
-    for a, b in zip(*results):
-        if not torch.isfinite(a).all() or (a - b).abs().max() > 0.02 * b.abs().max() + 1e-3:
-            warnings.warn("padding_free: cuDNN varlen attention disagrees with flash varlen attention here; "
-                          "using flash", stacklevel=3)
-            return False
-    return True
-
-
 def _register_varlen_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
@@ -275,7 +191,7 @@ def _varlen_mask(*args, **kwargs):
 
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, **kwargs):
-    """HF attention function: a varlen kernel (cuDNN's or flash's) on packed rows, SDPA otherwise.
+    """HF attention function: varlen flash attention on packed rows, SDPA otherwise.
     query [1, Hq, N, D], key/value [1, Hkv, N, D]; returns ([1, N, Hq, D], None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -288,7 +204,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects one row, got a batch of {query.shape[0]}")
-    usable = (_varlen_attn() is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+    varlen_attn = _varlen_attn()
+    usable = (varlen_attn is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
               and not (module.training and dropout > 0))
     if not usable:  # exact fallback: SDPA with the block-diagonal causal mask
         mask = _block_causal_mask(cu, query.shape[2])
@@ -297,8 +214,24 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     # [1, H, N, D] -> [N, H, D]; the copy (3 x N*H*D, ~0.1 ms a layer at 64k tokens) gives the
     # kernel the packed-rows layout it is written for.
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
-    attend = _cudnn_varlen if _use_cudnn.get(q.device.index, False) else _flash_varlen
-    out = attend(q, k, v, cu, int(max_len), scaling)
+    options = inspect.signature(varlen_attn).parameters
+    extra = {}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in options:
+            extra["enable_gqa"] = True
+        else:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if "window_size" in options:  # torch >= 2.11 spells causal as a window
+        extra["window_size"] = (-1, 0)
+    else:
+        extra["is_causal"] = True
+    if scaling is not None and "scale" in options:
+        extra["scale"] = scaling
+    elif scaling is not None and abs(scaling - q.shape[-1] ** -0.5) > 1e-12:
+        raise ValueError(f"this torch's varlen attention takes no scale; the model uses {scaling}")
+    max_len = int(max_len)
+    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, **extra)
     return out[None], None
 
 
