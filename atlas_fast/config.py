@@ -47,6 +47,7 @@ from typing import Any
 from atlas_kernels._validation import IS_LEVELS, LOSS_TYPES, SCALES
 
 from .memory.offload import MODES as OFFLOAD_MODES
+from .memory.packing import PACKED_ATTENTION
 from .rollout import BACKENDS as ROLLOUT_BACKENDS
 
 # transformers' schedule names, less reduce_lr_on_plateau (it needs an eval metric per step).
@@ -144,6 +145,10 @@ class GRPOConfig:
     # to weights and gradients.
     optimizer_state_offload: bool = False
     padding_free: bool = False  # each micro-batch packed into one row without pad tokens
+    # How a packed row's attention runs on sdpa/eager models: "varlen" (one varlen flash call per
+    # layer on CUDA) or "sequences" (SDPA per packed sequence: PyTorch's pick of kernel, cuDNN's on
+    # Hopper, at one launch per sequence and layer).
+    packed_attention: str = "varlen"
     # The most tokens one forward pass of the update (and of the old/reference log-prob passes)
     # takes: a micro-batch holding more runs in row chunks under it, accumulating gradients, with
     # the micro-batch's loss and gradient unchanged. Activation memory then follows the budget, not
@@ -278,6 +283,8 @@ class GRPOConfig:
         need(not (self.bf16 and self.fp16), "bf16 and fp16 are mutually exclusive: set one")
         need(0 <= self.ref_model_mixup_alpha <= 1, f"ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}")
         need(self.ref_model_sync_steps >= 1, f"ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}")
+        need(self.packed_attention in PACKED_ATTENTION,
+             f"packed_attention must be one of {PACKED_ATTENTION}, got {self.packed_attention!r}")
         need(self.offload_mode in OFFLOAD_MODES, f"offload_mode must be one of {OFFLOAD_MODES}, got {self.offload_mode!r}")
         need(self.max_forward_tokens is None or self.max_forward_tokens >= 1,
              f"max_forward_tokens must be >= 1 (or None for whole micro-batches), got {self.max_forward_tokens}")

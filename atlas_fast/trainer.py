@@ -122,7 +122,7 @@ class GRPOTrainer:
         self.ref_model = self._reference_model(ref_model)
         # Padding-free rows need both models ready for them; a model that cannot keeps padded batches.
         self.padding_free = config.padding_free and all(
-            prepare_packing(m) for m in (self.model, self.ref_model) if m is not None)
+            prepare_packing(m, attention=config.packed_attention) for m in (self.model, self.ref_model) if m is not None)
         self._completion_logits = packed_completion_logits if self.padding_free else completion_logits
         self._completion_hidden = packed_completion_hidden if self.padding_free else completion_hidden
         if self.ref_model is not None:

@@ -507,13 +507,15 @@ def test_pack_layout():
     assert torch.equal(packed.input_ids[0, 2:4], mb.completion_ids[0, :2])
 
 
-@pytest.mark.parametrize("varlen", [False, True], ids=["transformers-mask", "atlas_varlen"])
-def test_packing_keeps_loss_and_gradients(tok, varlen):
+@pytest.mark.parametrize("varlen,attention,impl", [(False, "varlen", "sdpa"), (True, "varlen", "atlas_varlen"),
+                                                   (None, "sequences", "atlas_sequences")],
+                         ids=["transformers-mask", "atlas_varlen", "atlas_sequences"])
+def test_packing_keeps_loss_and_gradients(tok, varlen, attention, impl):
     model = tiny_model(tok, layers=2)
     mb = micro_batch()
     expected = loss_and_grads(model, mb)
-    assert prepare_packing(model, varlen=varlen)
-    assert model.config._attn_implementation == ("atlas_varlen" if varlen else "sdpa")
+    assert prepare_packing(model, varlen=varlen, attention=attention)
+    assert model.config._attn_implementation == impl
     assert_same(loss_and_grads(model, mb, packed_completion_logits), expected)
     with torch.no_grad():
         padded, packed = completion_logits(model, mb), packed_completion_logits(model, mb)
@@ -670,6 +672,28 @@ def test_trainer_with_streamed_optimizer_state_matches_the_plain_run(tmp_path, t
     lean.train()
     assert_same_run(plain, lean)
     assert all(s["exp_avg"].device.type == "cpu" for s in lean.optimizer.state.values())
+
+
+def test_trainer_with_per_sequence_packed_attention_matches_the_plain_run(tmp_path, tok):
+    plain = _trainer(tmp_path, tok, "plain")
+    plain.train()
+    packed = _trainer(tmp_path, tok, "sequences", padding_free=True, packed_attention="sequences")
+    assert packed.model.config._attn_implementation == "atlas_sequences"
+    assert packed.ref_model.config._attn_implementation == "atlas_sequences"
+    packed.train()
+    assert_same_run(plain, packed)
+
+
+def test_sequence_bounds_are_read_from_the_device_once_per_tensor():
+    from atlas_fast.memory.packing import _HOST_BOUNDS, _host_bounds
+
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    assert _host_bounds(cu) == [0, 3, 7]
+    cu[1] = 5  # a cached tensor is not read again (each forward packs a fresh one)
+    assert _host_bounds(cu) == [0, 3, 7]
+    assert _host_bounds(torch.tensor([0, 5, 7], dtype=torch.int32)) == [0, 5, 7]
+    del cu
+    assert all(bounds != [0, 3, 7] for _, bounds in _HOST_BOUNDS.values())
 
 
 def test_trainer_that_keeps_attention_matches_the_plain_run(tmp_path, tok):
