@@ -24,9 +24,11 @@ computes (4 arguments, [batch, heads, tokens, head_dim] queries and keys, cos/si
 takes it, anything else runs the stock function. The copied globals are a snapshot taken at the
 first swap of a class: names rebound in transformers' module afterwards are not seen.
 
-The rotary swap is off (`ROTARY`) until atlas_kernels.rope passes its CUDA test: on an H200 its
-bit-for-bit comparison with transformers' function failed, where the CPU tests (Triton interpreter,
-against float64 and HF within rounding) pass.
+The rotary swap is off (`ROTARY`) until atlas_kernels.rope passes its CUDA test on a GPU. On an
+H200 its bit-for-bit comparison with transformers' function failed: the compiler had fused each
+product into the sum (one rounding where PyTorch rounds twice). Its launch now turns that fusion
+off, which a CPU test checks in the kernel compiled for sm_90; the CPU tests against float64 and HF
+pass either way.
 
 The swap binds a new `forward` on each module instance, so `copy.deepcopy` of the model (a
 reference model) keeps it, bound to the copy; `unfuse_layers` puts the class's forward back.
@@ -171,7 +173,7 @@ ROTARY = False  # see the module docstring
 
 def fuse_layers(model: nn.Module) -> int:
     """Swap the forward of every stock RMSNorm and SwiGLU MLP in `model` for the fused kernels, and
-    every attention's rotary embedding; returns how many modules were swapped (0: nothing this
+    with ROTARY every attention's rotary embedding; returns how many modules were swapped (0: nothing this
     knows, the model runs as it was)."""
     swapped = 0
     for module in model.modules():

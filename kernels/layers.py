@@ -157,6 +157,8 @@ class SiLUMulFn(torch.autograd.Function):
 # Elements of one half-head tile that a rope program rotates at once: 16 heads of a 128-dim head
 # (64 per half) in one step, 8 elements per thread of the default 4 warps; more heads loop.
 ROPE_TILE = 1024
+# Each product and sum rounded on its own, as PyTorch's elementwise ops round them (see _rope_heads).
+ROPE_OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -172,8 +174,10 @@ def _rope_heads(x_ptr, y_ptr, x_row, y_row, sxh, sxd, syh, syd, H, HALF, c1, c2,
         x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(xp + HALF * sxd, mask=mask, other=0.0).to(tl.float32)
         # PyTorch rounds x * cos and rotate_half(x) * sin each to the output dtype, then adds them
-        # and rounds again: so do we (bf16 products are exact in float32, so the results are the
-        # same bits; in float32 the compiler may fuse a product into the sum, 1 ulp apart).
+        # and rounds again: so do we. The casts alone do not hold the compiler to that: LLVM sees
+        # through the float32 round trip, narrows both steps to bf16 and fuses them into one
+        # fma.rn.bf16 (the product unrounded: ~22% of outputs 1 ulp off HF's). The launch turns
+        # floating-point fusion off (ROPE_OPTIONS), which leaves mul.rn and add.rn, PyTorch's bits.
         y1 = (x1 * c1).to(ty).to(tl.float32) - (x2 * s1).to(ty).to(tl.float32)
         y2 = (x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)
         yp = y_ptr + y_row + h * syh + cols * syd
@@ -214,7 +218,8 @@ def _rope_launch(q, k, qo, ko, cos, sin, backward: bool) -> None:
     block_h = min(next_pow2(max(Hq, k.shape[1])), max(1, ROPE_TILE // block_d))
     cos_sb = 0 if cos.shape[0] == 1 else T * D  # one table for every sequence when position ids are shared
     _rope_kernel[(B * T,)](q, k, qo, ko, cos, sin, T, Hq, k.shape[1], D // 2, cos_sb, *q.stride(), *k.stride(),
-                           *qo.stride(), *ko.stride(), BACKWARD=backward, BLOCK_H=block_h, BLOCK_D=block_d)
+                           *qo.stride(), *ko.stride(), BACKWARD=backward, BLOCK_H=block_h, BLOCK_D=block_d,
+                           **ROPE_OPTIONS)
 
 
 class RoPEFn(torch.autograd.Function):
