@@ -179,8 +179,9 @@ def reward(completion_ids, **kwargs) -> list[float]:
 class StepClock:
     """HF-style callback: time and peak memory between consecutive optimizer-step ends."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, profile: bool = False) -> None:
         self.device = device
+        self.profile = profile  # profile the first step after the warm-up (run one step more for it)
         self.times: list[float] = []
         self.peaks: list[int] = []
         self.lengths: list[float] = []
@@ -209,7 +210,7 @@ class StepClock:
             self.peaks.append(torch.cuda.max_memory_allocated())
             torch.cuda.reset_peak_memory_stats()
         self._ends += 1
-        if PROFILE and self._ends == 1:  # the step after the warm-up: autotuning and compilation are done
+        if self.profile and self._ends == 1:  # the step after the warm-up: autotuning and compilation are done
             activity = torch.profiler.ProfilerActivity.CUDA if self.device == "cuda" else torch.profiler.ProfilerActivity.CPU
             self._profiler = torch.profiler.profile(activities=[activity])
             self._profiler.__enter__()
@@ -219,6 +220,11 @@ class StepClock:
             self._profiler = None
             self.profiled = len(self.times) - 1  # slowed by the profiler: not a timing
         self._last = time.perf_counter()  # the profiler's start, stop and table count toward no step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._profiler is not None:  # a run that ended on the profiled step: nothing to time after it
+            self._profiler.__exit__(None, None, None)
+            self._profiler = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -275,11 +281,12 @@ class Workload:
     fixed: list[list[int]] | None  # None: generate
 
 
-def run_atlas(path: Path, work: Workload, steps: int, device: str, system: str, scratch: Path) -> StepClock:
+def run_atlas(path: Path, work: Workload, steps: int, device: str, system: str, scratch: Path,
+              profile: bool = False) -> StepClock:
     from atlas_fast import GRPOConfig, GRPOTrainer
     from atlas_fast.rollout import BACKENDS
 
-    clock = StepClock(device)
+    clock = StepClock(device, profile)
     fixed = work.fixed
 
     def rollout(prompts, trainer):
@@ -303,12 +310,13 @@ def run_atlas(path: Path, work: Workload, steps: int, device: str, system: str, 
     return clock
 
 
-def run_trl(path: Path, work: Workload, steps: int, device: str, liger: bool, scratch: Path) -> StepClock:
+def run_trl(path: Path, work: Workload, steps: int, device: str, liger: bool, scratch: Path,
+            profile: bool = False) -> StepClock:
     import datasets
     from trl import GRPOConfig, GRPOTrainer
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    clock = StepClock(device)
+    clock = StepClock(device, profile)
     fixed = work.fixed
     tok = load_tok(path)
 
@@ -342,11 +350,15 @@ def run_case(case: str, shape: Shape, path: Path, system: str, work: Workload, s
                     tokens=work.per_device * work.accumulation * work.completion)
     scratch = Path(tempfile.mkdtemp(prefix="bench_e2e_"))
     clock = None
+    # --profile: the first step after the warm-up runs under the profiler and is left out of the
+    # timings, so one more step keeps their count. The fit case (one step, no warm-up) is not profiled.
+    profile = PROFILE and case != "fit"
+    steps += int(profile)
     try:
         if system.startswith("atlas"):
-            clock = run_atlas(path, work, steps, device, system, scratch=scratch)
+            clock = run_atlas(path, work, steps, device, system, scratch=scratch, profile=profile)
         else:
-            clock = run_trl(path, work, steps, device, liger=system.endswith("Liger"), scratch=scratch)
+            clock = run_trl(path, work, steps, device, liger=system.endswith("Liger"), scratch=scratch, profile=profile)
         result.step_s, peak = clock.summary(warmup)
         result.peak_gib = None if peak is None else peak / 2**30
         if clock.lengths:
@@ -578,7 +590,7 @@ def step_table(rows: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def provenance(device: str, mode: str, steps: int, warmup: int, argv: list[str]) -> str:
+def provenance(device: str, argv: list[str]) -> str:
     """Where and how one run measured: each case's section carries its own, so sections written by
     different runs (a rerun of one case) each say where they come from."""
     if device == "cuda":
@@ -595,8 +607,7 @@ def provenance(device: str, mode: str, steps: int, warmup: int, argv: list[str])
             versions.append(f"{dist} not installed")
     command = "python benchmarks/bench_e2e.py " + shlex.join(argv)
     return (f"{card}, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, commit {_git_commit()}; "
-            f"{', '.join(versions)}; `{command}` ({mode}: one warm-up step, then the median of "
-            f"{steps - warmup} timed steps).")
+            f"{', '.join(versions)}; `{command}`")
 
 
 HEADER = ("## End to end: GRPO steps against TRL (`bench_e2e.py`)\n\n"
@@ -767,7 +778,10 @@ def main(argv=None) -> int:
     order = {s: i for i, s in enumerate(SYSTEMS)}
     rows: list[Result] = []
 
-    stamp = provenance(device, plan.mode, plan.steps, plan.warmup, argv)
+    stamp = provenance(device, argv)
+    timed = (f"{stamp} ({plan.mode}: {plan.warmup} warm-up step{'s' * (plan.warmup != 1)}, then the median of "
+             f"{plan.steps - plan.warmup} timed steps).")
+    stamp += "."
 
     def body() -> dict[str, str]:
         def of(case):
@@ -778,17 +792,17 @@ def main(argv=None) -> int:
         if checks:
             sections["e2e_checks"] = stamp + "\n\n" + "\n\n".join(checks)
         if "update" in cases:
-            sections["e2e_update"] = stamp + "\n\n" + result_table(
+            sections["e2e_update"] = timed + "\n\n" + result_table(
                 of("update"), "Update phase (reference log-probs, policy forward, loss, backward, optimizer step; "
                 f"8 generations of a {PROMPT_TOKENS}-token prompt, fixed completions, beta {BETA})")
             phases = phase_table(of("update"))
             if phases:
                 sections["e2e_update"] += "\n\n" + phases
         if "fit" in cases:
-            sections["e2e_fit"] = stamp + "\n\n" + fit_table(sorted(
+            sections["e2e_fit"] = stamp[:-1] + " (one step per length).\n\n" + fit_table(sorted(
                 (r for r in rows if r.case == "fit"), key=lambda r: (r.shape, order.get(r.system, 9), r.completion)))
         if "step" in cases:
-            sections["e2e_step"] = stamp + "\n\n" + step_table(of("step"))
+            sections["e2e_step"] = timed + "\n\n" + step_table(of("step"))
             phases = phase_table(of("step"))
             if phases:
                 sections["e2e_step"] += "\n\n" + phases

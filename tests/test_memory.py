@@ -827,4 +827,3 @@ def test_offloaded_model_runs_its_body_and_head_apart_inside_a_visit(tok, mode):
             got = batch.completion_hidden(head, mb) @ head.weight.T
         assert offload.on_device_tensors() == 0
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-
