@@ -210,7 +210,7 @@ class StepClock:
             self.peaks.append(torch.cuda.max_memory_allocated())
             torch.cuda.reset_peak_memory_stats()
         self._ends += 1
-        if self.profile and self._ends == 1:  # the step after the warm-up: autotuning and compilation are done
+        if self.profile and self._ends == 1:  # every plan warms up one step: autotuning and compilation are done
             activity = torch.profiler.ProfilerActivity.CUDA if self.device == "cuda" else torch.profiler.ProfilerActivity.CPU
             self._profiler = torch.profiler.profile(activities=[activity])
             self._profiler.__enter__()
@@ -222,8 +222,9 @@ class StepClock:
         self._last = time.perf_counter()  # the profiler's start, stop and table count toward no step
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._profiler is not None:  # a run that ended on the profiled step: nothing to time after it
+        if self._profiler is not None:  # a run that ended on the profiled step: its table all the same
             self._profiler.__exit__(None, None, None)
+            print(kernel_table(self._profiler, self.device), flush=True)
             self._profiler = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):

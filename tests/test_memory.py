@@ -9,6 +9,7 @@ transfers themselves run on the GPU benchmark (benchmarks/bench_e2e.py).
 from __future__ import annotations
 
 import copy
+import warnings
 import time
 
 import pytest
@@ -827,3 +828,20 @@ def test_offloaded_model_runs_its_body_and_head_apart_inside_a_visit(tok, mode):
             got = batch.completion_hidden(head, mb) @ head.weight.T
         assert offload.on_device_tensors() == 0
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_per_sequence_packing_names_what_it_cannot_do(tok):
+    model = tiny_model(tok, layers=1)
+    model.config.use_sliding_window = True
+    with pytest.warns(UserWarning, match="packed_attention='sequences' needs an sdpa/eager model without sliding-window"):
+        assert prepare_packing(model, varlen=False, attention="sequences")
+    assert model.config._attn_implementation == "sdpa"
+    plain = tiny_model(tok, layers=1)
+    assert prepare_packing(plain, attention="sequences")
+    twin = copy.deepcopy(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a copy of a prepared model is prepared: no warning
+        assert prepare_packing(twin, attention="sequences")
+    assert twin.config._attn_implementation == "atlas_sequences"
+    with pytest.raises(ValueError, match="packed attention must be one of"):
+        prepare_packing(plain, attention="flash")

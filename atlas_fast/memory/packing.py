@@ -140,10 +140,17 @@ def prepare_packing(model: torch.nn.Module, *, varlen: bool | None = None, atten
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     impl = attention_implementation(base)
-    if impl in DENSE_MASK and attention == "sequences" and not _has_sliding_window(base.config):
-        _register_packed_attention(SEQUENCES_ATTENTION, sequences_attention_forward)
-        base.set_attn_implementation(SEQUENCES_ATTENTION)
-    elif impl in DENSE_MASK:
+    if attention == "sequences":
+        if impl == SEQUENCES_ATTENTION:  # prepared already (a copy of a prepared policy)
+            return True
+        if impl in DENSE_MASK and not _has_sliding_window(base.config):
+            _register_packed_attention(SEQUENCES_ATTENTION, sequences_attention_forward)
+            base.set_attn_implementation(SEQUENCES_ATTENTION)
+            return True
+        warnings.warn(f"padding_free: packed_attention='sequences' needs an sdpa/eager model without sliding-window "
+                      f"layers; {type(base).__name__} (attention {impl!r}) packs as packed_attention='varlen' would",
+                      stacklevel=2)
+    if impl in DENSE_MASK:
         if varlen is None:
             varlen = torch.cuda.is_available() and not _has_sliding_window(base.config) and _varlen_runs(base)
         if varlen:
@@ -284,6 +291,8 @@ def sequences_attention_forward(module, query, key, value, attention_mask, dropo
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects one row, got a batch of {query.shape[0]}")
+    if kwargs.get("position_bias") is not None:  # a [1, H, N, N] bias spans sequences: no per-sequence slice of it here
+        raise ValueError("packed_attention='sequences' does not take a position_bias; use packed_attention='varlen'")
     kwargs.pop("position_ids", None)
     bounds = _host_bounds(cu)
     outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, dropout=dropout,
