@@ -158,6 +158,9 @@ class GRPOConfig:
     # The policy's RMSNorms and SwiGLU activations in atlas_kernels' fused kernels, forward and
     # backward (fused_layers.py): one kernel each way where the stock modules launch ~6-10.
     fused_layers: bool = False
+    # With fused_layers, the attention's rotary embedding too (atlas_kernels.rope): off until its
+    # bit-for-bit CUDA test against transformers passes on a GPU (fused_layers.py says why).
+    fused_rotary: bool = False
     disable_dropout: bool = False
     # -- reference model --------------------------------------------------------------------
     sync_ref_model: bool = False
@@ -283,6 +286,8 @@ class GRPOConfig:
         need(not (self.bf16 and self.fp16), "bf16 and fp16 are mutually exclusive: set one")
         need(0 <= self.ref_model_mixup_alpha <= 1, f"ref_model_mixup_alpha must be in [0, 1], got {self.ref_model_mixup_alpha}")
         need(self.ref_model_sync_steps >= 1, f"ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}")
+        need(not self.fused_rotary or self.fused_layers, "fused_rotary swaps the rotary embedding among the fused "
+             "layers: set fused_layers=True too")
         need(self.packed_attention in PACKED_ATTENTION,
              f"packed_attention must be one of {PACKED_ATTENTION}, got {self.packed_attention!r}")
         need(self.offload_mode in OFFLOAD_MODES, f"offload_mode must be one of {OFFLOAD_MODES}, got {self.offload_mode!r}")

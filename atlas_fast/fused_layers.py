@@ -24,11 +24,11 @@ computes (4 arguments, [batch, heads, tokens, head_dim] queries and keys, cos/si
 takes it, anything else runs the stock function. The copied globals are a snapshot taken at the
 first swap of a class: names rebound in transformers' module afterwards are not seen.
 
-The rotary swap is off (`ROTARY`) until atlas_kernels.rope passes its CUDA test on a GPU. On an
-H200 its bit-for-bit comparison with transformers' function failed: the compiler had fused each
-product into the sum (one rounding where PyTorch rounds twice). Its launch now turns that fusion
-off, which a CPU test checks in the kernel compiled for sm_90; the CPU tests against float64 and HF
-pass either way.
+The rotary swap is asked for separately (`rotary=True`, `GRPOConfig.fused_rotary`) and off by
+default until atlas_kernels.rope passes its CUDA test on a GPU. On an H200 its bit-for-bit
+comparison with transformers' function failed: the compiler had fused each product into the sum
+(one rounding where PyTorch rounds twice). Its launch now turns that fusion off, which CPU tests
+check in the kernel compiled for sm_90; the CPU tests against float64 and HF pass either way.
 
 The swap binds a new `forward` on each module instance, so `copy.deepcopy` of the model (a
 reference model) keeps it, bound to the copy; `unfuse_layers` puts the class's forward back.
@@ -168,12 +168,9 @@ def _swiglu_forward(self, x):
     return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
-ROTARY = False  # see the module docstring
-
-
-def fuse_layers(model: nn.Module) -> int:
+def fuse_layers(model: nn.Module, rotary: bool = False) -> int:
     """Swap the forward of every stock RMSNorm and SwiGLU MLP in `model` for the fused kernels, and
-    with ROTARY every attention's rotary embedding; returns how many modules were swapped (0: nothing this
+    with `rotary` every attention's rotary embedding; returns how many modules were swapped (0: nothing this
     knows, the model runs as it was)."""
     swapped = 0
     for module in model.modules():
@@ -183,7 +180,7 @@ def fuse_layers(model: nn.Module) -> int:
             module.forward = types.MethodType(_rms_norm_forward, module)
         elif swiglu_mlp(module):
             module.forward = types.MethodType(_swiglu_forward, module)
-        elif ROTARY and rope_attention(module):
+        elif rotary and rope_attention(module):
             module.forward = types.MethodType(_fused_attention_forward(type(module).forward), module)
         else:
             continue

@@ -105,7 +105,7 @@ class GRPOTrainer:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if config.fused_layers:
-            fuse_layers(self.model)  # before the reference copy is taken, which keeps the swap
+            fuse_layers(self.model, rotary=config.fused_rotary)  # before the reference copy, which keeps the swap
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.model, offload=config.activation_offload,
                                           keep_attention=config.checkpoint_keep_attention)
@@ -252,7 +252,7 @@ class GRPOTrainer:
             ref_model = copy.deepcopy(self.model)
         ref_model.eval().requires_grad_(False)
         if self.args.fused_layers:
-            fuse_layers(ref_model)  # a copy of the policy is already swapped; a loaded model is not
+            fuse_layers(ref_model, rotary=self.args.fused_rotary)  # a copy of the policy is swapped already
         return ref_model
 
     def _resolve_max_steps(self) -> int:

@@ -12,20 +12,18 @@ import pytest
 import torch
 
 from atlas_fast import fused_layers
-from atlas_fast.fused_layers import fuse_layers, plain_rms_norm, rope_attention, swiglu_mlp, unfuse_layers
+from atlas_fast.fused_layers import plain_rms_norm, rope_attention, swiglu_mlp, unfuse_layers
 from tiny import char_tokenizer, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def rotary_on(monkeypatch):
-    """The rotary swap is off by default (fused_layers.ROTARY); these tests cover it switched on."""
-    monkeypatch.setattr(fused_layers, "ROTARY", True)
+def fuse_layers(model, rotary=True):
+    """The rotary swap is off by default; these tests cover it switched on."""
+    return fused_layers.fuse_layers(model, rotary=rotary)
 
 
-def test_rotary_swap_is_off_by_default(tok, monkeypatch):
-    monkeypatch.setattr(fused_layers, "ROTARY", False)
+def test_rotary_swap_is_off_by_default(tok):
     model = tiny_model(tok, layers=1)
-    assert fuse_layers(model) > 0
+    assert fused_layers.fuse_layers(model) > 0
     assert not any("forward" in m.__dict__ for m in model.modules() if type(m).__name__.endswith("Attention"))
 
 

@@ -706,14 +706,19 @@ def test_trainer_that_keeps_attention_matches_the_plain_run(tmp_path, tok):
     assert_same_run(plain, kept)
 
 
-def test_trainer_with_fused_layers_matches_the_plain_run(tmp_path, tok):
+@pytest.mark.parametrize("rotary", [False, True], ids=["norms-mlps", "and-rotary"])
+def test_trainer_with_fused_layers_matches_the_plain_run(tmp_path, tok, rotary):
     """fused_layers swaps the policy's (and its reference copy's) norms and SwiGLU for the fused
-    kernels: the logged losses, KL and gradient norms and the trained weights stay the plain run's."""
+    kernels, fused_rotary its rotary embeddings too: the logged losses, KL and gradient norms and
+    the trained weights stay the plain run's."""
     plain = _trainer(tmp_path, tok, "plain", gradient_checkpointing=True)
     plain.train()
-    fused = _trainer(tmp_path, tok, "fused", gradient_checkpointing=True, fused_layers=True)
+    fused = _trainer(tmp_path, tok, "fused", gradient_checkpointing=True, fused_layers=True, fused_rotary=rotary)
     assert all("forward" in m.__dict__ for m in (fused.model.model.norm, fused.ref_model.model.norm))
     assert fused.ref_model.model.norm.forward.__self__ is fused.ref_model.model.norm
+    attentions = [m for model in (fused.model, fused.ref_model) for m in model.modules()
+                  if type(m).__name__.endswith("Attention")]
+    assert attentions and all(("forward" in m.__dict__) == rotary for m in attentions)
     fused.train()
     assert_same_run(plain, fused)
 
