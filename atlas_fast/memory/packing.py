@@ -211,21 +211,31 @@ def _varlen_mask(*args, **kwargs):
     return sdpa_mask(*args, **kwargs)
 
 
-def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                             scaling: float | None = None, **kwargs):
-    """HF attention function: varlen flash attention on packed rows, SDPA otherwise.
-    query [1, Hq, N, D], key/value [1, Hkv, N, D]; returns ([1, N, Hq, D], None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+def _packed_row(query: torch.Tensor, attention_mask, kwargs: dict) -> tuple[torch.Tensor | None, int | None]:
+    """Take the packed-row keywords out of an attention call's `kwargs`: (cu_seqlens, longest
+    sequence) when the call is one row of two or more packed sequences, else (None, None), a call
+    for plain SDPA (one sequence, a padded batch, generation)."""
     cu, max_len = kwargs.pop("cu_seq_lens_q", None), kwargs.pop("max_length_q", None)
     kwargs.pop("cu_seq_lens_k", None), kwargs.pop("max_length_k", None)
     position_ids = kwargs.get("position_ids")
     if cu is None and attention_mask is None and position_ids is not None and query.shape[0] == 1 and query.shape[2] > 1:
         cu, max_len = _cu_seqlens_from_positions(position_ids[0])  # a packed call that did not say so
     if cu is None or len(cu) <= 2:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return None, None
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects one row, got a batch of {query.shape[0]}")
+    return cu, max_len
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs):
+    """HF attention function: varlen flash attention on packed rows, SDPA otherwise.
+    query [1, Hq, N, D], key/value [1, Hkv, N, D]; returns ([1, N, Hq, D], None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu, max_len = _packed_row(query, attention_mask, kwargs)
+    if cu is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     varlen_attn = _varlen_attn()
     usable = (varlen_attn is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
               and not (module.training and dropout > 0))
@@ -281,16 +291,9 @@ def sequences_attention_forward(module, query, key, value, attention_mask, dropo
     query [1, Hq, N, D], key/value [1, Hkv, N, D]; returns ([1, N, Hq, D], None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    cu = kwargs.pop("cu_seq_lens_q", None)
-    for name in ("cu_seq_lens_k", "max_length_q", "max_length_k"):
-        kwargs.pop(name, None)
-    position_ids = kwargs.get("position_ids")
-    if cu is None and attention_mask is None and position_ids is not None and query.shape[0] == 1 and query.shape[2] > 1:
-        cu, _ = _cu_seqlens_from_positions(position_ids[0])  # a packed call that did not say so
-    if cu is None or len(cu) <= 2:
+    cu, _ = _packed_row(query, attention_mask, kwargs)
+    if cu is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if query.shape[0] != 1:
-        raise ValueError(f"packed attention expects one row, got a batch of {query.shape[0]}")
     if kwargs.get("position_bias") is not None:  # a [1, H, N, N] bias spans sequences: no per-sequence slice of it here
         raise ValueError("packed_attention='sequences' does not take a position_bias; use packed_attention='varlen'")
     kwargs.pop("position_ids", None)
