@@ -583,32 +583,35 @@ class GRPOTrainer:
         """Sampling-policy and reference log-probs for the whole generation batch."""
         c = self.args
         old = ref = None
-        size = c.per_device_train_batch_size
+        if not (c.uses_old_logps or c.beta != 0.0):
+            return old, ref
+        parts = self._logp_forwards(batch, c.per_device_train_batch_size)
+        width = batch.completion_ids.shape[1]
         if c.uses_old_logps:
-            old = self._batched_logps(self.model, batch, size)
+            old = self._batched_logps(self.model, parts, width)
         if c.beta != 0.0:
             if self.ref_model is None:  # PEFT: the base model is the reference
                 with self.model.disable_adapter():
-                    ref = self._batched_logps(self.model, batch, size)
+                    ref = self._batched_logps(self.model, parts, width)
             else:
-                # One forward (one micro-batch, one chunk) lets an offloaded reference stream its
-                # layers behind the compute instead of uploading first.
-                single = len(batch.advantages) <= size and len(self._row_chunks(batch)) == 1
-                with on_device(self.ref_model, self.device, forwards=1 if single else None):
-                    ref = self._batched_logps(self.ref_model, batch, size)
+                # A single forward lets an offloaded reference stream its layers behind the compute
+                # instead of uploading first.
+                with on_device(self.ref_model, self.device, forwards=len(parts)):
+                    ref = self._batched_logps(self.ref_model, parts, width)
         return old, ref
 
-    def _batched_logps(self, model, batch: MicroBatch, size: int) -> torch.Tensor:
+    def _logp_forwards(self, batch: MicroBatch, size: int) -> list[MicroBatch]:
+        """`batch` as the forwards of a log-prob pass, in row order: micro-batches of `size` rows,
+        each in row chunks when it holds more than max_forward_tokens."""
+        return [part for i in range(0, len(batch.advantages), size)
+                for part, _, _ in self._forward_parts(batch.slice(slice(i, i + size)))]
+
+    def _batched_logps(self, model, parts: list[MicroBatch], width: int) -> torch.Tensor:
+        """Completion log-probs [rows, width] of the forwards in `parts` (from _logp_forwards)."""
         head = self.lm_head if model is self.model else self._fused_head(model)
-        out = []
         was_training = model.training
         model.eval()  # the sampling policy's and the reference's log-probs: no dropout
-        width = batch.completion_ids.shape[1]
-        for i in range(0, len(batch.advantages), size):
-            whole = batch.slice(slice(i, i + size))
-            chunks = self._row_chunks(whole)
-            parts = [whole] if len(chunks) == 1 else [trim(whole.slice(slice(c.start, c.stop))) for c in chunks]
-            out += [torch.nn.functional.pad(lp, (0, width - lp.shape[1])) for lp in self._logps_of(model, head, parts)]
+        out = [torch.nn.functional.pad(lp, (0, width - lp.shape[1])) for lp in self._logps_of(model, head, parts)]
         model.train(was_training)
         return torch.cat(out)
 
