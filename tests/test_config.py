@@ -142,7 +142,6 @@ def test_a_refusal_says_what_to_use_instead():
     (dict(bf16=True, fp16=True), "bf16 and fp16 are mutually exclusive"),
     (dict(use_vllm=True, vllm_mode="remote"), "vllm_mode must be one of"),
     (dict(packed_attention="flash"), "packed_attention must be one of"),
-    (dict(fused_rotary=True), "fused_rotary swaps the rotary embedding among the fused layers"),
     (dict(gradient_checkpointing_kwargs={"use_reentrant": True}), "gradient_checkpointing_kwargs"),
 ])
 def test_types_and_ranges_are_checked_on_construction(kwargs, message):

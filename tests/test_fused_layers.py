@@ -16,15 +16,14 @@ from atlas_fast.fused_layers import plain_rms_norm, rope_attention, swiglu_mlp, 
 from tiny import char_tokenizer, tiny_model
 
 
-def fuse_layers(model, rotary=True):
-    """The rotary swap is off by default; these tests cover it switched on."""
-    return fused_layers.fuse_layers(model, rotary=rotary)
+fuse_layers = fused_layers.fuse_layers
 
 
-def test_rotary_swap_is_off_by_default(tok):
+def test_rotary_swap_has_its_own_switch(tok):
     model = tiny_model(tok, layers=1)
-    assert fused_layers.fuse_layers(model) > 0
+    assert fused_layers.fuse_layers(model, rotary=False) > 0
     assert not any("forward" in m.__dict__ for m in model.modules() if type(m).__name__.endswith("Attention"))
+    assert fused_layers.fuse_layers(model) == 1  # the attention, swapped by default
 
 
 @pytest.fixture(scope="module")

@@ -509,8 +509,9 @@ def test_pack_layout():
 
 
 @pytest.mark.parametrize("varlen,attention,impl", [(False, "varlen", "sdpa"), (True, "varlen", "atlas_varlen"),
-                                                   (None, "sequences", "atlas_sequences")],
-                         ids=["transformers-mask", "atlas_varlen", "atlas_sequences"])
+                                                   (None, "sequences", "atlas_sequences"), (True, "auto", "atlas_packed"),
+                                                   (None, "auto", "sdpa")],
+                         ids=["transformers-mask", "atlas_varlen", "atlas_sequences", "atlas_packed", "auto-on-cpu"])
 def test_packing_keeps_loss_and_gradients(tok, varlen, attention, impl):
     model = tiny_model(tok, layers=2)
     mb = micro_batch()
@@ -524,6 +525,25 @@ def test_packing_keeps_loss_and_gradients(tok, varlen, attention, impl):
     assert packed.shape == padded.shape == (len(mb.advantages), C + 1, model.config.vocab_size)
     mask = mb.completion_mask
     torch.testing.assert_close(packed[:, :C][mask], padded[:, :C][mask], **TOL)
+
+
+@pytest.mark.parametrize("min_mean,branch", [(1, "_sequences_packed"), (10**6, "_varlen_packed")])
+def test_auto_packed_attention_picks_by_mean_sequence_length(tok, monkeypatch, min_mean, branch):
+    from atlas_fast.memory import packing
+
+    model = tiny_model(tok, layers=2)
+    mb = micro_batch(seed=5)
+    expected = loss_and_grads(model, mb)
+    assert prepare_packing(model, varlen=True, attention="auto")
+    monkeypatch.setattr(packing, "AUTO_SEQUENCES_MIN_MEAN", min_mean)
+    calls = []
+    for name in ("_sequences_packed", "_varlen_packed"):
+        def spy(*args, _real=getattr(packing, name), _name=name):
+            calls.append(_name)
+            return _real(*args)
+        monkeypatch.setattr(packing, name, spy)
+    assert_same(loss_and_grads(model, mb, packed_completion_logits), expected)
+    assert calls and set(calls) == {branch}
 
 
 def test_packing_with_checkpointing_and_offload(tok):
@@ -683,6 +703,35 @@ def test_trainer_with_per_sequence_packed_attention_matches_the_plain_run(tmp_pa
     assert packed.ref_model.config._attn_implementation == "atlas_sequences"
     packed.train()
     assert_same_run(plain, packed)
+
+
+def test_per_sequence_attention_backward_writes_no_row_sized_zeros():
+    """Each sequence's gradient lands in one concatenation, not in a zero-filled copy of the row per
+    sequence (what slicing would cost: S fills and S - 1 adds of the row per tensor and layer)."""
+    from atlas_fast.memory.packing import sequences_attention_forward
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 12, 8, generator=g, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, 3, 7, 12], dtype=torch.int32)
+    out, _ = sequences_attention_forward(torch.nn.Module(), q, k, v, None, cu_seq_lens_q=cu, max_length_q=5)
+    ops = Ops()
+    with ops:
+        out.sum().backward()
+    assert not [n for n in ops.names if n.startswith(("slice_backward", "zeros", "fill", "new_zeros"))], ops.names
+    expected = []
+    for a, b in ((0, 3), (3, 7), (7, 12)):
+        expected.append(torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, a:b].detach().double(), k[:, :, a:b].detach().double(), v[:, :, a:b].detach().double(), is_causal=True))
+    torch.testing.assert_close(out.double(), torch.cat(expected, dim=2).transpose(1, 2), rtol=1e-5, atol=1e-5)
 
 
 def test_sequence_bounds_are_read_from_the_device_once_per_tensor():

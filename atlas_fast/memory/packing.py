@@ -11,7 +11,10 @@ tokens; position ids restart at 0 for each sequence and attention stays inside e
   cumulative sequence lengths, and is plain SDPA for every unpacked call (generation included).
 - otherwise (`sdpa` / `eager` on the CPU, an older torch): transformers builds a dense
   block-diagonal causal mask, [N, N] booleans: exact, and fine for short rows.
-- `attention="sequences"` (`GRPOConfig.packed_attention`): `atlas_sequences` runs SDPA once per
+- `attention="auto"` (`GRPOConfig.packed_attention`, the default) registers `atlas_packed` instead:
+  `atlas_sequences` below for rows of long sequences, `atlas_varlen` for the rest
+  (`AUTO_SEQUENCES_MIN_MEAN` has the measurements).
+- `attention="sequences"`: `atlas_sequences` runs SDPA once per
   packed sequence, each a plain causal call, so PyTorch picks its kernel as for an unpadded batch:
   cuDNN's on Hopper, which in a profile of TRL's padded run (H200, 1.5B shape, 8 x 8448 tokens)
   took 532 ms of attention against 965 ms for the flash varlen kernels of the same batch. The cost
@@ -37,7 +40,14 @@ from ..batch import MicroBatch
 
 VARLEN_ATTENTION = "atlas_varlen"
 SEQUENCES_ATTENTION = "atlas_sequences"
-PACKED_ATTENTION = ("varlen", "sequences")  # GRPOConfig.packed_attention
+AUTO_ATTENTION = "atlas_packed"
+PACKED_ATTENTION = ("auto", "varlen", "sequences")  # GRPOConfig.packed_attention
+# "auto" runs a packed row as SDPA per sequence from this mean sequence length on, as varlen below it.
+# Update phase on an H200, 8 sequences of a 256-token prompt + C completion tokens, s per step,
+# varlen / sequences: 1.5B: C=1024 0.366 / 0.509, 2048 0.623 / 0.720, 4096 1.224 / 1.213, 8192 2.697 /
+# 2.431; 0.5B: 4096 0.534 / 0.609, 8192 1.199 / 1.212. Short rows pay a launch per sequence and layer
+# on the host; long ones gain cuDNN's kernels (head dim 128; level at 64).
+AUTO_SEQUENCES_MIN_MEAN = 6144
 # Implementations that transformers itself restricts to each packed sequence.
 NATIVE_PACKED = ("flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
 DENSE_MASK = ("sdpa", "eager")
@@ -120,17 +130,18 @@ def supports_packing(model: torch.nn.Module) -> bool:
     if "position_ids" not in inspect.signature(base.forward).parameters:
         return False
     impl = attention_implementation(base)
-    return impl in NATIVE_PACKED or impl in DENSE_MASK or impl in (VARLEN_ATTENTION, SEQUENCES_ATTENTION)
+    return impl in NATIVE_PACKED or impl in DENSE_MASK or impl in (VARLEN_ATTENTION, SEQUENCES_ATTENTION, AUTO_ATTENTION)
 
 
-def prepare_packing(model: torch.nn.Module, *, varlen: bool | None = None, attention: str = "varlen") -> bool:
+def prepare_packing(model: torch.nn.Module, *, varlen: bool | None = None, attention: str = "auto") -> bool:
     """Get `model` ready for packed rows; False when it must keep padded batches.
 
     `varlen=None` switches sdpa/eager models to `atlas_varlen` when PyTorch's varlen attention can
     run (CUDA, torch >= 2.10) and the model has no sliding-window layers; True forces it (on the
     CPU it then builds its own block-diagonal mask, which the tests use to check the plumbing).
     `attention="sequences"` switches sdpa/eager models without sliding windows to `atlas_sequences`
-    instead (SDPA per packed sequence, any device).
+    instead (SDPA per packed sequence, any device); `attention="auto"` does what varlen does, with
+    `atlas_packed` (varlen or per sequence, by the row's mean sequence length) in place of `atlas_varlen`.
     """
     if attention not in PACKED_ATTENTION:
         raise ValueError(f"packed attention must be one of {PACKED_ATTENTION}, got {attention!r}")
@@ -154,8 +165,10 @@ def prepare_packing(model: torch.nn.Module, *, varlen: bool | None = None, atten
         if varlen is None:
             varlen = torch.cuda.is_available() and not _has_sliding_window(base.config) and _varlen_runs(base)
         if varlen:
-            _register_packed_attention(VARLEN_ATTENTION, varlen_attention_forward)
-            base.set_attn_implementation(VARLEN_ATTENTION)
+            name, function = ((AUTO_ATTENTION, auto_attention_forward) if attention == "auto"
+                              else (VARLEN_ATTENTION, varlen_attention_forward))
+            _register_packed_attention(name, function)
+            base.set_attn_implementation(name)
     return True
 
 
@@ -231,18 +244,25 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
                              scaling: float | None = None, **kwargs):
     """HF attention function: varlen flash attention on packed rows, SDPA otherwise.
     query [1, Hq, N, D], key/value [1, Hkv, N, D]; returns ([1, N, Hq, D], None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     cu, max_len = _packed_row(query, attention_mask, kwargs)
     if cu is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return _varlen_packed(module, query, key, value, cu, max_len, dropout, scaling, kwargs)
+
+
+def _sdpa(*args, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(*args, **kwargs)
+
+
+def _varlen_packed(module, query, key, value, cu, max_len, dropout, scaling, kwargs):
     varlen_attn = _varlen_attn()
     usable = (varlen_attn is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
               and not (module.training and dropout > 0))
     if not usable:  # exact fallback: SDPA with the block-diagonal causal mask
         mask = _block_causal_mask(cu, query.shape[2])
-        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
-                                      is_causal=False, **kwargs)
+        return _sdpa(module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs)
     # [1, H, N, D] -> [N, H, D]; the copy (3 x N*H*D, ~0.1 ms a layer at 64k tokens) gives the
     # kernel the packed-rows layout it is written for.
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
@@ -289,18 +309,37 @@ def sequences_attention_forward(module, query, key, value, attention_mask, dropo
     """HF attention function: on a packed row, SDPA over each sequence on its own (a causal call
     each, so PyTorch chooses the kernel as for an unpadded batch); SDPA otherwise.
     query [1, Hq, N, D], key/value [1, Hkv, N, D]; returns ([1, N, Hq, D], None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     cu, _ = _packed_row(query, attention_mask, kwargs)
     if cu is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return _sequences_packed(module, query, key, value, cu, dropout, scaling, kwargs)
+
+
+def _sequences_packed(module, query, key, value, cu, dropout, scaling, kwargs):
     if kwargs.get("position_bias") is not None:  # a [1, H, N, N] bias spans sequences: no per-sequence slice of it here
         raise ValueError("packed_attention='sequences' does not take a position_bias; use packed_attention='varlen'")
     kwargs.pop("position_ids", None)
     bounds = _host_bounds(cu)
-    outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, dropout=dropout,
-                                   scaling=scaling, **kwargs)[0] for a, b in zip(bounds[:-1], bounds[1:])]
+    sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    # One split, not a slice per sequence: a slice's backward writes its gradient into a zero-filled
+    # copy of the whole row, S fills and S-1 adds of [1, H, N, D] per tensor and layer (~1500 extra
+    # kernels in a 1.5B step over 8 sequences in an H200 profile); split's backward is one concatenation.
+    parts = zip(*(t.split(sizes, dim=2) for t in (query, key, value)))
+    outs = [_sdpa(module, q, k, v, None, dropout=dropout, scaling=scaling, **kwargs)[0] for q, k, v in parts]
     return torch.cat(outs, dim=1), None
+
+
+def auto_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                           scaling: float | None = None, **kwargs):
+    """HF attention function: a packed row of long sequences (a mean of AUTO_SEQUENCES_MIN_MEAN
+    tokens or more) as `sequences_attention_forward`, a shorter one as `varlen_attention_forward`;
+    SDPA otherwise. Deciding takes no host read: the row's length and sequence count are shapes."""
+    cu, max_len = _packed_row(query, attention_mask, kwargs)
+    if cu is None:
+        return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if query.shape[2] >= AUTO_SEQUENCES_MIN_MEAN * (len(cu) - 1):
+        return _sequences_packed(module, query, key, value, cu, dropout, scaling, kwargs)
+    return _varlen_packed(module, query, key, value, cu, max_len, dropout, scaling, kwargs)
 
 
 def _cu_seqlens_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
