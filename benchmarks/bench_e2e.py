@@ -463,6 +463,13 @@ def check_memory_paths(device: str) -> str:
     plain_bf16 = loss_grads(bf16, dtype=torch.bfloat16)
     record(f"padding-free ({impl}), bf16 autocast vs padded bf16", gap(loss_grads(m, packed_completion_logits,
            dtype=torch.bfloat16), plain_bf16), 5e-2, "different kernels: bf16 rounding")
+    s = copy.deepcopy(base)  # what packed_attention="auto" runs for rows of long sequences
+    assert prepare_packing(s, attention="sequences")
+    record("padding-free (atlas_sequences), fp32", gap(loss_grads(s, packed_completion_logits), plain), 1e-4,
+           "SDPA per sequence")
+    record("padding-free (atlas_sequences), bf16 autocast vs padded bf16",
+           gap(loss_grads(s, packed_completion_logits, dtype=torch.bfloat16), plain_bf16), 5e-2,
+           "different kernels: bf16 rounding")
     frozen = copy.deepcopy(base).eval()
     with torch.no_grad():
         expected = completion_logits(frozen, mb)
