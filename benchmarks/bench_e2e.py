@@ -729,6 +729,8 @@ def main(argv=None) -> int:
                     "(default: the plan's)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a GRPOConfig field for every atlas-fast system, e.g. --set fused_layers=False (A/B runs)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per update/step case (default: the plan's); "
+                    "more for short steps, whose run-to-run spread is largest")
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of the first step after the "
                     "warm-up, by total time (that step is left out of the timings)")
     ap.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
@@ -751,6 +753,10 @@ def main(argv=None) -> int:
     PROFILE = args.profile
     device = args.device
     plan = make_plan(device, args.quick)
+    if args.steps is not None:
+        if args.steps < 1:
+            ap.error(f"--steps must be >= 1, got {args.steps}")
+        plan.steps = plan.warmup + args.steps
     if args.fit_lengths:
         plan.fit_lengths = [int(x) for x in args.fit_lengths.split(",")]
     if args.lengths:
