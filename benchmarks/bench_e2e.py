@@ -647,11 +647,16 @@ class Plan:
     step_tokens: int
     step_prompts: int
     step_prompt_lens: tuple[int, int]
+    # The update case's own count. Its steps are short (0.25-3 s), and TRL's are the most uneven: at
+    # 1024 completion tokens on an H200 the median of 2 timed steps after 1 warm-up put TRL at 0.53-0.67
+    # s per step and the median of 8 at 0.26-0.44 s, while atlas-fast's moved by under 0.04 s.
+    update_warmup: int = 2
+    update_timed: int = 8
 
 
 def make_plan(device: str, quick: bool) -> Plan:
     if device != "cuda":  # smoke: the harness end to end at toy sizes
-        return Plan("cpu smoke", ["tiny"], [16], ["tiny"], SYSTEMS, [16, 32], ["tiny"], 2, 1, 8, 2, (4, 12))
+        return Plan("cpu smoke", ["tiny"], [16], ["tiny"], SYSTEMS, [16, 32], ["tiny"], 2, 1, 8, 2, (4, 12), 1, 1)
     if quick:
         return Plan("quick", ["0.5b", "1.5b"], [1024], ["1.5b"], ("atlas-fast lean", "TRL"), [2048, 4096, 8192, 16384],
                     ["0.5b"], 3, 1, STEP_TOKENS, STEP_PROMPTS, STEP_PROMPT_LENS)
@@ -670,8 +675,8 @@ def collect(plan: Plan, cases: set[str], systems: list[str], models: Path, devic
             path = save_model(shape, models, device)
             for C in plan.lengths:
                 for system in systems:
-                    rows.append(run_case("update", shape, path, system, update_workload(shape, C), plan.steps,
-                                         plan.warmup, device))
+                    rows.append(run_case("update", shape, path, system, update_workload(shape, C),
+                                         plan.update_warmup + plan.update_timed, plan.update_warmup, device))
                     on_row()
     if "fit" in cases:
         for key in plan.fit_shapes:
@@ -729,8 +734,8 @@ def main(argv=None) -> int:
                     "(default: the plan's)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a GRPOConfig field for every atlas-fast system, e.g. --set fused_layers=False (A/B runs)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per update/step case (default: the plan's); "
-                    "more for short steps, whose run-to-run spread is largest")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per update and step case (default: the "
+                    "plan's)")
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of the first step after the "
                     "warm-up, by total time (that step is left out of the timings)")
     ap.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
@@ -757,6 +762,7 @@ def main(argv=None) -> int:
         if args.steps < 1:
             ap.error(f"--steps must be >= 1, got {args.steps}")
         plan.steps = plan.warmup + args.steps
+        plan.update_timed = args.steps
     if args.fit_lengths:
         plan.fit_lengths = [int(x) for x in args.fit_lengths.split(",")]
     if args.lengths:
@@ -792,10 +798,11 @@ def main(argv=None) -> int:
     order = {s: i for i, s in enumerate(SYSTEMS)}
     rows: list[Result] = []
 
-    stamp = provenance(device, argv)
-    timed = (f"{stamp} ({plan.mode}: {plan.warmup} warm-up step{'s' * (plan.warmup != 1)}, then the median of "
-             f"{plan.steps - plan.warmup} timed steps).")
-    stamp += "."
+    where = provenance(device, argv)
+    stamp = where + "."
+
+    def timed(warmup: int, count: int) -> str:
+        return f"{where} ({plan.mode}: {warmup} warm-up step{'s' * (warmup != 1)}, then the median of {count} timed step{'s' * (count != 1)})."
 
     def body() -> dict[str, str]:
         def of(case):
@@ -806,7 +813,7 @@ def main(argv=None) -> int:
         if checks:
             sections["e2e_checks"] = stamp + "\n\n" + "\n\n".join(checks)
         if "update" in cases:
-            sections["e2e_update"] = timed + "\n\n" + result_table(
+            sections["e2e_update"] = timed(plan.update_warmup, plan.update_timed) + "\n\n" + result_table(
                 of("update"), "Update phase (reference log-probs, policy forward, loss, backward, optimizer step; "
                 f"8 generations of a {PROMPT_TOKENS}-token prompt, fixed completions, beta {BETA})")
             phases = phase_table(of("update"))
@@ -816,7 +823,7 @@ def main(argv=None) -> int:
             sections["e2e_fit"] = stamp[:-1] + " (one step per length).\n\n" + fit_table(sorted(
                 (r for r in rows if r.case == "fit"), key=lambda r: (r.shape, order.get(r.system, 9), r.completion)))
         if "step" in cases:
-            sections["e2e_step"] = timed + "\n\n" + step_table(of("step"))
+            sections["e2e_step"] = timed(plan.warmup, plan.steps - plan.warmup) + "\n\n" + step_table(of("step"))
             phases = phase_table(of("step"))
             if phases:
                 sections["e2e_step"] += "\n\n" + phases
