@@ -362,6 +362,7 @@ def run_case(case: str, shape: Shape, path: Path, system: str, work: Workload, s
             clock = run_trl(path, work, steps, device, liger=system.endswith("Liger"), scratch=scratch, profile=profile)
         result.step_s, peak = clock.summary(warmup)
         result.peak_gib = None if peak is None else peak / 2**30
+        result.notes["step_times"] = [round(t, 4) for t in clock.times]
         if clock.lengths:
             result.notes["mean_length"] = clock.lengths[-1]
         timed = [p for i, p in enumerate(clock.phases) if i >= warmup and i != clock.profiled]
@@ -553,6 +554,20 @@ def phase_table(rows: list[Result]) -> str:
     for r in timed:
         cells = " | ".join(fmt(r.notes["phases"].get(p), ".3f") + " s" for p in names)
         lines.append(f"| {r.shape} | {r.completion} | {r.system} | {cells} | {r.step_s:.3f} s |")
+    return "\n".join(lines)
+
+
+def step_times_table(rows: list[Result], warmup: int) -> str:
+    """Every step's time, warm-up first: how even the steps were that each median comes from."""
+    runs = [r for r in rows if r.ok and r.notes.get("step_times")]
+    if not runs:
+        return ""
+    lines = ["**Each step's time** (s; the warm-up before the slash, left out of the median)", "",
+             "| shape | completion | system | steps |", "|---|---|---|---|"]
+    for r in runs:
+        times = r.notes["step_times"]
+        cells = " ".join(f"{t:.3f}" for t in times[:warmup]) + " / " + " ".join(f"{t:.3f}" for t in times[warmup:])
+        lines.append(f"| {r.shape} | {r.completion} | {r.system} | {cells} |")
     return "\n".join(lines)
 
 
@@ -816,9 +831,9 @@ def main(argv=None) -> int:
             sections["e2e_update"] = timed(plan.update_warmup, plan.update_timed) + "\n\n" + result_table(
                 of("update"), "Update phase (reference log-probs, policy forward, loss, backward, optimizer step; "
                 f"8 generations of a {PROMPT_TOKENS}-token prompt, fixed completions, beta {BETA})")
-            phases = phase_table(of("update"))
-            if phases:
-                sections["e2e_update"] += "\n\n" + phases
+            for extra in (phase_table(of("update")), step_times_table(of("update"), plan.update_warmup)):
+                if extra:
+                    sections["e2e_update"] += "\n\n" + extra
         if "fit" in cases:
             sections["e2e_fit"] = stamp[:-1] + " (one step per length).\n\n" + fit_table(sorted(
                 (r for r in rows if r.case == "fit"), key=lambda r: (r.shape, order.get(r.system, 9), r.completion)))
