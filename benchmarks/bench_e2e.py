@@ -35,7 +35,7 @@ Timing: a callback marks the end of every optimizer step (CUDA-synchronised); a 
 the interval since the previous step's end, so it holds everything the trainer does for that step
 (generation or the rollout function, scoring, log-probs, update, logging) whatever the order of
 its hooks. Peak memory is `torch.cuda.max_memory_allocated` over the same interval (reset at each
-step end). One warm-up step, then the median of the timed steps.
+step end). Warm-up steps (2 for the update case), then the median of the timed steps.
 
     source benchmarks/gpu_env.sh && python benchmarks/bench_e2e.py --quick   # ~5 min on an H200
     python benchmarks/bench_e2e.py                                            # everything
@@ -179,9 +179,10 @@ def reward(completion_ids, **kwargs) -> list[float]:
 class StepClock:
     """HF-style callback: time and peak memory between consecutive optimizer-step ends."""
 
-    def __init__(self, device: str, profile: bool = False) -> None:
+    def __init__(self, device: str, profile_after: int = 0) -> None:
         self.device = device
-        self.profile = profile  # profile the first step after the warm-up (run one step more for it)
+        # > 0: profile the step after this many step ends, the first after the warm-up (run one step more for it)
+        self.profile_after = profile_after
         self.times: list[float] = []
         self.peaks: list[int] = []
         self.lengths: list[float] = []
@@ -210,7 +211,7 @@ class StepClock:
             self.peaks.append(torch.cuda.max_memory_allocated())
             torch.cuda.reset_peak_memory_stats()
         self._ends += 1
-        if self.profile and self._ends == 1:  # every plan warms up one step: autotuning and compilation are done
+        if self.profile_after and self._ends == self.profile_after:  # autotuning and compilation are done
             activity = torch.profiler.ProfilerActivity.CUDA if self.device == "cuda" else torch.profiler.ProfilerActivity.CPU
             self._profiler = torch.profiler.profile(activities=[activity])
             self._profiler.__enter__()
@@ -283,11 +284,11 @@ class Workload:
 
 
 def run_atlas(path: Path, work: Workload, steps: int, device: str, system: str, scratch: Path,
-              profile: bool = False) -> StepClock:
+              profile_after: int = 0) -> StepClock:
     from atlas_fast import GRPOConfig, GRPOTrainer
     from atlas_fast.rollout import BACKENDS
 
-    clock = StepClock(device, profile)
+    clock = StepClock(device, profile_after)
     fixed = work.fixed
 
     def rollout(prompts, trainer):
@@ -312,12 +313,12 @@ def run_atlas(path: Path, work: Workload, steps: int, device: str, system: str, 
 
 
 def run_trl(path: Path, work: Workload, steps: int, device: str, liger: bool, scratch: Path,
-            profile: bool = False) -> StepClock:
+            profile_after: int = 0) -> StepClock:
     import datasets
     from trl import GRPOConfig, GRPOTrainer
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    clock = StepClock(device, profile)
+    clock = StepClock(device, profile_after)
     fixed = work.fixed
     tok = load_tok(path)
 
@@ -353,16 +354,18 @@ def run_case(case: str, shape: Shape, path: Path, system: str, work: Workload, s
     clock = None
     # --profile: the first step after the warm-up runs under the profiler and is left out of the
     # timings, so one more step keeps their count. The fit case (one step, no warm-up) is not profiled.
-    profile = PROFILE and case != "fit"
-    steps += int(profile)
+    profile_after = warmup if PROFILE and case != "fit" else 0
+    steps += int(profile_after > 0)
     try:
         if system.startswith("atlas"):
-            clock = run_atlas(path, work, steps, device, system, scratch=scratch, profile=profile)
+            clock = run_atlas(path, work, steps, device, system, scratch=scratch, profile_after=profile_after)
         else:
-            clock = run_trl(path, work, steps, device, liger=system.endswith("Liger"), scratch=scratch, profile=profile)
+            clock = run_trl(path, work, steps, device, liger=system.endswith("Liger"), scratch=scratch,
+                            profile_after=profile_after)
         result.step_s, peak = clock.summary(warmup)
         result.peak_gib = None if peak is None else peak / 2**30
         result.notes["step_times"] = [round(t, 4) for t in clock.times]
+        result.notes["profiled"] = clock.profiled
         if clock.lengths:
             result.notes["mean_length"] = clock.lengths[-1]
         timed = [p for i, p in enumerate(clock.phases) if i >= warmup and i != clock.profiled]
@@ -562,11 +565,13 @@ def step_times_table(rows: list[Result], warmup: int) -> str:
     runs = [r for r in rows if r.ok and r.notes.get("step_times")]
     if not runs:
         return ""
-    lines = ["**Each step's time** (s; the warm-up before the slash, left out of the median)", "",
+    lines = ["**Each step's time** (s; the warm-up before the slash and a step run under the profiler, marked p, "
+             "are left out of the median)", "",
              "| shape | completion | system | steps |", "|---|---|---|---|"]
     for r in runs:
         times = r.notes["step_times"]
-        cells = " ".join(f"{t:.3f}" for t in times[:warmup]) + " / " + " ".join(f"{t:.3f}" for t in times[warmup:])
+        marked = [f"{t:.3f}" + ("p" if i == r.notes.get("profiled") else "") for i, t in enumerate(times)]
+        cells = " ".join(marked[:warmup]) + " / " + " ".join(marked[warmup:])
         lines.append(f"| {r.shape} | {r.completion} | {r.system} | {cells} |")
     return "\n".join(lines)
 

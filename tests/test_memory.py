@@ -732,6 +732,19 @@ def test_per_sequence_attention_backward_writes_no_row_sized_zeros():
         expected.append(torch.nn.functional.scaled_dot_product_attention(
             q[:, :, a:b].detach().double(), k[:, :, a:b].detach().double(), v[:, :, a:b].detach().double(), is_causal=True))
     torch.testing.assert_close(out.double(), torch.cat(expected, dim=2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+    # Empty entries in the boundaries (a caller's padding of cu_seqlens) change nothing.
+    padded, _ = sequences_attention_forward(torch.nn.Module(), q, k, v, None, max_length_q=5,
+                                            cu_seq_lens_q=torch.tensor([0, 3, 3, 7, 12, 12], dtype=torch.int32))
+    torch.testing.assert_close(padded, out, rtol=0, atol=0)
+
+
+def test_any_sliding_layer_kind_keeps_attention_stock(tok):
+    from atlas_fast.memory.packing import _has_sliding_window
+
+    model = tiny_model(tok, layers=2)
+    assert not _has_sliding_window(model.config)
+    model.config.layer_types = ["full_attention", "hybrid_sliding"]
+    assert _has_sliding_window(model.config)
 
 
 def test_sequence_bounds_are_read_from_the_device_once_per_tensor():

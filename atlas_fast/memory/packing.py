@@ -136,9 +136,10 @@ def supports_packing(model: torch.nn.Module) -> bool:
 def prepare_packing(model: torch.nn.Module, *, varlen: bool | None = None, attention: str = "auto") -> bool:
     """Get `model` ready for packed rows; False when it must keep padded batches.
 
-    `varlen=None` switches sdpa/eager models to `atlas_varlen` when PyTorch's varlen attention can
-    run (CUDA, torch >= 2.10) and the model has no sliding-window layers; True forces it (on the
-    CPU it then builds its own block-diagonal mask, which the tests use to check the plumbing).
+    `varlen=None` switches sdpa/eager models to `atlas_varlen` (`atlas_packed` with the default
+    `attention="auto"`) when PyTorch's varlen attention can run (CUDA, torch >= 2.10) and the model
+    has no sliding-window layers; True forces it (on the CPU it then builds its own block-diagonal
+    mask, which the tests use to check the plumbing).
     `attention="sequences"` switches sdpa/eager models without sliding windows to `atlas_sequences`
     instead (SDPA per packed sequence, any device); `attention="auto"` does what varlen does, with
     `atlas_packed` (varlen or per sequence, by the row's mean sequence length) in place of `atlas_varlen`.
@@ -174,7 +175,8 @@ def prepare_packing(model: torch.nn.Module, *, varlen: bool | None = None, atten
 
 def _has_sliding_window(config) -> bool:
     types = getattr(config, "layer_types", None) or ()
-    return bool(getattr(config, "use_sliding_window", False)) or "sliding_attention" in types
+    # Any sliding kind ("sliding_attention", "hybrid_sliding", ...): the packed functions here attend to the whole sequence.
+    return bool(getattr(config, "use_sliding_window", False)) or any("sliding" in str(t) for t in types)
 
 
 # ---------------------------------------------------------------------- the varlen attention
@@ -317,10 +319,13 @@ def sequences_attention_forward(module, query, key, value, attention_mask, dropo
 
 def _sequences_packed(module, query, key, value, cu, dropout, scaling, kwargs):
     if kwargs.get("position_bias") is not None:  # a [1, H, N, N] bias spans sequences: no per-sequence slice of it here
-        raise ValueError("packed_attention='sequences' does not take a position_bias; use packed_attention='varlen'")
+        raise ValueError("per-sequence packed attention (packed_attention='sequences', or 'auto' on rows of long "
+                         "sequences) does not take a position_bias; use packed_attention='varlen'")
     kwargs.pop("position_ids", None)
     bounds = _host_bounds(cu)
     sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if 0 in sizes:  # empty entries (a caller's padding of cu_seqlens) hold no tokens and no SDPA call
+        sizes = [n for n in sizes if n]
     # One split, not a slice per sequence: a slice's backward writes its gradient into a zero-filled
     # copy of the whole row, S fills and S-1 adds of [1, H, N, D] per tensor and layer (~1500 extra
     # kernels in a 1.5B step over 8 sequences in an H200 profile); split's backward is one concatenation.
