@@ -65,10 +65,11 @@ def generate_command(args: argparse.Namespace) -> int:
     except ValueError as err:
         return fail(err)
     try:
+        check_model_and_device(args)
         tokenizer, model = load(args)
         prompt_ids = encode(tokenizer, args.prompt, args.chat)
         backend = make_backend(args, model, tokenizer)
-    except (OSError, ValueError, ImportError, ConnectionError) as err:
+    except (OSError, ValueError, ImportError, ConnectionError, NotImplementedError, RuntimeError) as err:
         return fail(err)
     prompts = [prompt_ids]
     if sampling.greedy and sampling.n > 1:  # n greedy completions are n copies of one
@@ -84,6 +85,26 @@ def generate_command(args: argparse.Namespace) -> int:
         print(f"--- completion {i + 1}/{len(out.completion_ids)} ({len(ids)} tokens, {reason})")
         print(text, flush=True)
     return 0
+
+
+def check_model_and_device(args: argparse.Namespace) -> None:
+    """Name a missing local model folder and an unusable device before transformers or torch
+    answer with something about hub ids or CUDA builds."""
+    import os
+
+    import torch
+
+    model = args.model
+    local = model.startswith(("/", ".", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model
+    if local and not os.path.exists(os.path.expanduser(model)):
+        raise FileNotFoundError(f"--model: {model} does not exist (a local folder, or a hub id like org/name)")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device: {args.device!r} is not a device (cpu, cuda, cuda:N)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: this machine has no usable CUDA device")
 
 
 def load(args: argparse.Namespace):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from atlas_fast import cli
 from atlas_fast.cli_rollout import BACKEND_NAMES
@@ -100,3 +101,23 @@ def test_generate_errors_are_one_line(model_dir, capsys):
     code, _, err = run_generate(capsys, "--model", str(model_dir), "--backend", "vllm_server", "--prompt", "1",
                                 "--server-url", "http://127.0.0.1:9", "--timeout", "1")
     assert code == 2 and "http://127.0.0.1:9" in err and err.count("\n") == 1
+    for missing in ("/no/such/model", "./no-such-model"):
+        code, _, err = run_generate(capsys, "--model", missing, "--backend", "hf", "--prompt", "1")
+        assert code == 2 and f"--model: {missing} does not exist" in err and err.count("\n") == 1
+    code, _, err = run_generate(capsys, "--model", str(model_dir), "--backend", "hf", "--prompt", "1", "--device", "gpu")
+    assert code == 2 and "--device: 'gpu' is not a device" in err
+    if not torch.cuda.is_available():
+        code, _, err = run_generate(capsys, "--model", str(model_dir), "--backend", "hf", "--prompt", "1",
+                                    "--device", "cuda")
+        assert code == 2 and "no usable CUDA device" in err
+
+
+def test_generate_with_an_engine_it_cannot_run_is_one_line(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = char_tokenizer()
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_embd=32, n_head=2, n_positions=64)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    capsys.readouterr()  # the save's progress bar
+    code, _, err = run_generate(capsys, "--model", str(tmp_path), "--backend", "engine", "--prompt", "1")
+    assert code == 2 and "not 'gpt2'; use rollout_backend='hf'" in err.splitlines()[-1], err

@@ -40,7 +40,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_tokens: int = 0  # EOS and stop ids are suppressed before this many tokens
     stop_token_ids: tuple[int, ...] = ()  # in addition to the model's EOS ids
-    ignore_eos: bool = False  # fixed-length generation (benchmarks)
+    ignore_eos: bool = False  # the model's EOS ids do not stop (explicit stop ids still do), as in vLLM
     logprobs: bool = False  # return the sampler's log-prob of each chosen token
     seed: int | None = None
 
@@ -58,6 +58,7 @@ class SamplingParams:
         need(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         need(0 <= self.min_tokens <= self.max_tokens, f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        need(all(t >= 0 for t in self.stop_token_ids), f"stop_token_ids must be token ids (>= 0), got {self.stop_token_ids}")
 
     @property
     def greedy(self) -> bool:
@@ -145,6 +146,13 @@ def stop_ids(tokenizer: Any, model: torch.nn.Module | None = None, extra: Sequen
         elif source is not None:
             ids.update(int(s) for s in source)
     return ids
+
+
+def check_stop_ids(sampling: SamplingParams, vocab_size: int) -> None:
+    """An explicit stop id the model cannot produce is a mistake in the request: say so."""
+    outside = [t for t in sampling.stop_token_ids if t >= vocab_size]
+    if outside:
+        raise ValueError(f"stop_token_ids {outside} are outside the model's vocabulary of {vocab_size} tokens")
 
 
 def cut_at_stop(ids: Sequence[int], stops: set[int], pad_id: int | None = None) -> tuple[list[int], str]:

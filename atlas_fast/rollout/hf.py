@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import RolloutOutput, SamplingParams, cut_at_stop, left_pad, stop_ids
+from . import RolloutOutput, SamplingParams, check_stop_ids, cut_at_stop, left_pad, stop_ids
 
 
 class HFBackend:
@@ -56,13 +56,17 @@ class HFBackend:
             prompt_ids = [p for p in prompt_ids for _ in range(n)]
             n = 1
         ids, mask = left_pad(prompt_ids, self.pad_id, device)
-        stops = self.eos_ids | set(sampling.stop_token_ids)
+        # vLLM's meaning: ignore_eos drops the model's EOS ids, explicit stop ids still stop.
+        stops = (set() if sampling.ignore_eos else self.eos_ids) | set(sampling.stop_token_ids)
+        head = self.model.get_output_embeddings()
+        if head is not None:
+            check_stop_ids(sampling, head.weight.shape[0])
         kwargs: dict[str, Any] = dict(
             max_new_tokens=sampling.max_tokens,
             min_new_tokens=sampling.min_tokens or None,
             num_return_sequences=n,
             pad_token_id=self.pad_id,
-            eos_token_id=None if sampling.ignore_eos else (sorted(stops) or None),
+            eos_token_id=sorted(stops) or None,
             use_cache=True,  # gradient checkpointing switches it off for training; decoding needs it
             repetition_penalty=sampling.repetition_penalty,
             return_dict_in_generate=True,
@@ -79,8 +83,6 @@ class HFBackend:
         out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         new = out.sequences[:, ids.shape[1] :]
         rows = new.tolist()  # host sync: the ids are needed as text next
-        if sampling.ignore_eos:
-            stops = set()
         cut = [cut_at_stop(r, stops, self.pad_id) for r in rows]
         logps = None
         if sampling.logprobs:

@@ -101,7 +101,7 @@ class VLLMColocatedBackend:
         ids, reasons, logps = [], [], [] if sampling.logprobs else None
         for request in outputs:
             for completion in sorted(request.outputs, key=lambda c: c.index):
-                out, why = finish(completion.token_ids, completion.finish_reason, stops, sampling.ignore_eos)
+                out, why = finish(completion.token_ids, completion.finish_reason, stops)
                 ids.append(out)
                 reasons.append(why)
                 if logps is not None:

@@ -17,8 +17,8 @@ def sampling_fields(sampling: SamplingParams, eos_ids: set[int]) -> dict[str, An
     """SamplingParams -> vLLM's sampling fields (the OpenAI completions body and
     `vllm.SamplingParams` take the same names). The stop ids are sent explicitly, EOS included,
     so the server stops where the trainer's tokenizer and generation config say, whatever
-    generation config the server loaded; `ignore_eos` drops them all, as the hf backend does."""
-    stops = set() if sampling.ignore_eos else set(eos_ids) | set(sampling.stop_token_ids)
+    generation config the server loaded; `ignore_eos` drops the EOS ids and keeps explicit ones."""
+    stops = (set() if sampling.ignore_eos else set(eos_ids)) | set(sampling.stop_token_ids)
     return dict(
         n=sampling.n,
         temperature=sampling.temperature,
@@ -52,13 +52,12 @@ def check_prompts(prompt_ids: Sequence[Sequence[int]]) -> None:
             raise ValueError(f"generate: prompt {i} is empty (vLLM needs at least one token)")
 
 
-def finish(ids: Sequence[int], reason: str | None, stops: set[int], ignore_eos: bool) -> tuple[list[int], str]:
+def finish(ids: Sequence[int], reason: str | None, stops: set[int]) -> tuple[list[int], str]:
     """One completion in the interface's terms: cut after the first stop id (kept), as every
-    backend does, and vLLM's finish reason mapped; a request vLLM aborted is an error."""
+    backend does, and vLLM's finish reason mapped; a request vLLM aborted is an error. `stops`
+    are the ids the request was sent with (no EOS ids under ignore_eos)."""
     if reason not in ("stop", "length", None):
         raise RuntimeError(f"vLLM finished a completion with reason {reason!r}")
-    if ignore_eos:
-        return [int(t) for t in ids], FINISH_LENGTH
     out, why = cut_at_stop(ids, stops)
     return out, FINISH_STOP if why == FINISH_STOP or reason == "stop" else FINISH_LENGTH
 

@@ -15,6 +15,7 @@ Then the prefix cache is reset, so no KV block computed with the old weights is 
 """
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -96,8 +97,14 @@ class VLLMServerBackend:
         self._file_times: dict = {}
 
         self.wait_until_healthy(self.timeout)
+        # Setup answers at once on a healthy server: the short timeout, not a generation's.
         self.server_info = self._server_info()  # None without VLLM_SERVER_DEV_MODE=1
-        self.model_name = self._request("GET", "/v1/models")["data"][0]["id"]
+        models = self._request("GET", "/v1/models", timeout=self.timeout)
+        try:
+            self.model_name = models["data"][0]["id"]
+        except (KeyError, IndexError, TypeError):
+            raise VLLMServerError(f"GET {self._url('/v1/models')} answered without a model id: "
+                                  f"{str(models)[:200]}") from None
 
     # ------------------------------------------------------------------ HTTP
     def _url(self, path: str) -> str:
@@ -134,12 +141,17 @@ class VLLMServerBackend:
                     last = err
                     continue
                 raise VLLMServerError(f"{method} {url} failed with HTTP {err.code}: {server_message(text)}") from None
-            except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout) as err:
+            except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout,
+                    http.client.HTTPException) as err:  # the last: a reply cut short, or not HTTP at all
                 last = err
                 continue
             if raw_status:
                 return status, payload.decode(errors="replace")
-            return json.loads(payload) if payload else None
+            try:
+                return json.loads(payload) if payload else None
+            except ValueError:
+                raise VLLMServerError(f"{method} {url} answered with something other than JSON: "
+                                      f"{payload[:200].decode(errors='replace')!r}") from None
         reason = getattr(last, "reason", None) or last
         raise VLLMServerUnavailable(
             f"vLLM server at {self.base_url} cannot be reached ({method} {path}: {reason}; "
@@ -168,7 +180,7 @@ class VLLMServerBackend:
             time.sleep(0.5)
 
     def _server_info(self) -> dict | None:
-        status, text = self._request("GET", "/server_info?config_format=json", raw_status=True)
+        status, text = self._request("GET", "/server_info?config_format=json", raw_status=True, timeout=self.timeout)
         if status != 200:
             return None
         try:
@@ -202,7 +214,7 @@ class VLLMServerBackend:
         stops = set(fields["stop_token_ids"])
         ids, reasons, logps = [], [], [] if sampling.logprobs else None
         for choice in choices:
-            out, why = finish(choice["token_ids"], choice.get("finish_reason"), stops, sampling.ignore_eos)
+            out, why = finish(choice["token_ids"], choice.get("finish_reason"), stops)
             ids.append(out)
             reasons.append(why)
             if logps is not None:
@@ -214,7 +226,11 @@ class VLLMServerBackend:
         return RolloutOutput(ids, reasons, logps, metrics={"rollout/server_s": time.perf_counter() - start})
 
     def _complete(self, body: dict, expected: int) -> list[dict]:
-        choices = self._request("POST", "/v1/completions", body)["choices"]
+        reply = self._request("POST", "/v1/completions", body)
+        choices = reply.get("choices") if isinstance(reply, dict) else None
+        if not isinstance(choices, list) or any(not isinstance(c, dict) or "index" not in c for c in choices):
+            raise VLLMServerError(f"POST {self._url('/v1/completions')} answered without indexed choices: "
+                                  f"{str(reply)[:200]}")
         if len(choices) != expected:
             raise VLLMServerError(f"vLLM server at {self.base_url} returned {len(choices)} completions, "
                                   f"expected {expected}")

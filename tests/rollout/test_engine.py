@@ -152,6 +152,30 @@ def test_eos_stops_and_ignore_eos(models, tok, prompts):
         assert long[: len(short)] == short  # same greedy path until the EOS that is now ignored
 
 
+def test_ignore_eos_keeps_explicit_stop_ids_on_both_backends(models, tok, prompts):
+    """vLLM's meaning of ignore_eos: the model's EOS ids stop nothing, an explicit stop id still does."""
+    model = models["llama"]
+    engine = EngineBackend(model, tok)
+    fixed = engine.generate(prompts, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    stop = fixed.completion_ids[0][5]
+    sampling = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, stop_token_ids=(stop,))
+    out = engine.generate(prompts, sampling)
+    assert out.completion_ids == build_backend("hf", model, tok).generate(prompts, sampling).completion_ids
+    for full, ids, reason in zip(fixed.completion_ids, out.completion_ids, out.finish_reasons):
+        cut = full.index(stop) + 1 if stop in full else len(full)
+        assert ids == full[:cut] and reason == (FINISH_STOP if stop in full else FINISH_LENGTH)
+
+
+def test_stop_ids_outside_the_vocabulary_are_named(models, tok, prompts):
+    with pytest.raises(ValueError, match="stop_token_ids must be token ids"):
+        SamplingParams(max_tokens=4, stop_token_ids=(-3,))
+    model = models["llama"]
+    sampling = SamplingParams(max_tokens=4, stop_token_ids=(model.config.vocab_size,))
+    for backend in (EngineBackend(model, tok), build_backend("hf", model, tok)):
+        with pytest.raises(ValueError, match="outside the model's vocabulary"):
+            backend.generate(prompts, sampling)
+
+
 def test_repetition_penalty_matches_hf(models, tok, prompts):
     model = models["qwen3"]
     ref = hf_greedy(model, tok, prompts, max_tokens=16, repetition_penalty=1.5)

@@ -34,6 +34,7 @@ class Scripted:
         self.requests: list[tuple[str, str, dict | None]] = []
         self.fail: dict[str, list[int]] = {}  # path -> statuses to answer before succeeding
         self.hang: set[str] = set()
+        self.raw: dict[str, bytes] = {}  # path -> bytes written as the whole reply (malformed replies)
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -58,6 +59,10 @@ class Scripted:
                 outer.requests.append((method, path, body))
                 if path in outer.hang:
                     time.sleep(3)
+                if path in outer.raw:
+                    self.wfile.write(outer.raw[path])
+                    self.close_connection = True
+                    return
                 if outer.fail.get(path):
                     status = outer.fail[path].pop(0)
                     return self._send(status, {"error": {"message": f"scripted {status}", "code": status}})
@@ -146,6 +151,27 @@ def test_request_timeout_is_honoured(scripted, tok):
         backend.generate([[5]], SamplingParams(max_tokens=3))
 
 
+def test_setup_waits_for_the_short_timeout_not_a_generation(scripted, tok):
+    scripted.hang.add("/v1/models")  # healthy, but the model list never comes
+    start = time.monotonic()
+    with pytest.raises(VLLMServerUnavailable, match=rf"{scripted.url}.*GET /v1/models"):
+        client(scripted.url, tok, timeout=1, retries=0)  # request_timeout stays at its 1800 s default
+    assert time.monotonic() - start < 2.9  # the scripted hang is 3 s
+
+
+@pytest.mark.parametrize("reply,error,match", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n<html>oops</html>", VLLMServerError, "other than JSON"),
+    (b'HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{"id": "x"}', VLLMServerError, "without indexed choices"),
+    (b"SSH-2.0-OpenSSH\r\n", VLLMServerUnavailable, "cannot be reached"),
+], ids=["html", "no-choices", "not-http"])
+def test_malformed_replies_are_named(scripted, tok, reply, error, match):
+    backend = client(scripted.url, tok, timeout=1, retries=1)
+    scripted.raw["/v1/completions"] = reply
+    with pytest.raises(error, match=match) as info:
+        backend.generate([[5]], SamplingParams(max_tokens=3))
+    assert scripted.url in str(info.value)
+
+
 def test_request_body_and_reply_mapping(scripted, tok):
     backend = client(scripted.url, tok)
     sampling = SamplingParams(max_tokens=3, n=2, temperature=0.7, top_p=0.9, top_k=5, min_p=0.05,
@@ -189,9 +215,10 @@ def test_bad_arguments_are_named(scripted, tok):
         backend.generate([[5], []], SamplingParams(max_tokens=3))
 
 
-def test_ignore_eos_sends_no_stop_ids(tok):
+def test_ignore_eos_sends_only_the_explicit_stop_ids(tok):
     fields = sampling_fields(SamplingParams(max_tokens=4, ignore_eos=True, stop_token_ids=(3,)), {EOS})
-    assert fields["stop_token_ids"] == [] and fields["ignore_eos"]
+    assert fields["stop_token_ids"] == [3] and fields["ignore_eos"]
+    assert sampling_fields(SamplingParams(max_tokens=4, ignore_eos=True), {EOS})["stop_token_ids"] == []
     assert sampling_fields(SamplingParams(max_tokens=4, top_k=0), {EOS})["top_k"] == -1
 
 

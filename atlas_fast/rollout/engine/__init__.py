@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .. import FINISH_LENGTH, FINISH_STOP, RolloutOutput, SamplingParams, right_pad, stop_ids
+from .. import FINISH_LENGTH, FINISH_STOP, RolloutOutput, SamplingParams, check_stop_ids, right_pad, stop_ids
 from .batch import DecodeBatch, compact, new_batch
 from .cache import KVCache
 from .graphs import DecodeGraphs, GraphPost, batch_bucket, round_up
@@ -167,7 +167,9 @@ class EngineBackend:
         self._ensure_cache(size, max(lens) + T, device)
         if self.packed is not None:
             self.packed.refresh_if_stale()  # in-place updates without update_weights: re-copy
-        stops = self._stops(sampling)
+        check_stop_ids(sampling, dec.vocab_size)
+        # A tokenizer's EOS id past the model's rows can never be sampled (random-weight test models).
+        stops = {t for t in self._stops(sampling) if t < dec.vocab_size}
         stop_mask = None
         if stops:
             stop_mask = torch.zeros(dec.vocab_size, dtype=torch.bool, device=device)
