@@ -575,6 +575,8 @@ def run_artifacts(output_dir: str | Path) -> list[Path]:
 
 def check_output_dir(output_dir: str | Path, *, resuming: bool = False, overwrite: bool = False) -> None:
     """Raise ``ValueError`` naming ``output_dir`` when a new run may not start there."""
+    if Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise ValueError(f"output_dir {output_dir} is a file, not a folder; choose another output_dir")
     found = run_artifacts(output_dir)
     if found and not resuming and not overwrite:
         names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")

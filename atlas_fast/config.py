@@ -283,6 +283,7 @@ class GRPOConfig:
         need(self.optim in OPTIMIZERS, f"optim must be one of {OPTIMIZERS}, got {self.optim!r}; for another "
                                        "optimizer pass GRPOTrainer(optimizers=(optimizer, lr_scheduler))")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(not math.isnan(self.max_grad_norm), "max_grad_norm must be a number (<= 0 disables clipping), got nan")
         for name in ("adam_beta1", "adam_beta2"):
             need(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
         need(self.adam_epsilon > 0, f"adam_epsilon must be > 0, got {self.adam_epsilon}")

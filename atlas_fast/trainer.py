@@ -4,7 +4,7 @@ One optimizer step reads top to bottom in `train`:
     rollout (generate G completions per prompt) -> rewards -> group advantages
     -> reference / old log-probs -> micro-batches: forward, fused loss, backward
     -> clip -> step -> log -> evaluate -> checkpoint.
-`_micro_batches` is a generator that yields finished micro-batches and generates a new batch
+`_next_micro_batch` hands out finished micro-batches and generates a new batch
 whenever the last one is used up (`steps_per_generation` micro-steps, `num_iterations` passes),
 so the loop body never deals with buffering. A step's generation happens inside it, between
 `on_step_begin` and `on_step_end`, as in TRL, so a callback that times steps measures the same.
@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -140,6 +140,9 @@ class GRPOTrainer:
             raise ValueError("GRPOTrainer needs a train_dataset")
         self.train_dataset = load_dataset_any(train_dataset)
         self.eval_dataset = load_dataset_any(eval_dataset) if eval_dataset is not None else None
+        if config.eval_strategy != "no" and self.eval_dataset is None:  # found now, not at the first evaluation
+            raise ValueError(f"eval_strategy={config.eval_strategy!r} needs an eval_dataset: pass one to the trainer "
+                             "or set eval_strategy='no'")
         for label, dataset in (("train", self.train_dataset), ("eval", self.eval_dataset)):
             check_reward_columns(self.reward_funcs, dataset, label, extra=getattr(self, "rollout_columns", ()))
         seed = config.data_seed if config.data_seed is not None else config.seed
@@ -180,7 +183,6 @@ class GRPOTrainer:
         self._generation_metrics: dict = {}
         self._pending: list[MicroBatch] = []  # micro-batches of the current generation still to train on
         self._epochs_ended = 0  # epochs whose last rows this step trains on: on_epoch_end after the step
-        self._stream = self._micro_batches()
         self._num_tokens = 0
         self.memory = PhaseReport(self.device)  # memory/<phase>_peak_gib (CUDA) and time/<phase>_s in each step
         self._epochs_announced: set[int] = set()  # epochs whose on_epoch_begin has fired
@@ -350,7 +352,7 @@ class GRPOTrainer:
         sums: dict[str, float] = {}
         tokens = 0
         for _ in range(c.gradient_accumulation_steps):
-            mb = next(self._stream)
+            mb = self._next_micro_batch()
             self.model.train()  # generation and log-prob passes switch to eval mode
             with self.memory.phase("update"):
                 for part, loss_share, token_share in self._forward_parts(mb):
@@ -358,7 +360,7 @@ class GRPOTrainer:
                         loss, stats = self._loss(part)
                     loss = loss * loss_share
                     if not torch.isfinite(loss):
-                        self._on_bad_loss(loss)
+                        self._stop_on_non_finite(f"loss is {float(loss.detach())}")
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
                     sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())  # host sync, for logging
                     for k, v in stats.items():  # token means over the part: weighted back to the micro-batch's
@@ -368,6 +370,10 @@ class GRPOTrainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, max_norm)
+        # A finite loss can still back-propagate inf/NaN (an overflow in the backward): stepping would
+        # write it into the weights and the next checkpoint. fp16's scaler skips such steps itself.
+        if not self.scaler and not torch.isfinite(grad_norm):
+            self._stop_on_non_finite(f"gradient norm is {float(grad_norm)}")
         lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step uses, before the schedule advances
         with self.memory.phase("optimizer"):
             if self.scaler:
@@ -452,12 +458,13 @@ class GRPOTrainer:
             completions = mb.completion_mask.sum(1).tolist()
         return token_chunks(prompts, completions, budget, packed=self.padding_free)
 
-    def _micro_batches(self) -> Iterator[MicroBatch]:
-        """Yield micro-batches forever, generating a new batch whenever the previous is spent."""
-        while True:
-            if not self._pending:
-                self._refill()
-            yield self._pending.pop(0)
+    def _next_micro_batch(self) -> MicroBatch:
+        """The next micro-batch, generating a new batch whenever the previous is spent. A plain call,
+        not a generator: one that an error (a reward function that raises) passed through would be
+        closed, and every later `train()` on this trainer would stop at once."""
+        if not self._pending:
+            self._refill()
+        return self._pending.pop(0)
 
     def _refill(self) -> None:
         """Generate and score one generation batch; queue its micro-batches for `num_iterations` passes."""
@@ -545,6 +552,9 @@ class GRPOTrainer:
     def _tokenize_prompts(self, prompts: list) -> list[list[int]]:
         texts = [render_prompt(p, self.tokenizer, **(self.args.chat_template_kwargs or {})) for p in prompts]
         enc = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for text, ids in zip(texts, enc):
+            if not ids:  # the first completion token would have no position to be scored from
+                raise ValueError(f"a prompt tokenizes to no tokens ({text!r}); every prompt needs at least one")
         limit = self.args.max_prompt_length
         return [ids[-limit:] if limit else ids for ids in enc]  # keep the end: it holds the question
 
@@ -792,7 +802,7 @@ class GRPOTrainer:
             self.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng_state(state["rng"])
 
-    def _on_bad_loss(self, loss: torch.Tensor) -> None:
+    def _stop_on_non_finite(self, what: str) -> None:
         # Nothing has been stepped with this loss yet: the weights, optimizer and schedule in memory
         # are the last good step's. The sampler, the pending micro-batches and the RNG have moved on
         # (this step generated): save them as that step ended, so a resume trains on the same rows.
@@ -801,7 +811,7 @@ class GRPOTrainer:
         if not ckpt.is_complete(path):  # that step's own checkpoint already holds this state
             path = self._save_checkpoint(self._last_good)
         raise FloatingPointError(
-            f"loss is {float(loss.detach())} at step {self.state.global_step + 1}; training stopped and the last good "
+            f"{what} at step {self.state.global_step + 1}; training stopped and the last good "
             f"state was saved to {path}. Check the rewards, the learning rate and the data."
         )
 

@@ -142,6 +142,7 @@ def test_a_refusal_says_what_to_use_instead():
     (dict(bf16=True, fp16=True), "bf16 and fp16 are mutually exclusive"),
     (dict(use_vllm=True, vllm_mode="remote"), "vllm_mode must be one of"),
     (dict(packed_attention="flash"), "packed_attention must be one of"),
+    (dict(max_grad_norm=float("nan")), "max_grad_norm must be a number"),
     (dict(gradient_checkpointing_kwargs={"use_reentrant": True}), "gradient_checkpointing_kwargs"),
 ])
 def test_types_and_ranges_are_checked_on_construction(kwargs, message):

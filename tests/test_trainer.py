@@ -464,6 +464,24 @@ def test_reward_function_that_raises_names_function_and_sample(tmp_path, tok):
     assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
 
 
+def test_a_trainer_trains_again_after_a_reward_function_failed(tmp_path, tok):
+    """A transient failure (a judge service that was down) leaves the trainer usable: calling
+    train() again generates and trains as if the failed call had not happened."""
+    calls = {"n": 0}
+
+    def flaky_reward(completions, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("judge unavailable")
+        return [float(len(c)) for c in completions]
+
+    trainer = trainer_for(tmp_path, tok, reward_funcs=flaky_reward, max_steps=2,
+                          trainer_kwargs=dict(rollout_func=same_groups_rollout))
+    with pytest.raises(RuntimeError, match="'flaky_reward' raised ConnectionError"):
+        trainer.train()
+    assert trainer.train().global_step == 2
+
+
 @pytest.mark.parametrize("bad, message", [
     (lambda completions, **kw: [0.0] * (len(completions) - 1), "returned 7 rewards, expected 8"),
     (lambda completions, **kw: [math.inf] * len(completions), "returned inf at index 0.*finite"),
@@ -518,6 +536,31 @@ def test_nan_loss_stops_with_a_loadable_checkpoint_of_the_last_good_state(tmp_pa
     resumed = trainer_for(tmp_path, tok, max_steps=4, trainer_kwargs=dict(rollout_func=fixed_rollout))
     assert resumed.train(resume_from_checkpoint=True).global_step == 4
     assert all(torch.isfinite(p).all() for p in resumed.model.parameters())
+
+
+def test_non_finite_gradients_stop_before_the_step_with_the_last_good_state(tmp_path, tok):
+    """A finite loss whose backward overflows: the step is not taken and the saved state is the last good one."""
+    model = tiny_model(tok)
+    poison = {"on": False}
+    model.model.norm.weight.register_hook(lambda g: g * math.inf if poison["on"] else g)
+
+    class PoisonAfter2(GRPOTrainer):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                self.good = params(self.model)
+                poison["on"] = True
+
+    trainer = trainer_for(tmp_path, tok, cls=PoisonAfter2, model=model, max_steps=4,
+                          trainer_kwargs=dict(rollout_func=fixed_rollout))
+    with pytest.raises(FloatingPointError, match=r"gradient norm is (inf|nan) at step 3.*checkpoint-2"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p, trainer.good[name]), name
+    fresh = tiny_model(tok, seed=1)
+    load_checkpoint(tmp_path / "run" / "checkpoint-2", fresh)
+    for name, p in fresh.named_parameters():
+        assert torch.equal(p, trainer.good[name]), name
 
 
 # ---------------------------------------------------------------------- 9. metrics
@@ -750,6 +793,27 @@ def test_a_new_run_into_a_used_output_dir_is_refused(tmp_path, tok):
     third.train()
     assert [r["step"] for r in train_records(tmp_path / "run")] == [1, 2]
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_an_output_dir_that_is_a_file_is_named(tmp_path, tok):
+    (tmp_path / "run").write_text("notes")
+    with pytest.raises(ValueError, match=f"output_dir {tmp_path / 'run'} is a file, not a folder"):
+        trainer_for(tmp_path, tok, max_steps=1, trainer_kwargs=dict(rollout_func=fixed_rollout)).train()
+    assert (tmp_path / "run").read_text() == "notes"
+
+
+def test_evaluation_without_an_eval_dataset_is_refused_before_training(tmp_path, tok):
+    with pytest.raises(ValueError, match="eval_strategy='steps' needs an eval_dataset"):
+        trainer_for(tmp_path, tok, max_steps=2, eval_strategy="steps", eval_steps=1)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_prompt_without_tokens_is_named(tmp_path, tok):
+    rows = arithmetic_rows(4)
+    rows[1] = {**rows[1], "prompt": ""}
+    trainer = trainer_for(tmp_path, tok, rows=rows, max_steps=2, shuffle_dataset=False)
+    with pytest.raises(ValueError, match="a prompt tokenizes to no tokens \\(''\\)"):
+        trainer.train()
 
 
 def test_step_callbacks_bracket_the_generation(tmp_path, tok):
