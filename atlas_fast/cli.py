@@ -258,8 +258,13 @@ def explain(err: Exception) -> str:
     if full_key and (isinstance(cause, ConfigKeyError) or "not in struct" in str(cause)):
         parent, _, leaf = full_key.rpartition(".")
         allowed = section_keys().get(parent)
+        if allowed is not None and leaf in allowed:  # a known key under a section that is null here
+            return (f"{full_key}: {parent} is null in this config; add the key with +{full_key}=... "
+                    f"(or pick a {parent.split('.')[0]} config that has {parent})")
         if allowed is not None:
             return unknown_key_message(leaf, allowed, f"{parent}." if parent else "")
+        if "not in struct" in str(cause):  # a free-form mapping (model_init_kwargs, ...): new keys take a +
+            return f"{full_key} is not in the config yet: add it with +{full_key}=..."
     if isinstance(err, MissingMandatoryValue):
         return f"{err.full_key} is required: add {err.full_key}=..."
     if isinstance(cause, ValidationError) and full_key and "could not be converted" in str(cause):
@@ -408,10 +413,14 @@ def hint_of(full_key: str) -> Any:
     """The schema's annotation of a dotted key (Any when there is none)."""
     hint: Any = run_schema()
     for part in full_key.split("."):
+        name, index = part.partition("[")[::2]  # "weights[1]": an element of the list field weights
         inner = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)
         if not dataclasses.is_dataclass(inner):
             return Any
-        hint = typing.get_type_hints(inner).get(part, Any)
+        hint = typing.get_type_hints(inner).get(name, Any)
+        if index:
+            lists = [a for a in (hint, *typing.get_args(hint)) if typing.get_origin(a) in (list, List)]
+            hint = typing.get_args(lists[0])[0] if lists and typing.get_args(lists[0]) else Any
     return hint
 
 

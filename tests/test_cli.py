@@ -282,6 +282,9 @@ def test_resume_and_reuse_of_an_output_dir_from_the_cli(tiny_run_inputs, tmp_pat
     ("trainer.max_steps=-5", "trainer.max_steps must be > 0, or -1"),
     ("trainer.report_to=mlflow", "report_to: unsupported integration"),
     ("+model.peft.rr=3", "unknown config key model.peft.rr"),
+    ("model.peft.r=8", "model.peft.r: model.peft is null in this config; add the key with +model.peft.r=..."),
+    ("reward.weights=[1,a]", "reward.weights[1] must be a number, got 'a'"),
+    ("model.model_init_kwargs.dtype=bfloat16", "model.model_init_kwargs.dtype is not in the config yet: add it with +"),
     ("model=qwen2_5_7b_lora", None),
     ("trainer.eval_strategy=sometimes", "trainer.eval_strategy must be one of"),
 ])
