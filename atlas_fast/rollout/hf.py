@@ -38,6 +38,8 @@ class HFBackend:
             reasons: list[str] = []
             logps: list[list[float]] | None = [] if sampling.logprobs else None
             step = self.batch_size or len(prompt_ids) or 1
+            if sampling.seed is not None:  # once per call: reseeding each chunk would repeat its draws
+                torch.manual_seed(sampling.seed)
             for start in range(0, len(prompt_ids), step):
                 chunk_ids, chunk_reasons, chunk_logps = self._generate_chunk(prompt_ids[start : start + step], sampling)
                 ids += chunk_ids
@@ -77,8 +79,6 @@ class HFBackend:
         else:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
                           top_k=sampling.top_k if sampling.top_k > 0 else None, min_p=sampling.min_p or None)
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
         kwargs.update(self.generation_kwargs)
         out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         new = out.sequences[:, ids.shape[1] :]

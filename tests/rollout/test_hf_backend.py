@@ -47,3 +47,15 @@ def test_auto_backend_is_generate_without_a_gpu_and_named_backends_pass_through(
     assert resolve_backend("hf", model) == "hf"
     model.config.model_type = "gpt_neox"
     assert resolve_backend("auto", model) == "hf"  # an architecture the engine does not know
+
+
+def test_a_seeded_call_in_chunks_draws_fresh_samples_per_chunk():
+    from atlas_fast.rollout.hf import HFBackend
+
+    tok = char_tokenizer()
+    model = tiny_model(tok, seed=3).eval()
+    prompt = tok("7+7=", add_special_tokens=False)["input_ids"]
+    sampling = SamplingParams(max_tokens=8, temperature=1.0, seed=5)
+    chunked = HFBackend(model, tok, batch_size=1).generate([prompt] * 4, sampling)
+    assert len(set(map(tuple, chunked.completion_ids))) > 1  # not one chunk's draws four times
+    assert HFBackend(model, tok, batch_size=1).generate([prompt] * 4, sampling).completion_ids == chunked.completion_ids
