@@ -241,7 +241,22 @@ def inplace_is_safe(logits: torch.Tensor) -> bool:
     return base is None or base.grad_fn is not None
 
 
+def may_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of `t` can share memory (an expanded tensor): taking dims by stride,
+    each must step past everything the smaller ones reach. Conservative: False means they never do."""
+    reach = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
 def resolve_inplace(logits: torch.Tensor, inplace_backward: bool | None) -> bool:
+    """In place only where each logit has its own memory: rows that share it (expand) would each
+    write their own gradient over the others', whatever the caller asked for."""
+    if may_overlap(logits):
+        return False
     return inplace_is_safe(logits) if inplace_backward is None else bool(inplace_backward)
 
 

@@ -78,6 +78,30 @@ def test_inplace_backward_equals_out_of_place(gen, dtype):
     assert torch.equal(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("inplace", [None, True])
+def test_rows_sharing_memory_get_their_summed_gradient(gen, inplace):
+    """Expanded logits (rows that share memory) never take the in-place backward: each row's
+    gradient would overwrite the others'."""
+    from atlas_kernels import grpo_loss_from_logits
+
+    leaf = make_logits((1, 3, 131), torch.float32, gen).requires_grad_()
+    index = torch.randint(0, 131, (2, 3), generator=gen)
+    ref_in = leaf.detach().double().requires_grad_()
+    reference.selective_logprobs(ref_in.expand(2, 3, 131), index).sum().backward()
+    selective_logprobs((leaf * 1).expand(2, 3, 131), index, inplace_backward=inplace).sum().backward()
+    torch.testing.assert_close(leaf.grad.double(), ref_in.grad, atol=1e-5, rtol=1e-5)
+
+    head = make_logits((1, 4, 131), torch.float32, gen).requires_grad_()  # unshifted: C + 1 positions
+    adv, mask = torch.randn(2, generator=gen), torch.ones(2, 3, dtype=torch.bool)
+    loss, _ = grpo_loss_from_logits((head * 1).expand(2, 4, 131), index, None, None, adv, mask, beta=0.0,
+                                    inplace_backward=inplace)
+    loss.backward()
+    ref_head = head.detach().double().requires_grad_()
+    ref_logp = reference.selective_logprobs(ref_head.expand(2, 4, 131)[:, :-1], index)
+    reference.grpo_loss(ref_logp, None, None, adv.double(), mask, beta=0.0)[0].backward()
+    torch.testing.assert_close(head.grad.double(), ref_head.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_inplace_backward_bumps_version_so_reuse_fails_loudly(gen):
     leaf = make_logits((4, 300), torch.float32, gen).requires_grad_()
     logits = leaf * 1
