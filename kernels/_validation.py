@@ -72,6 +72,9 @@ def check_advantage_inputs(rewards: torch.Tensor, group_size: int, scale: str, e
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if scale != "none" and not eps > 0:  # an all-equal group has std 0: 0 / (0 + eps)
+        raise ValueError(f"eps must be > 0 with scale={scale!r}: a group whose rewards are all equal has std 0, "
+                         f"got {eps!r}")
 
 
 def check_loss_inputs(logps, old_logps, ref_logps, advantages, mask, beta, check_values: bool = True) -> None:
@@ -92,7 +95,7 @@ def check_loss_inputs(logps, old_logps, ref_logps, advantages, mask, beta, check
     check_mask(mask, check_values)
     if beta != 0.0 and ref_logps is None:
         raise ValueError(f"beta={beta} needs ref_logps (pass beta=0.0 to train without a reference model)")
-    if beta < 0:
+    if not beta >= 0:  # NaN too
         raise ValueError(f"beta must be >= 0, got {beta}")
 
 
@@ -110,6 +113,13 @@ def check_mask(mask: torch.Tensor, check_values: bool = True) -> None:
             raise ValueError(f"mask must be boolean or hold only 0 and 1, found {mask[bad].flatten()[0].item()!r}")
 
 
+def _is_whole(x) -> bool:
+    try:
+        return int(x) == x and not isinstance(x, bool)
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
 @dataclass(frozen=True)
 class LossConfig:
     beta: float
@@ -122,16 +132,21 @@ class LossConfig:
 
 
 def loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level,
-                use_bias_correction_kl=False) -> LossConfig:
+                use_bias_correction_kl=False, max_completion_length=None) -> LossConfig:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if importance_sampling_level not in IS_LEVELS:
         raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, got {importance_sampling_level!r}")
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
-    if epsilon_low < 0 or epsilon_high < 0:
+    # `not x >= 0` rather than `x < 0`: NaN fails every comparison and would pass the latter.
+    if not beta >= 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if not (epsilon_low >= 0 and epsilon_high >= 0):
         raise ValueError(f"epsilon_low/epsilon_high must be >= 0, got {epsilon_low}/{epsilon_high}")
-    if delta is not None and delta <= 1.0:
+    if delta is not None and not delta > 1.0:
         raise ValueError(f"delta must be > 1 (it caps the importance ratio from above), got {delta}")
+    if max_completion_length is not None and not (_is_whole(max_completion_length) and max_completion_length >= 1):
+        raise ValueError(f"max_completion_length must be a positive int (dr_grpo's normaliser), got {max_completion_length!r}")
     return LossConfig(
         float(beta), float(epsilon_low), float(epsilon_high), None if delta is None else float(delta),
         loss_type, importance_sampling_level == "sequence", bool(use_bias_correction_kl),

@@ -362,7 +362,8 @@ class _Grads:
             # Each chunk's GEMM accumulates in fp32 and adds into the gradient in the weight's own
             # dtype: fp32 master weights keep fp32 sums; bf16 weights round once per chunk (one
             # chunk: exactly once), which spares an fp32 [V, H] buffer (2.2 GB at H = 3584).
-            self.w = torch.empty(weight.shape, device=dev, dtype=weight.dtype)
+            # Zero-filled when no chunk will run (no tokens): the gradient is then 0, not whatever was there.
+            self.w = (torch.empty if tokens.n else torch.zeros)(weight.shape, device=dev, dtype=weight.dtype)
         self.b = torch.zeros(bias.shape, device=dev, dtype=torch.float32) if need_b else None
 
     def add_tile(self, head: _Head, h, tile, v0, v1, first_chunk, h_acc):
@@ -703,7 +704,7 @@ def fused_linear_grpo_loss(
                                                 bias=bias, temperature=temperature, return_entropy=return_entropy,
                                                 validate=False, **options)
     cfg = loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level,
-                      use_bias_correction_kl)
+                      use_bias_correction_kl, max_completion_length)
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)

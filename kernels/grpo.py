@@ -507,7 +507,7 @@ def grpo_loss(
     """
     check_loss_inputs(logps, old_logps, ref_logps, advantages, mask, beta, check_values=validate)
     cfg = loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level,
-                      use_bias_correction_kl)
+                      use_bias_correction_kl, max_completion_length)
     tensors = (logps, old_logps, ref_logps, advantages)
     if not use_triton(*tensors) or any(t is not None and t.dtype not in TRITON_DTYPES for t in tensors):
         return reference.grpo_loss(
@@ -579,7 +579,7 @@ def grpo_loss_from_logits(
                                                temperature=temperature, return_entropy=return_entropy,
                                                validate=False, **options)
     cfg = loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level,
-                      use_bias_correction_kl)
+                      use_bias_correction_kl, max_completion_length)
     inplace = resolve_inplace(logits, inplace_backward)
     loss, out, entropy = GRPOLossFromLogits.apply(logits, index, old_logps, ref_logps, advantages, mask,
                                                   float(temperature), inplace, cfg, max_completion_length,

@@ -53,8 +53,9 @@ def selective_logprobs(
     if not return_entropy:
         return logp
     p = torch.softmax(x, dim=-1)
-    # 0 * -inf is NaN: tokens with zero probability contribute nothing to the entropy.
-    px = torch.where(p > 0, p * x, torch.zeros_like(x))
+    # 0 * -inf is NaN, forward and (through a where over the product) backward: zero-probability
+    # tokens leave the product with their logit replaced by 0, so they add nothing either way.
+    px = p * torch.where(p > 0, x, torch.zeros_like(x))
     entropy = lse - px.sum(-1)
     return logp, entropy
 
@@ -108,8 +109,10 @@ def per_token_loss(logps, old_logps, ref_logps, advantages, mask, cfg):
     # Padding may hold anything (-inf, junk); zero it before exp() can turn it into NaN.
     lp = torch.where(keep, logps.to(dt), 0.0)
     m = keep.to(dt)
-    old = lp.detach() if old_logps is None else torch.where(keep, old_logps.to(dt), 0.0)
-    ref_logps = None if ref_logps is None else torch.where(keep, ref_logps.to(dt), 0.0)
+    # The old and reference log-probs are constants of the loss, as in the kernels: no gradient
+    # reaches them (or, through them, the policy), whether or not the caller detached them.
+    old = lp.detach() if old_logps is None else torch.where(keep, old_logps.detach().to(dt), 0.0)
+    ref_logps = None if ref_logps is None else torch.where(keep, ref_logps.detach().to(dt), 0.0)
     log_ratio = lp - old
     if cfg.sequence_level:
         # GSPO: one importance weight per sequence, the length-normalised sum of token log-ratios.
@@ -152,7 +155,7 @@ def grpo_loss(
     or 0/1 (checked unless validate=False); it weights tokens by its value."""
     check_loss_inputs(logps, old_logps, ref_logps, advantages, mask, beta, check_values=validate)
     cfg = loss_config(beta, epsilon_low, epsilon_high, delta, loss_type, importance_sampling_level,
-                      use_bias_correction_kl)
+                      use_bias_correction_kl, max_completion_length)
     loss_tok, ratio, kl = per_token_loss(logps, old_logps, ref_logps, advantages, mask, cfg)
     m = mask.to(loss_tok.dtype)
     row_sums = (loss_tok * m).sum(-1)  # [B]
@@ -177,10 +180,10 @@ def grpo_loss(
 def aggregate(row_sums, row_tokens, loss_type, seq_len, max_completion_length, num_items):
     """Turn per-sequence sums of masked token losses into the scalar each loss type defines."""
     batch = row_sums.shape[0]
-    if loss_type == "grpo":
-        return (row_sums / row_tokens.clamp(min=1)).mean()
+    if loss_type == "grpo":  # an empty batch (or rows of no tokens) is a loss of 0, as in the kernels
+        return (row_sums / row_tokens.clamp(min=1)).sum() / max(batch, 1)
     if loss_type == "dr_grpo":
-        return row_sums.sum() / (batch * (max_completion_length or seq_len))
+        return row_sums.sum() / max(batch * (max_completion_length or seq_len), 1)
     # bnpo, dapo and cispo normalise by a token count; the caller may supply the global one.
     tokens = row_tokens.sum() if num_items is None else torch.as_tensor(num_items, dtype=row_sums.dtype)
     return row_sums.sum() / tokens.to(row_sums.device).clamp(min=1)

@@ -70,3 +70,13 @@ def test_uses_the_triton_kernel(monkeypatch):
 def test_bad_input(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         group_advantages(*args, **kwargs)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_eps_zero_is_refused_where_a_zero_std_would_divide(scale):
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0])  # the first group's std is 0
+    for fn in (group_advantages, reference.group_advantages):
+        with pytest.raises(ValueError, match="eps must be > 0"):
+            fn(rewards, 2, scale=scale, eps=0.0)
+    adv, _, _ = group_advantages(rewards, 2, scale="none", eps=0.0)  # no division: eps plays no part
+    assert torch.equal(adv, torch.tensor([0.0, 0.0, -0.5, 0.5]))

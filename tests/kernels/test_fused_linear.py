@@ -295,3 +295,11 @@ def test_bad_input_names_the_argument(hidden, weight, index, kwargs, match):
         fused_linear_logprobs(hidden, weight, index, **kwargs)
     with pytest.raises(ValueError, match=match):
         reference.fused_linear_logprobs(hidden, weight, index, **kwargs)
+
+
+def test_no_tokens_give_zero_gradients():
+    """Nothing to score: no chunk runs, and the gradients are zeros, not the memory's old contents."""
+    hidden = torch.randn(2, 1, 8, requires_grad=True)
+    weight = torch.randn(17, 8, requires_grad=True)
+    fused_linear_logprobs(hidden, weight, torch.zeros(2, 0, dtype=torch.long)).sum().backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(hidden.grad, torch.zeros_like(hidden))

@@ -344,3 +344,41 @@ def test_bad_shapes_name_the_argument():
         grpo_loss(logps, None, None, torch.zeros(3), mask)
     with pytest.raises(ValueError, match="mask shape"):
         grpo_loss(logps, None, None, torch.zeros(2), mask[:1])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(beta=float("nan")), "beta must be >= 0"),
+    (dict(epsilon_low=float("nan")), "epsilon_low/epsilon_high must be >= 0"),
+    (dict(delta=float("nan")), "delta must be > 1"),
+    (dict(loss_type="dr_grpo", max_completion_length=-3), "max_completion_length must be a positive int"),
+    (dict(loss_type="dr_grpo", max_completion_length=2.5), "max_completion_length must be a positive int"),
+])
+def test_bad_loss_options_are_named_by_both_paths(kwargs, message):
+    logps = -torch.rand(2, 3)
+    ref = -torch.rand(2, 3)
+    for fn in (grpo_loss, reference.grpo_loss):
+        with pytest.raises(ValueError, match=message):
+            fn(logps, None, ref, torch.randn(2), torch.ones(2, 3, dtype=torch.bool), **{"beta": 0.1, **kwargs})
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "bnpo"])
+def test_empty_batches_are_a_zero_loss_on_both_paths(loss_type):
+    for B, T in ((0, 3), (2, 0)):
+        for fn in (grpo_loss, reference.grpo_loss):
+            loss, _ = fn(torch.zeros(B, T), None, None, torch.zeros(B), torch.ones(B, T, dtype=torch.bool),
+                         loss_type=loss_type)
+            assert float(loss) == 0.0, (fn, B, T)
+
+
+def test_old_and_ref_log_probs_are_constants_even_when_they_require_grad(gen):
+    logps = (-torch.rand(3, 5, generator=gen) - 0.1).requires_grad_()
+    ref = (-torch.rand(3, 5, generator=gen)).requires_grad_()
+    adv, mask = torch.randn(3, generator=gen), torch.ones(3, 5, dtype=torch.bool)
+    grads = []
+    for fn in (grpo_loss, reference.grpo_loss):
+        lp = logps.detach().clone().requires_grad_()
+        loss, _ = fn(lp, lp, ref, adv, mask, beta=0.1)  # old = the policy's own, undetached
+        loss.backward()
+        grads.append(lp.grad)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+    assert ref.grad is None

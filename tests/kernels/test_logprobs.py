@@ -225,3 +225,19 @@ def test_inputs_edited_before_backward_raise(gen, name):
 def test_index_two_positions_short_is_refused():
     with pytest.raises(ValueError, match="index shape"):
         selective_logprobs(torch.randn(2, 7, 10), torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_reference_entropy_gradient_is_finite_with_minus_inf_logits(gen):
+    """Banned tokens (-inf logits) have probability 0 and add nothing to the entropy or its gradient."""
+    logits = make_logits((3, 10), torch.float32, gen)
+    logits[:, ::2] = -torch.inf
+    index = torch.tensor([1, 3, 5])
+    grads = []
+    for fn in (reference.selective_logprobs, selective_logprobs):
+        x = logits.clone().requires_grad_()
+        logp, ent = fn(x, index, return_entropy=True)
+        (logp + ent).sum().backward()
+        assert torch.isfinite(ent).all()
+        grads.append(x.grad)
+    assert torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
