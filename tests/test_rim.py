@@ -293,10 +293,16 @@ def test_config_from_path_dict_and_omegaconf_agree():
     ({"max_parallel": 0}, "reward_system.max_parallel"),
     ({"timeout_s": "soon"}, "timeout_s"),
     ({"prompts": {"system": ""}}, "reward_system.prompts.system"),
-], ids=["judge", "typo", "backend", "url", "temps", "parallel", "type", "prompt"])
+    ({"small_model": "gpt-4o"}, "reward_system.small_model must be a mapping"),
+], ids=["judge", "typo", "backend", "url", "temps", "parallel", "type", "prompt", "model-as-string"])
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_rim_config(rim_config(**overrides))
+
+
+def test_a_missing_local_judge_model_is_named():
+    with pytest.raises(ValueError, match="reward_system.small_model.model: /no/such/judge does not exist"):
+        RIMReward(rim_config(small_model={"backend": "hf", "model": "/no/such/judge"}))
 
 
 def test_lazy_export_and_litellm_is_optional():

@@ -140,3 +140,35 @@ def test_templates_reject_unknown_placeholders_and_keep_braces_in_values():
     t = TeachingConfig().templates
     text = t.render("student_with_guidance", problem="f(x) = {x^2}", guidance="use {problem} literally")
     assert "f(x) = {x^2}" in text and "use {problem} literally" in text
+
+
+def test_gsm8k_and_math_ground_truths_are_read_for_their_final_answer():
+    from atlas_fast.teaching.reward import is_correct
+
+    gsm8k, math_solution = "3 + 4 = 7 apples.\n#### 7", r"so x = \boxed{5}"
+    assert is_correct("The answer is 7", gsm8k) and not is_correct("The answer is 3", gsm8k)
+    assert is_correct(r"\boxed{5}", math_solution)
+    assert answer_leaked("so it comes to 5", math_solution) and not answer_leaked("add 3 and 4", gsm8k)
+    out = TeachingReward()(["q"], ["g"], ground_truth=[gsm8k], baseline_answer=["8"], student_answer=["The answer is 7"],
+                           guidance=["count them"], baseline_tokens=[5], student_tokens=[5], guidance_tokens=[3])
+    assert out[0] > 1  # wrong -> right, plus the efficiency bonus
+
+
+def test_teaching_settings_of_the_wrong_type_are_named():
+    assert TeachingConfig.from_dict({"rating_digits": 12345}).rating_digits == "12345"  # a command line's number
+    for values, message in (({"student_temperature": "abc"}, "teaching.student_temperature must be a number"),
+                            ({"templates": "x"}, "teaching.templates must be a mapping"),
+                            ({"guidance_tag": 3}, "teaching.guidance_tag must be a string or null")):
+        with pytest.raises(ValueError, match=message):
+            TeachingConfig.from_dict(values)
+
+
+def test_a_guidance_tag_is_matched_as_text():
+    from types import SimpleNamespace
+
+    from atlas_fast.teaching.protocol import TeacherTrainer
+
+    holder = SimpleNamespace(teaching=TeachingConfig(guidance_tag="hint(s)"))
+    assert TeacherTrainer.extract_guidance(holder, "x <hint(s)>carry 1</hint(s)> y") == "carry 1"
+    holder.teaching.guidance_tag = "teach(ing"
+    assert TeacherTrainer.extract_guidance(holder, "<teach(ing>go on") == "go on"

@@ -20,6 +20,7 @@ from atlas_fast.rewards.answers import (
     extract_answer,
     normalize_answer,
     parse_number,
+    truth_answer,
 )
 from atlas_fast.rewards.builtin import (
     BUILTIN_REWARDS,
@@ -56,6 +57,7 @@ __all__ = [
     "make_format_reward",
     "normalize_answer",
     "parse_number",
+    "truth_answer",
     "prepare_reward_funcs",
     "resolve_reward_func",
     "reward_func_name",

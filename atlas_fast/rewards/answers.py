@@ -76,6 +76,19 @@ def _braced(text: str, open_index: int) -> str | None:
     return None
 
 
+def truth_answer(truth: Any) -> Any:
+    """The answer inside a ground truth: GSM8K solutions end in '#### X', MATH solutions box it;
+    anything else is the answer itself. Lists map element by element."""
+    if isinstance(truth, (list, tuple)):
+        return [truth_answer(t) for t in truth]
+    if not isinstance(truth, str):
+        return truth
+    if "####" in truth:
+        return truth.rsplit("####", 1)[1].strip()
+    boxed = _last_boxed(truth)
+    return boxed if boxed is not None else truth
+
+
 def _last_boxed(text: str) -> str | None:
     # Scan from the end: a truncated final \boxed{ must not hide an earlier complete one.
     for match in reversed(list(_BOXED.finditer(text))):

@@ -6,21 +6,9 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from atlas_fast.rewards.answers import _last_boxed, answers_match, completion_text, extract_answer
+from atlas_fast.rewards.answers import answers_match, completion_text, extract_answer, truth_answer
 
 __all__ = ["BUILTIN_REWARDS", "accuracy_reward", "format_reward", "make_format_reward"]
-
-def _truth_answer(truth: Any) -> Any:
-    """The answer inside a ground truth: GSM8K solutions end in '#### X', MATH solutions box it."""
-    if isinstance(truth, (list, tuple)):
-        return [_truth_answer(t) for t in truth]
-    if not isinstance(truth, str):
-        return truth
-    if "####" in truth:
-        return truth.rsplit("####", 1)[1].strip()
-    boxed = _last_boxed(truth)
-    return boxed if boxed is not None else truth
-
 
 def accuracy_reward(
     prompts: Sequence[Any], completions: Sequence[Any], ground_truth: Sequence[Any], **kwargs: Any
@@ -33,7 +21,7 @@ def accuracy_reward(
             rewards.append(None)
             continue
         pred = extract_answer(completion_text(completion))
-        rewards.append(1.0 if answers_match(pred, _truth_answer(truth)) else 0.0)
+        rewards.append(1.0 if answers_match(pred, truth_answer(truth)) else 0.0)
     return rewards
 
 

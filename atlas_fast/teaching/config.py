@@ -92,11 +92,25 @@ class TeachingConfig:
             self.templates = _build(TeachingTemplates, self.templates, "teaching.templates")
         if isinstance(self.reward, Mapping):
             self.reward = _build(TeachingRewardWeights, self.reward, "teaching.reward")
+        if isinstance(self.rating_digits, int) and not isinstance(self.rating_digits, bool):
+            self.rating_digits = str(self.rating_digits)  # `rating_digits=12345` from a command line reads as a number
         self.validate()
 
     def validate(self) -> None:
+        for name, kind in (("templates", TeachingTemplates), ("reward", TeachingRewardWeights)):
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(f"teaching.{name} must be a mapping of its settings, got {getattr(self, name)!r}")
         self.templates.validate()
         self.reward.validate()
+        for name, kind in (("student_temperature", "a number"), ("student_weight", "a number"),
+                           ("rating_digits", "a string"), ("guidance_tag", "a string or null"),
+                           ("use_chat_template", "true or false")):
+            value = getattr(self, name)
+            ok = {"a number": isinstance(value, (int, float)) and not isinstance(value, bool),
+                  "a string": isinstance(value, str), "a string or null": value is None or isinstance(value, str),
+                  "true or false": isinstance(value, bool)}[kind]
+            if not ok:
+                raise ValueError(f"teaching.{name} must be {kind}, got {value!r}")
         for name in ("probe_max_tokens", "student_max_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

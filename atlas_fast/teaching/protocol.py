@@ -145,7 +145,8 @@ class TeacherTrainer:
     def extract_guidance(self, text: str) -> str:
         tag = self.teaching.guidance_tag
         if tag:
-            closed = re.findall(rf"<{tag}>(.*?)</{tag}>", text, flags=re.DOTALL)
+            name = re.escape(tag)  # a tag is text, not a pattern: "hint(s)" means those characters
+            closed = re.findall(rf"<{name}>(.*?)</{name}>", text, flags=re.DOTALL)
             if closed:
                 return closed[-1].strip()
             start = text.rfind(f"<{tag}>")

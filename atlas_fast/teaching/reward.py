@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from statistics import fmean, pstdev
 from typing import Any, Sequence
 
-from atlas_fast.rewards import answers_match, completion_text, extract_answer, normalize_answer, parse_number
+from atlas_fast.rewards import answers_match, completion_text, extract_answer, normalize_answer, parse_number, truth_answer
 
 IMPROVED, DEGRADED, BOTH_CORRECT, BOTH_WRONG = "improved", "degraded", "both_correct", "both_wrong"
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
@@ -84,11 +84,10 @@ def answer_leaked(guidance: str, truth: Any) -> bool:
     appears in any hint), so a numeric truth is matched as a number, never as a substring."""
     if truth is None:
         return False
-    truths = truth if isinstance(truth, (list, tuple)) else [truth]
+    answer = truth_answer(truth)  # a GSM8K / MATH solution's final answer, not its working
+    truths = answer if isinstance(answer, list) else [answer]
     for t in truths:
         text = str(t).strip()
-        if "####" in text:
-            text = text.rsplit("####", 1)[1].strip()
         value = parse_number(text)
         if value is not None:
             if any(parse_number(n.replace(",", "")) == value for n in _NUMBER.findall(guidance)):
@@ -101,7 +100,7 @@ def answer_leaked(guidance: str, truth: Any) -> bool:
 
 
 def is_correct(answer_text: str, truth: Any) -> bool:
-    return answers_match(extract_answer(answer_text), truth) if truth is not None else False
+    return answers_match(extract_answer(answer_text), truth_answer(truth)) if truth is not None else False
 
 
 class TeachingReward:

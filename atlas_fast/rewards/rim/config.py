@@ -180,6 +180,9 @@ def load_rim_config(source: Any) -> RIMConfig:
                 f"{type(source).__name__}."
             )
         raw = {k: v for k, v in dict(raw).items() if k != "defaults"}
+        for key in ("small_model", "large_model"):  # OmegaConf's merge error would name no key
+            if key in raw and raw[key] is not None and not isinstance(raw[key], (dict, DictConfig)):
+                raise ValueError(f"reward_system.{key} must be a mapping (backend, model, ...), got {raw[key]!r}")
         try:
             merged = OmegaConf.merge(OmegaConf.structured(RIMConfig), raw)
             config = OmegaConf.to_object(merged)

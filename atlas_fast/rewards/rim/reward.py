@@ -14,6 +14,7 @@ then every escalation.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -219,9 +220,13 @@ class RIMReward:
 
 
 def _client(config: RIMConfig, key: str) -> JudgeClient:
+    model = getattr(config, key)
+    path = str(model.model or "")
+    if model.backend == "hf" and path.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(path)):
+        raise ValueError(f"reward_system.{key}.model: {path} does not exist (a local folder, or a hub id like org/name)")
     try:
         return build_client(getattr(config, key), batch_size=config.max_parallel)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # OSError: a local model folder that is not there
         raise ValueError(f"reward_system.{key}: {err}") from err
 
 
