@@ -530,7 +530,8 @@ class GRPOTrainer:
         extra_metrics, tables = reward_reports(self.reward_funcs)
         self._generation_metrics.update(extra_metrics)
         if self.logger is not None and self.logger.enabled:
-            append_reward_tables(c.output_dir, self.state.global_step, tables)
+            # Stamped with the step that trains on these rows, as metrics.jsonl numbers it.
+            append_reward_tables(c.output_dir, self.state.global_step + 1, tables)
         if c.log_completions:
             self.logger.log_completions(self.state.global_step, [
                 {"prompt": p, "completion": t, "reward": float(r), "advantage": float(a)}

@@ -213,7 +213,7 @@ def test_grpo_trainer_logs_judges_and_writes_explanations(tmp_path, one_thread):
         assert r["rewards/rim/mean"] == pytest.approx((r["rim_rewards/accuracy"] + r["rim_rewards/process"]) / 2,
                                                       abs=1e-6)
     rows = [json.loads(line) for line in (tmp_path / "run" / "rim_explanations.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 * 8 and {r["step"] for r in rows} == {0, 1}
+    assert len(rows) == 2 * 8 and {r["step"] for r in rows} == {r["step"] for r in records} == {1, 2}
     assert rows[0]["explanations"]["process"] == "process: checked the digits"
     assert set(rows[0]["rewards"]) == {"accuracy", "process"}
 

@@ -196,6 +196,7 @@ def test_training_step_runs_the_protocol_in_four_batched_calls_and_trains_on_the
     records = [json.loads(line) for line in (tmp_path / "teaching_exchanges.jsonl").read_text().splitlines()]
     assert len(records) == 2 and {"problem", "probe", "tier", "guidance", "baseline_answer", "student_answer",
                                   "outcome", "teacher_prompt"} <= set(records[0])
+    assert {r["step"] for r in records} <= {h["step"] for h in trainer.state.log_history}  # numbered as the logs are
 
 
 def test_rewards_see_the_protocol_columns(tmp_path):

@@ -118,7 +118,8 @@ class TeacherGRPOTrainer(GRPOTrainer, TeacherTrainer):
                 i = p * G
                 d = batch.diagnostics[p]
                 record = {
-                    "step": self.state.global_step, "problem": batch.problems[p], "probe": d.probe,
+                    "step": self.state.global_step + 1,  # the step that trains on it, as in metrics.jsonl
+                    "problem": batch.problems[p], "probe": d.probe,
                     "capability": d.capability_level, "confidence": d.confidence_score, "tier": d.tier,
                     "gaps": d.identified_gaps, "teacher_prompt": columns["teacher_prompt"][i],
                     "guidance": columns["guidance"][i], "baseline_answer": columns["baseline_answer"][i],
