@@ -77,6 +77,11 @@ def load_dataset_any(source: Any) -> AnyDataset:
 
 
 def _from_records(records: list[dict]) -> datasets.Dataset:
+    # from_list takes its columns from the first record: a key that first shows up later (a
+    # ground_truth missing from row 0) would vanish. Every record gets every key, None if absent.
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    if any(len(r) != len(keys) for r in records):
+        records = [{k: r.get(k) for k in keys} for r in records]
     try:
         return datasets.Dataset.from_list(records)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
@@ -365,7 +370,8 @@ class PromptSampler:
             raise ValueError(
                 "The length of an IterableDataset is unknown; set a step count instead."
             )
-        return math.ceil(epochs * self.num_rows / self.prompts_per_batch)
+        # Rounded first: 0.07 * 100 is 7.000000000000001 in floating point, which ceil makes 8.
+        return math.ceil(round(epochs * self.num_rows / self.prompts_per_batch, 9))
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -85,8 +85,16 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        # Append so that a resumed run extends the history rather than erasing it.
+        # Append so that a resumed run extends the history rather than erasing it. A run that died
+        # mid-write left a partial last line: end it, so the next record starts a line of its own.
+        partial = False
+        if self.metrics_path.is_file() and self.metrics_path.stat().st_size:
+            with open(self.metrics_path, "rb") as existing:
+                existing.seek(-1, 2)
+                partial = existing.read(1) != b"\n"
         self._jsonl = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - lives until close()
+        if partial:
+            self._jsonl.write("\n")
         if "tensorboard" in self.backends:
             self._tensorboard = _open_tensorboard(self.output_dir, run_name)
         if "wandb" in self.backends:

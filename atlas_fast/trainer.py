@@ -22,6 +22,7 @@ import contextlib
 import copy
 import inspect
 import functools
+import itertools
 import math
 import sys
 import time
@@ -691,8 +692,8 @@ class GRPOTrainer:
         dataset = load_dataset_any(eval_dataset) if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (pass one to the trainer or to evaluate)")
-        rows = [dict(r) for r in dataset]
-        return rows[: self.args.eval_max_samples] if self.args.eval_max_samples else rows
+        limit = self.args.eval_max_samples  # read no further than that: a stream may never end
+        return [dict(r) for r in (itertools.islice(dataset, limit) if limit else dataset)]
 
     def _report_eval(self, metrics: dict) -> dict:
         """Log evaluation metrics and run the on_evaluate hook and callbacks."""
@@ -724,7 +725,10 @@ class GRPOTrainer:
 
     def log(self, metrics: dict) -> None:
         self.claim_output_dir()
-        clean = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        # Tensors and numpy values become Python numbers (or lists): log_history is saved in each
+        # checkpoint, whose weights-only loader refuses numpy scalars.
+        clean = {k: (v.tolist() if hasattr(v, "tolist") and not isinstance(v, (str, bytes)) else v)
+                 for k, v in metrics.items()}
         record = {**clean, "step": self.state.global_step}
         self.state.log_history.append(record)
         self.logger.log(clean, step=self.state.global_step)

@@ -356,3 +356,17 @@ def test_upcoming_epochs_foresee_what_the_next_batch_begins(rows, per_batch):
         foreseen = sampler.upcoming_epochs()
         sampler.next_batch()
         assert foreseen == sampler.epochs_begun
+
+
+def test_a_column_missing_from_the_first_record_is_kept(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"question": "1+1?"}\n{"question": "2+2?", "answer": "4"}\n')
+    for source in (path, [{"prompt": "a"}, {"prompt": "b", "ground_truth": "4"}]):
+        ds = load_dataset_any(source)
+        assert set(ds.column_names) == {"prompt", "ground_truth"}
+        assert ds["ground_truth"] == [None, "4"]
+
+
+def test_fractional_epochs_count_whole_batches_without_rounding_noise():
+    sampler = PromptSampler(datasets.Dataset.from_dict({"prompt": [str(i) for i in range(100)]}), 1)
+    assert sampler.num_batches(0.07) == 7 and sampler.num_batches(0.075) == 8

@@ -172,3 +172,17 @@ def test_format_metrics_is_compact():
 def test_to_jsonable_handles_nested_structures():
     value = {"t": torch.tensor([[1, 2]]), "n": (np.float16(0.5), float("-inf")), "b": np.bool_(True)}
     assert to_jsonable(value) == {"t": [[1, 2]], "n": [0.5, None], "b": True}
+
+
+def test_a_resumed_log_starts_on_its_own_line_after_a_partial_one(tmp_path):
+    logger = MetricsLogger(tmp_path)
+    logger.log({"reward": 1.0}, step=1)
+    logger.log({"reward": 2.0}, step=2)
+    logger.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "rew')  # the process died mid-write
+    logger = MetricsLogger(tmp_path)
+    logger.log({"reward": 3.0}, step=3)
+    logger.log({"reward": 4.0}, step=4)
+    logger.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]

@@ -220,6 +220,32 @@ def test_overridable_hooks_and_log_from_on_step_end(tmp_path, tok):
 
 
 # ---------------------------------------------------------------------- 3. evaluation
+def test_numpy_and_tensor_metrics_keep_checkpoints_resumable(tmp_path, tok):
+    import itertools
+
+    import numpy as np
+    from datasets import IterableDataset
+
+    def compute_metrics(pred):
+        return {"acc": np.mean([1.0, 0.0]), "per_row": torch.tensor([0.5, 0.7])}
+
+    def endless():  # a stream that may never end: eval_max_samples is where reading must stop
+        for i in itertools.count():
+            assert i < 16, "evaluation read past eval_max_samples"
+            yield {**arithmetic_rows(1, seed=i)[0]}
+
+    trainer = trainer_for(tmp_path, tok, max_steps=1, eval_strategy="steps", eval_steps=1, save_steps=1,
+                          eval_max_samples=2, trainer_kwargs=dict(rollout_func=fixed_rollout, compute_metrics=compute_metrics,
+                                                                  eval_dataset=IterableDataset.from_generator(endless)))
+    trainer.train()
+    logged = [r for r in trainer.state.log_history if "eval/acc" in r]
+    assert logged and logged[0]["eval/acc"] == 0.5 and logged[0]["eval/per_row"] == pytest.approx([0.5, 0.7])
+    resumed = trainer_for(tmp_path, tok, max_steps=2, eval_strategy="steps", eval_steps=1, save_steps=1,
+                          eval_max_samples=2, trainer_kwargs=dict(rollout_func=fixed_rollout, compute_metrics=compute_metrics,
+                                                                  eval_dataset=IterableDataset.from_generator(endless)))
+    assert resumed.train(resume_from_checkpoint=True).global_step == 2
+
+
 def test_evaluate_with_compute_metrics(tmp_path, tok):
     eval_rows = [{**r, "idx": i} for i, r in enumerate(arithmetic_rows(5, seed=3))]
     seen = []
