@@ -188,11 +188,11 @@ def train_command(args: argparse.Namespace) -> int:
 
     try:
         cfg = compose_config(args.overrides, args.config_dir)
-        if args.print_config:
-            print(OmegaConf.to_yaml(cfg, resolve=True), end="")
-            return 0
         cfg = checked(cfg)
         values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # "???" left unset
+        if args.print_config:  # after the checks: what is printed is a config that would run
+            print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+            return 0
         if values.get("teaching") is not None:  # a teacher trained to guide a frozen student
             from .teaching.launch import train_teacher
 

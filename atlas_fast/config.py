@@ -27,6 +27,9 @@ Where we differ from TRL, and why:
 - bf16 = None (TRL says True): bf16 autocast when a CUDA GPU supports it, so the same config
   runs on a CPU, where TRL's default is an error.
 - logging_steps = 1 (TRL 10) and save_steps = None (TRL 500: no checkpoints unless asked for).
+- num_train_epochs = 1 (TRL 3): one pass over the prompts, ATLAS's recipes' unit; max_steps
+  usually decides anyway.
+- per_device_eval_batch_size = 16 (TRL 8): evaluation only generates, so it can take more prompts.
 - eval_steps set while eval_strategy = "no" is an error here (TRL ignores eval_steps then).
 - gradient_checkpointing_kwargs may only hold use_reentrant=False: our per-layer checkpointing
   is non-reentrant, the one variant that works with frozen inputs (LoRA).

@@ -171,6 +171,10 @@ def test_no_subcommand_prints_help(capsys):
 def test_print_config(capsys):
     assert cli.main(["train", "--print-config", "trainer.max_steps=3"]) == 0
     assert "max_steps: 3" in capsys.readouterr().out
+    # The checks come first: a config that would not run is an error, not a printout.
+    assert cli.main(["train", "--print-config", "trainer.learning_rate=abc"]) == 2
+    out = capsys.readouterr()
+    assert "trainer.learning_rate must be a number" in out.err and not out.out
 
 
 def test_summary_line():
