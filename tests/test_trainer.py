@@ -533,11 +533,8 @@ def test_completion_ids_outside_the_vocabulary_are_named(tmp_path, tok):
         trainer.train()
 
 
-def test_nan_loss_stops_with_a_loadable_checkpoint_of_the_last_good_state(tmp_path, tok):
-    model = tiny_model(tok)
-    poison = {"on": False}
-    # NaN hidden states (so NaN logits) from step 3 on: what an overflow in the forward pass looks like to the trainer.
-    handle = model.model.norm.register_forward_hook(lambda mod, args, out: out * math.nan if poison["on"] else out)
+def poisoned_after_step_2(tmp_path, tok, model, poison: dict) -> GRPOTrainer:
+    """A 4-step trainer that keeps its weights after step 2 (`trainer.good`), then turns `poison` on."""
 
     class PoisonAfter2(GRPOTrainer):
         def on_step_end(self, args, state, control, **kwargs):
@@ -545,8 +542,17 @@ def test_nan_loss_stops_with_a_loadable_checkpoint_of_the_last_good_state(tmp_pa
                 self.good = params(self.model)
                 poison["on"] = True
 
-    trainer = trainer_for(tmp_path, tok, cls=PoisonAfter2, model=model, max_steps=4,
-                          trainer_kwargs=dict(rollout_func=fixed_rollout))
+    return trainer_for(tmp_path, tok, cls=PoisonAfter2, model=model, max_steps=4,
+                       trainer_kwargs=dict(rollout_func=fixed_rollout))
+
+
+def test_nan_loss_stops_with_a_loadable_checkpoint_of_the_last_good_state(tmp_path, tok):
+    model = tiny_model(tok)
+    poison = {"on": False}
+    # NaN hidden states (so NaN logits) from step 3 on: what an overflow in the forward pass looks like to the trainer.
+    handle = model.model.norm.register_forward_hook(lambda mod, args, out: out * math.nan if poison["on"] else out)
+
+    trainer = poisoned_after_step_2(tmp_path, tok, model, poison)
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 3.*checkpoint-2"):
         trainer.train()
     assert trainer.state.global_step == 2
@@ -570,14 +576,7 @@ def test_non_finite_gradients_stop_before_the_step_with_the_last_good_state(tmp_
     poison = {"on": False}
     model.model.norm.weight.register_hook(lambda g: g * math.inf if poison["on"] else g)
 
-    class PoisonAfter2(GRPOTrainer):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 2:
-                self.good = params(self.model)
-                poison["on"] = True
-
-    trainer = trainer_for(tmp_path, tok, cls=PoisonAfter2, model=model, max_steps=4,
-                          trainer_kwargs=dict(rollout_func=fixed_rollout))
+    trainer = poisoned_after_step_2(tmp_path, tok, model, poison)
     with pytest.raises(FloatingPointError, match=r"gradient norm is (inf|nan) at step 3.*checkpoint-2"):
         trainer.train()
     assert trainer.state.global_step == 2
