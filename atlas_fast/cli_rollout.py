@@ -90,14 +90,12 @@ def generate_command(args: argparse.Namespace) -> int:
 def check_model_and_device(args: argparse.Namespace) -> None:
     """Name a missing local model folder and an unusable device before transformers or torch
     answer with something about hub ids or CUDA builds."""
-    import os
-
     import torch
 
-    model = args.model
-    local = model.startswith(("/", ".", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model
-    if local and not os.path.exists(os.path.expanduser(model)):
-        raise FileNotFoundError(f"--model: {model} does not exist (a local folder, or a hub id like org/name)")
+    from .modeling import missing_local_source
+
+    if missing_local_source(args.model):
+        raise FileNotFoundError(f"--model: {args.model} does not exist (a local folder, or a hub id like org/name)")
     if args.device is not None:
         try:
             device = torch.device(args.device)

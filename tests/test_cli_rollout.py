@@ -121,3 +121,14 @@ def test_generate_with_an_engine_it_cannot_run_is_one_line(tmp_path, capsys):
     capsys.readouterr()  # the save's progress bar
     code, _, err = run_generate(capsys, "--model", str(tmp_path), "--backend", "engine", "--prompt", "1")
     assert code == 2 and "not 'gpt2'; use rollout_backend='hf'" in err.splitlines()[-1], err
+
+
+def test_loaders_name_a_missing_local_folder(tmp_path):
+    from atlas_fast.modeling import load_causal_lm, load_tokenizer, missing_local_source
+
+    for loader in (load_causal_lm, load_tokenizer):
+        with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope'} does not exist"):
+            loader(tmp_path / "nope")
+    assert not missing_local_source("Qwen/Qwen2.5-0.5B")  # a hub id, whatever is on disk
+    assert missing_local_source("./no-such-model") and missing_local_source("a/b/c")
+    assert not missing_local_source(tmp_path)

@@ -14,11 +14,11 @@ then every escalation.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from atlas_fast.data import is_conversational
+from atlas_fast.modeling import missing_local_source
 from atlas_fast.rewards.answers import completion_text
 from atlas_fast.rewards.rim.clients import CallOutcome, JudgeCaller, JudgeClient, JudgeRequest, build_client
 from atlas_fast.rewards.rim.config import PROMPT_FIELDS, JudgeModelConfig, RIMConfig, load_rim_config
@@ -221,9 +221,8 @@ class RIMReward:
 
 def _client(config: RIMConfig, key: str) -> JudgeClient:
     model = getattr(config, key)
-    path = str(model.model or "")
-    if model.backend == "hf" and path.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(path)):
-        raise ValueError(f"reward_system.{key}.model: {path} does not exist (a local folder, or a hub id like org/name)")
+    if model.backend == "hf" and model.model and missing_local_source(model.model):
+        raise ValueError(f"reward_system.{key}.model: {model.model} does not exist (a local folder, or a hub id like org/name)")
     try:
         return build_client(getattr(config, key), batch_size=config.max_parallel)
     except (ValueError, OSError) as err:  # OSError: a local model folder that is not there
