@@ -93,6 +93,7 @@ SYSTEMS = ("atlas-fast", "atlas-fast offload", "atlas-fast lean", "TRL", "TRL+Li
 # sequence per pass once completions pass ~16k (activation memory then stops growing with the batch).
 LEAN_FORWARD_TOKENS = 16384
 PROFILE = False  # --profile: a kernel table of the first step after the warm-up (that step's time is not a result)
+HOST_PROFILE = False  # --host-profile: the host's Python functions in that step instead (cProfile)
 OVERRIDES: dict = {}  # --set KEY=VALUE: GRPOConfig fields for every atlas-fast system (A/B runs)
 ATLAS_OPTIONS = {
     "atlas-fast": dict(gradient_checkpointing=True, padding_free=True, fused_layers=True),
@@ -212,12 +213,11 @@ class StepClock:
             torch.cuda.reset_peak_memory_stats()
         self._ends += 1
         if self.profile_after and self._ends == self.profile_after:  # autotuning and compilation are done
-            activity = torch.profiler.ProfilerActivity.CUDA if self.device == "cuda" else torch.profiler.ProfilerActivity.CPU
-            self._profiler = torch.profiler.profile(activities=[activity])
+            self._profiler = self._new_profiler()
             self._profiler.__enter__()
         elif self._profiler is not None:
             self._profiler.__exit__(None, None, None)
-            print(kernel_table(self._profiler, self.device), flush=True)
+            print(self._profile_table(), flush=True)
             self._profiler = None
             self.profiled = len(self.times) - 1  # slowed by the profiler: not a timing
         self._last = time.perf_counter()  # the profiler's start, stop and table count toward no step
@@ -225,8 +225,30 @@ class StepClock:
     def on_train_end(self, args, state, control, **kwargs):
         if self._profiler is not None:  # a run that ended on the profiled step: its table all the same
             self._profiler.__exit__(None, None, None)
-            print(kernel_table(self._profiler, self.device), flush=True)
+            print(self._profile_table(), flush=True)
             self._profiler = None
+
+    def _new_profiler(self):
+        if HOST_PROFILE:
+            import cProfile
+
+            return cProfile.Profile()
+        activity = torch.profiler.ProfilerActivity.CUDA if self.device == "cuda" else torch.profiler.ProfilerActivity.CPU
+        return torch.profiler.profile(activities=[activity])
+
+    def _profile_table(self) -> str:
+        if not HOST_PROFILE:
+            return kernel_table(self._profiler, self.device)
+        import io
+        import pstats
+
+        # Where the host's time goes while the GPU waits for launches: cumulative time per function
+        # (callees included), then own time, for the one profiled step.
+        out = io.StringIO()
+        stats = pstats.Stats(self._profiler, stream=out).strip_dirs()
+        stats.sort_stats("cumulative").print_stats(45)
+        stats.sort_stats("tottime").print_stats(30)
+        return out.getvalue()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -354,7 +376,7 @@ def run_case(case: str, shape: Shape, path: Path, system: str, work: Workload, s
     clock = None
     # --profile: the first step after the warm-up runs under the profiler and is left out of the
     # timings, so one more step keeps their count. The fit case (one step, no warm-up) is not profiled.
-    profile_after = warmup if PROFILE and case != "fit" else 0
+    profile_after = warmup if (PROFILE or HOST_PROFILE) and case != "fit" else 0
     steps += int(profile_after > 0)
     try:
         if system.startswith("atlas"):
@@ -758,6 +780,8 @@ def main(argv=None) -> int:
                     "plan's)")
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of the first step after the "
                     "warm-up, by total time (that step is left out of the timings)")
+    ap.add_argument("--host-profile", action="store_true", help="as --profile, but the host's Python functions "
+                    "(cProfile): where a launch-bound step spends its time")
     ap.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     from atlas_fast import GRPOConfig
@@ -774,8 +798,8 @@ def main(argv=None) -> int:
         except (ValueError, SyntaxError):  # a bare word: the string itself (--set offload_mode=layer)
             OVERRIDES[key] = value
 
-    global PROFILE
-    PROFILE = args.profile
+    global PROFILE, HOST_PROFILE
+    PROFILE, HOST_PROFILE = args.profile, args.host_profile
     device = args.device
     plan = make_plan(device, args.quick)
     if args.steps is not None:

@@ -912,3 +912,25 @@ def test_per_sequence_packing_names_what_it_cannot_do(tok):
     assert twin.config._attn_implementation == "atlas_sequences"
     with pytest.raises(ValueError, match="packed attention must be one of"):
         prepare_packing(plain, attention="flash")
+
+
+def test_same_device_reads_an_unindexed_gpu_as_the_current_one():
+    from atlas_fast.memory import same_device
+
+    assert same_device(torch.device("cpu"), torch.device("cpu"))
+    assert not same_device(torch.device("cpu"), torch.device("meta"))
+    assert same_device(torch.device("cuda:1"), torch.device("cuda:1"))
+    assert not same_device(torch.device("cuda:0"), torch.device("cuda:1"))
+    assert not same_device(torch.device("cuda:0"), torch.device("cpu"))
+    if torch.cuda.is_available():  # the trainer's torch.device("cuda") against its parameters' cuda:0
+        here = torch.cuda.current_device()
+        assert same_device(torch.device("cuda"), torch.device("cuda", here))
+
+
+def test_on_device_leaves_a_model_that_is_there_untouched(monkeypatch):
+    model = tiny_model(char_tokenizer())
+    calls = []
+    monkeypatch.setattr(type(model), "to", lambda self, *a, **k: calls.append(a) or self)
+    with on_device(model, torch.device("cpu")) as inside:
+        assert inside is model
+    assert calls == []  # no walk over the modules for a move that moves nothing

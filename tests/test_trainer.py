@@ -999,3 +999,16 @@ def test_a_column_a_reward_function_needs_is_checked_before_training(tmp_path, t
     with pytest.raises(ValueError, match=r"reward function 'needs_answer' needs the column\(s\) \['answer_key'\], which "
                                          r"the train dataset lacks \(its columns: prompt, ground_truth\)"):
         trainer_for(tmp_path, tok, reward_funcs=[needs_answer])
+
+
+def test_set_training_switches_every_module_and_skips_a_model_in_that_mode():
+    from atlas_fast.trainer import _set_training
+
+    model = tiny_model(char_tokenizer())
+    _set_training(model, False)
+    assert not any(m.training for m in model.modules())
+    _set_training(model, True)
+    assert all(m.training for m in model.modules())
+    model.model.norm.eval()  # a model already in train mode is not walked again
+    _set_training(model, True)
+    assert not model.model.norm.training

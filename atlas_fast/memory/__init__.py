@@ -47,6 +47,21 @@ def module_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one: torch.device("cuda") names the current GPU, which parameters
+    spell "cuda:0" (a plain == calls them different, and a model "moved" between them walks every
+    module for nothing)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type == "cpu" or a.index == b.index:
+        return True
+    if a.type != "cuda" or (a.index is not None and b.index is not None):
+        return False
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+
+
 @contextlib.contextmanager
 def on_device(model: torch.nn.Module, device: torch.device, forwards: int | None = None) -> Iterator[torch.nn.Module]:
     """Run a block of forwards of `model` on `device`, then leave it where it was.
@@ -62,7 +77,7 @@ def on_device(model: torch.nn.Module, device: torch.device, forwards: int | None
             yield model
         return
     home = module_device(model)
-    if home == device:
+    if same_device(home, device):
         yield model
         return
     model.to(device, non_blocking=True)

@@ -29,6 +29,7 @@ by `completion_mask` like before.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 import weakref
@@ -166,6 +167,8 @@ def prepare_packing(model: torch.nn.Module, *, varlen: bool | None = None, atten
         if varlen is None:
             varlen = torch.cuda.is_available() and not _has_sliding_window(base.config) and _varlen_runs(base)
         if varlen:
+            if torch.cuda.is_available() and "enable_gqa" not in _varlen_options():
+                _GQA_PROBE["shared"] = _unflagged_gqa_works()
             name, function = ((AUTO_ATTENTION, auto_attention_forward) if attention == "auto"
                               else (VARLEN_ATTENTION, varlen_attention_forward))
             _register_packed_attention(name, function)
@@ -186,6 +189,50 @@ def _varlen_attn():
     except ImportError:
         return None
     return varlen_attn
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_options() -> frozenset[str]:
+    """The keyword names of this torch's varlen_attn, read once (not at every layer's call)."""
+    varlen_attn = _varlen_attn()
+    return frozenset(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else frozenset()
+
+
+# {"shared": bool}: the probe's answer, set at setup by prepare_packing. A layer never probes: a
+# probe inside a checkpointed forward would add saved tensors that its recompute does not make.
+_GQA_PROBE: dict[str, bool] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _unflagged_gqa_works() -> bool:
+    """Whether varlen_attn takes fewer key/value heads than query heads without an `enable_gqa`
+    flag (torch 2.10-2.12, whose wrapper has none while the flash kernels under it share each key/
+    value head among its query heads). One small probe, forward and backward, against expanded
+    keys and values; without it every layer copies them out to all query heads (and its backward
+    sums them back)."""
+    varlen_attn = _varlen_attn()
+    if varlen_attn is None or not torch.cuda.is_available():
+        return False
+    with torch.inference_mode(False), torch.enable_grad():
+        return _probe_unflagged_gqa(varlen_attn)
+
+
+def _probe_unflagged_gqa(varlen_attn) -> bool:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(7, h, 64, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+               for h in (4, 2, 2))
+    cu = torch.tensor([0, 3, 7], device="cuda", dtype=torch.int32)
+    causal = {"window_size": (-1, 0)} if "window_size" in _varlen_options() else {"is_causal": True}
+    try:
+        shared = varlen_attn(q, k, v, cu, cu, 4, 4, **causal)
+        grads = torch.autograd.grad(shared.float().square().sum(), (q, k, v))
+        k2, v2 = (t.repeat_interleave(2, dim=1) for t in (k, v))
+        expanded = varlen_attn(q, k2, v2, cu, cu, 4, 4, **causal)
+        reference = torch.autograd.grad(expanded.float().square().sum(), (q, k, v))
+    except Exception:  # the wrapper or the kernel refuses it: expand, as before
+        return False
+    return all(torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+               for a, b in zip((shared, *grads), (expanded, *reference)))
 
 
 def _varlen_runs(model: torch.nn.Module) -> bool:
@@ -268,12 +315,12 @@ def _varlen_packed(module, query, key, value, cu, max_len, dropout, scaling, kwa
     # [1, H, N, D] -> [N, H, D]; the copy (3 x N*H*D, ~0.1 ms a layer at 64k tokens) gives the
     # kernel the packed-rows layout it is written for.
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
-    options = inspect.signature(varlen_attn).parameters
+    options = _varlen_options()
     extra = {}
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in options:
             extra["enable_gqa"] = True
-        else:
+        elif not _GQA_PROBE.get("shared", False):
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     if "window_size" in options:  # torch >= 2.11 spells causal as a window
