@@ -53,6 +53,7 @@ import dataclasses
 import datetime as dt
 import gc
 import importlib.metadata
+import itertools
 import json
 import os
 import platform
@@ -94,6 +95,8 @@ SYSTEMS = ("atlas-fast", "atlas-fast offload", "atlas-fast lean", "TRL", "TRL+Li
 LEAN_FORWARD_TOKENS = 16384
 PROFILE = False  # --profile: a kernel table of the first step after the warm-up (that step's time is not a result)
 HOST_PROFILE = False  # --host-profile: the host's Python functions in that step instead (cProfile)
+_TRACE_COUNT = itertools.count()
+TRACE_DIR: str | None = None  # --trace DIR: with --profile, host ops too, and a Chrome trace of the step in DIR
 OVERRIDES: dict = {}  # --set KEY=VALUE: GRPOConfig fields for every atlas-fast system (A/B runs)
 ATLAS_OPTIONS = {
     "atlas-fast": dict(gradient_checkpointing=True, padding_free=True, fused_layers=True),
@@ -233,12 +236,24 @@ class StepClock:
             import cProfile
 
             return cProfile.Profile()
-        activity = torch.profiler.ProfilerActivity.CUDA if self.device == "cuda" else torch.profiler.ProfilerActivity.CPU
-        return torch.profiler.profile(activities=[activity])
+        activities = [torch.profiler.ProfilerActivity.CUDA if self.device == "cuda" else torch.profiler.ProfilerActivity.CPU]
+        if TRACE_DIR and self.device == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CPU)
+        return torch.profiler.profile(activities=activities)
 
     def _profile_table(self) -> str:
         if not HOST_PROFILE:
-            return kernel_table(self._profiler, self.device)
+            table = kernel_table(self._profiler, self.device)
+            if TRACE_DIR:
+                import gzip
+
+                path = Path(TRACE_DIR) / f"trace-{os.getpid()}-{next(_TRACE_COUNT)}.json"
+                self._profiler.export_chrome_trace(str(path))
+                with open(path, "rb") as raw, gzip.open(f"{path}.gz", "wb") as packed:
+                    packed.write(raw.read())
+                path.unlink()
+                table += f"\nChrome trace of this step: {path}.gz (benchmarks/trace_gaps.py reads it)"
+            return table
         import io
         import pstats
 
@@ -782,6 +797,8 @@ def main(argv=None) -> int:
                     "warm-up, by total time (that step is left out of the timings)")
     ap.add_argument("--host-profile", action="store_true", help="as --profile, but the host's Python functions "
                     "(cProfile): where a launch-bound step spends its time")
+    ap.add_argument("--trace", default=None, metavar="DIR", help="as --profile, with the host's ops, and write "
+                    "a Chrome trace of the step to DIR (benchmarks/trace_gaps.py lists where the GPU waited)")
     ap.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     from atlas_fast import GRPOConfig
@@ -798,8 +815,11 @@ def main(argv=None) -> int:
         except (ValueError, SyntaxError):  # a bare word: the string itself (--set offload_mode=layer)
             OVERRIDES[key] = value
 
-    global PROFILE, HOST_PROFILE
+    global PROFILE, HOST_PROFILE, TRACE_DIR
     PROFILE, HOST_PROFILE = args.profile, args.host_profile
+    if args.trace:
+        PROFILE, TRACE_DIR = True, args.trace
+        Path(args.trace).mkdir(parents=True, exist_ok=True)
     device = args.device
     plan = make_plan(device, args.quick)
     if args.steps is not None:
