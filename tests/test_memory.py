@@ -934,3 +934,32 @@ def test_on_device_leaves_a_model_that_is_there_untouched(monkeypatch):
     with on_device(model, torch.device("cpu")) as inside:
         assert inside is model
     assert calls == []  # no walk over the modules for a move that moves nothing
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen flash attention needs CUDA")
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(14, 2, 64), (12, 2, 128), (8, 8, 64)])
+def test_varlen_packed_attention_with_shared_kv_heads_matches_expanded(heads, kv_heads, head_dim):
+    from atlas_fast.memory import packing
+
+    if packing._varlen_attn() is None:
+        pytest.skip("this torch has no varlen attention")
+    config = type("Config", (), dict(num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim))
+    shape = packing._head_shape(config)
+    packing._GQA_PROBE[shape] = packing._unflagged_gqa_works(*shape)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cu = torch.tensor([0, 37, 100, 161], device="cuda", dtype=torch.int32)
+    q, k, v = (torch.randn(1, h, 161, head_dim, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for h in (heads, kv_heads, kv_heads))
+    module = torch.nn.Module()
+
+    def run(key, value):
+        out, _ = packing.varlen_attention_forward(module, q, key, value, None, cu_seq_lens_q=cu, max_length_q=63)
+        return out
+
+    out = run(k, v)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    groups = heads // kv_heads
+    expanded = run(k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1))
+    reference = torch.autograd.grad(expanded.float().square().sum(), (q, k, v))
+    for a, b in zip((out, *grads), (expanded, *reference)):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)

@@ -168,7 +168,8 @@ def prepare_packing(model: torch.nn.Module, *, varlen: bool | None = None, atten
             varlen = torch.cuda.is_available() and not _has_sliding_window(base.config) and _varlen_runs(base)
         if varlen:
             if torch.cuda.is_available() and "enable_gqa" not in _varlen_options():
-                _GQA_PROBE["shared"] = _unflagged_gqa_works()
+                shape = _head_shape(base.config)
+                _GQA_PROBE[shape] = _unflagged_gqa_works(*shape)
             name, function = ((AUTO_ATTENTION, auto_attention_forward) if attention == "auto"
                               else (VARLEN_ATTENTION, varlen_attention_forward))
             _register_packed_attention(name, function)
@@ -198,35 +199,42 @@ def _varlen_options() -> frozenset[str]:
     return frozenset(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else frozenset()
 
 
-# {"shared": bool}: the probe's answer, set at setup by prepare_packing. A layer never probes: a
-# probe inside a checkpointed forward would add saved tensors that its recompute does not make.
-_GQA_PROBE: dict[str, bool] = {}
+# (query heads, key/value heads, head dim) -> the probe's answer, set at setup by prepare_packing.
+# A layer never probes: a probe inside a checkpointed forward would add saved tensors that its
+# recompute does not make. A shape not probed expands, as before.
+_GQA_PROBE: dict[tuple[int, int, int], bool] = {}
+
+
+def _head_shape(config) -> tuple[int, int, int]:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, getattr(config, "num_key_value_heads", None) or heads, head_dim
 
 
 @functools.lru_cache(maxsize=None)
-def _unflagged_gqa_works() -> bool:
+def _unflagged_gqa_works(heads: int, kv_heads: int, head_dim: int) -> bool:
     """Whether varlen_attn takes fewer key/value heads than query heads without an `enable_gqa`
     flag (torch 2.10-2.12, whose wrapper has none while the flash kernels under it share each key/
     value head among its query heads). One small probe, forward and backward, against expanded
     keys and values; without it every layer copies them out to all query heads (and its backward
     sums them back)."""
     varlen_attn = _varlen_attn()
-    if varlen_attn is None or not torch.cuda.is_available():
+    if varlen_attn is None or not torch.cuda.is_available() or kv_heads == heads or heads % kv_heads:
         return False
     with torch.inference_mode(False), torch.enable_grad():
-        return _probe_unflagged_gqa(varlen_attn)
+        return _probe_unflagged_gqa(varlen_attn, heads, kv_heads, head_dim)
 
 
-def _probe_unflagged_gqa(varlen_attn) -> bool:
+def _probe_unflagged_gqa(varlen_attn, heads: int, kv_heads: int, head_dim: int) -> bool:
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(7, h, 64, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
-               for h in (4, 2, 2))
+    q, k, v = (torch.randn(7, h, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+               for h in (heads, kv_heads, kv_heads))
     cu = torch.tensor([0, 3, 7], device="cuda", dtype=torch.int32)
     causal = {"window_size": (-1, 0)} if "window_size" in _varlen_options() else {"is_causal": True}
     try:
         shared = varlen_attn(q, k, v, cu, cu, 4, 4, **causal)
         grads = torch.autograd.grad(shared.float().square().sum(), (q, k, v))
-        k2, v2 = (t.repeat_interleave(2, dim=1) for t in (k, v))
+        k2, v2 = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
         expanded = varlen_attn(q, k2, v2, cu, cu, 4, 4, **causal)
         reference = torch.autograd.grad(expanded.float().square().sum(), (q, k, v))
     except Exception:  # the wrapper or the kernel refuses it: expand, as before
@@ -240,9 +248,7 @@ def _varlen_runs(model: torch.nn.Module) -> bool:
     one tiny call at setup, so that a failure picks the mask path instead of failing mid-training."""
     if _varlen_attn() is None:
         return False
-    config = model.config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    heads, _, head_dim = _head_shape(model.config)
     q = torch.zeros(4, heads, head_dim, device="cuda", dtype=torch.bfloat16)
     cu = torch.tensor([0, 1, 4], device="cuda", dtype=torch.int32)
     try:
@@ -320,7 +326,7 @@ def _varlen_packed(module, query, key, value, cu, max_len, dropout, scaling, kwa
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in options:
             extra["enable_gqa"] = True
-        elif not _GQA_PROBE.get("shared", False):
+        elif not _GQA_PROBE.get((q.shape[1], k.shape[1], q.shape[2]), False):
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     if "window_size" in options:  # torch >= 2.11 spells causal as a window
