@@ -18,9 +18,9 @@ Cases
   fit      the longest completion that fits at 8 generations: the update step at doubling lengths
            until the first out-of-memory.
   step     the whole GRPO step with generation (issue 7's workload: 0.5B shape, 8 prompts x 8
-           generations x 512 tokens, prompts of 30-256 tokens): atlas-fast with its default GPU
-           rollout backend against TRL with HF `generate`, both at their default settings
-           otherwise (beta = 0, micro-batches of 8, one generation batch per optimizer step).
+           generations x 512 tokens, prompts of 30-256 tokens): the atlas-fast system below with
+           its default GPU rollout backend against TRL with HF `generate` at its defaults; both
+           with beta = 0, micro-batches of 8, one generation batch per optimizer step.
 Systems
   atlas-fast       gradient checkpointing (TRL's default) + padding-free micro-batches + fused RMSNorm
                    and SwiGLU (fused_layers; what use_liger_kernel patches in TRL+Liger)
@@ -96,6 +96,7 @@ LEAN_FORWARD_TOKENS = 16384
 PROFILE = False  # --profile: a kernel table of the first step after the warm-up (that step's time is not a result)
 HOST_PROFILE = False  # --host-profile: the host's Python functions in that step instead (cProfile)
 _TRACE_COUNT = itertools.count()
+LEFTOVER_GIB = 0.25  # memory allocated before a case starts that its row calls out
 TRACE_DIR: str | None = None  # --trace DIR: with --profile, host ops too, and a Chrome trace of the step in DIR
 OVERRIDES: dict = {}  # --set KEY=VALUE: GRPOConfig fields for every atlas-fast system (A/B runs)
 ATLAS_OPTIONS = {
@@ -393,6 +394,12 @@ def run_case(case: str, shape: Shape, path: Path, system: str, work: Workload, s
     # timings, so one more step keeps their count. The fit case (one step, no warm-up) is not profiled.
     profile_after = warmup if (PROFILE or HOST_PROFILE) and case != "fit" else 0
     steps += int(profile_after > 0)
+    if device == "cuda":
+        # Peaks are absolute: memory that an earlier row left allocated would count as this row's.
+        result.notes["leftover_gib"] = torch.cuda.memory_allocated() / 2**30
+        if result.notes["leftover_gib"] > LEFTOVER_GIB:
+            print(f"  note: {result.notes['leftover_gib']:.2f} GiB still allocated before this case; its peak includes it",
+                  flush=True)
     try:
         if system.startswith("atlas"):
             clock = run_atlas(path, work, steps, device, system, scratch=scratch, profile_after=profile_after)
@@ -566,8 +573,8 @@ def ratio(a: Result, b: Result | None, attr: str) -> str:
 
 
 def result_table(rows: list[Result], title: str) -> str:
-    lines = [f"**{title}**", "", "| shape | completion | system | step time | peak memory | time vs TRL | memory vs TRL | memory vs TRL+Liger |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"**{title}**", "", "| shape | completion | system | step time | peak memory | time vs TRL | time vs TRL+Liger "
+             "| memory vs TRL | memory vs TRL+Liger |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         key = (r.case, r.shape, r.completion)
         trl = next((x for x in rows if (x.case, x.shape, x.completion) == key and x.system == "TRL"), None)
@@ -575,8 +582,13 @@ def result_table(rows: list[Result], title: str) -> str:
         shown_time = f"{r.step_s:.3f} s" if r.ok else (r.error or "-")
         lines.append(f"| {r.shape} | {r.completion} | {r.system} | {shown_time} | {fmt(r.peak_gib, '.2f')} GiB | "
                      f"{ratio(r, trl, 'step_s') if r.system != 'TRL' else '1.00x'} | "
+                     f"{ratio(r, liger, 'step_s') if r.system != 'TRL+Liger' else '1.00x'} | "
                      f"{ratio(r, trl, 'peak_gib') if r.system != 'TRL' else '1.00x'} | "
                      f"{ratio(r, liger, 'peak_gib') if r.system != 'TRL+Liger' else '1.00x'} |")
+    held = [r for r in rows if r.notes.get("leftover_gib", 0.0) > LEFTOVER_GIB]
+    if held:
+        lines += ["", "Allocated before the case started (left by earlier rows, and counted in these rows' peaks): "
+                  + "; ".join(f"{r.shape} / {r.completion} / {r.system}: {r.notes['leftover_gib']:.2f} GiB" for r in held)]
     return "\n".join(lines)
 
 
@@ -757,10 +769,42 @@ def collect(plan: Plan, cases: set[str], systems: list[str], models: Path, devic
     return rows
 
 
+SCOPE_OPTIONS = ("--cases", "--shapes", "--lengths", "--fit-lengths")
+
+
+def without_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """`argv` less the options `names`, in both spellings (`--name value` and `--name=value`)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in names:
+            skip = True
+        elif not a.startswith(tuple(n + "=" for n in names)):
+            out.append(a)
+    return out
+
+
+def liger_scopes(plan: Plan, cases: set[str]) -> list[list[list[str]]]:
+    """The arguments of each TRL+Liger child process, in ladders (a fit ladder stops at its first
+    failure): one process per update or fit case. With use_liger_kernel, TRL builds the reference
+    model in the trainer's __init__ and Liger swaps transformers' Qwen2 norm and MLP classes at the
+    start of train(), so in a user's run the reference keeps the stock layers. A second trainer in
+    the same process would build its reference from Liger's classes: a faster step than any user's."""
+    ladders = []
+    if "update" in cases:
+        ladders += [[["--cases", "update", "--shapes", key, "--lengths", str(C)]] for key in plan.shapes
+                    for C in plan.lengths]
+    if "fit" in cases and "TRL+Liger" in plan.fit_systems:
+        ladders += [[["--cases", "fit", "--shapes", key, "--fit-lengths", str(C)] for C in plan.fit_lengths]
+                    for key in plan.fit_shapes]
+    return ladders
+
+
 def run_isolated(argv: list[str], systems: list[str], models: Path) -> list[Result]:
     """Run some systems in a child process. Liger patches transformers' Qwen2 module functions
     (rotary embedding, norms) process-wide, so anything after it in the same process would run
-    Liger's kernels: TRL+Liger gets a process of its own."""
+    Liger's kernels: TRL+Liger gets a process of its own, one per case (see liger_scopes)."""
     import subprocess
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -903,11 +947,13 @@ def main(argv=None) -> int:
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()  # the child needs the memory this process cached
-        parent_argv = [a for a in argv if a not in ("--systems",)]
-        if "--systems" in argv:
-            i = argv.index("--systems")
-            parent_argv = argv[:i] + argv[i + 2:]
-        rows += run_isolated(parent_argv, isolated, models)
+        parent_argv = without_options(argv, ("--systems", *SCOPE_OPTIONS))
+        for scopes in liger_scopes(plan, cases):
+            for scope in scopes:  # a ladder (the fit case) stops at its first failure
+                got = run_isolated(parent_argv + scope, isolated, models)
+                rows += got
+                if not all(r.ok for r in got):
+                    break
     print("\n" + "\n\n".join(body().values()))
     if out is not None:
         publish()
