@@ -1001,7 +1001,7 @@ def test_a_column_a_reward_function_needs_is_checked_before_training(tmp_path, t
         trainer_for(tmp_path, tok, reward_funcs=[needs_answer])
 
 
-def test_set_training_switches_every_module_and_skips_a_model_in_that_mode():
+def test_set_training_switches_every_module_whatever_the_root_says():
     from atlas_fast.trainer import _set_training
 
     model = tiny_model(char_tokenizer())
@@ -1009,6 +1009,22 @@ def test_set_training_switches_every_module_and_skips_a_model_in_that_mode():
     assert not any(m.training for m in model.modules())
     _set_training(model, True)
     assert all(m.training for m in model.modules())
-    model.model.norm.eval()  # a model already in train mode is not walked again
+    model.model.layers[0].eval()  # a root in train mode over a layer that is not (a PEFT wrapper of an eval model)
+    assert model.training
     _set_training(model, True)
-    assert not model.model.norm.training
+    assert all(m.training for m in model.modules())
+
+
+def test_a_lora_policy_made_from_an_eval_model_trains_its_base_layers_in_train_mode(tmp_path):
+    tok = char_tokenizer()
+    config = GRPOConfig(output_dir=str(tmp_path / "o"), max_steps=1, num_generations=4, per_device_train_batch_size=4,
+                        max_completion_length=6, disable_tqdm=True, beta=0.0, report_to="none")
+    base = tiny_model(tok, layers=2).eval()  # as from_pretrained returns it; get_peft_model keeps the layers so
+    trainer = GRPOTrainer(config, model=base, tokenizer=tok, train_dataset=arithmetic_rows(8),
+                          reward_funcs=[lambda completion_ids, **kw: [float(len(c)) for c in completion_ids]],
+                          peft_config=lora_config(), rollout_func=fixed_rollout)
+    seen = []
+    layer = trainer.model.get_base_model().model.layers[0]
+    layer.register_forward_pre_hook(lambda m, args: seen.append(m.training) if torch.is_grad_enabled() else None)
+    trainer.train()
+    assert seen and all(seen)  # dropout (LoRA's and the model's) acts in the update, as in transformers' Trainer
