@@ -615,8 +615,10 @@ class GRPOTrainer:
     def _logp_forwards(self, batch: MicroBatch, size: int) -> list[MicroBatch]:
         """`batch` as the forwards of a log-prob pass, in row order: micro-batches of `size` rows,
         each in row chunks when it holds more than max_forward_tokens."""
-        return [part for i in range(0, len(batch.advantages), size)
-                for part, _, _ in self._forward_parts(batch.slice(slice(i, i + size)))]
+        # A padded slice runs at its own width, not the generation batch's: its forward's size, and
+        # max_forward_tokens, count the columns it computes. Packed rows hold no padding to drop.
+        slices = [batch.slice(slice(i, i + size)) for i in range(0, len(batch.advantages), size)]
+        return [part for mb in slices for part, _, _ in self._forward_parts(mb if self.padding_free else trim(mb))]
 
     def _batched_logps(self, model, parts: list[MicroBatch], width: int) -> torch.Tensor:
         """Completion log-probs [rows, width] of the forwards in `parts` (from _logp_forwards)."""

@@ -963,3 +963,18 @@ def test_varlen_packed_attention_with_shared_kv_heads_matches_expanded(heads, kv
     reference = torch.autograd.grad(expanded.float().square().sum(), (q, k, v))
     for a, b in zip((out, *grads), (expanded, *reference)):
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_log_prob_pass_keeps_padded_forwards_within_max_forward_tokens(tmp_path, tok):
+    trainer = _trainer(tmp_path, tok, "budget", padding_free=False, max_forward_tokens=24)
+    # rows 0-3 short (1 + 1 tokens), rows 4-7 long (10 + 10): the first slice of 4 fits the budget at
+    # its own width, not at the generation batch's
+    batch = micro_batch(prompt_lengths=(1, 1, 1, 1, 10, 10, 10, 10), completion_lengths=(1, 1, 1, 1, 10, 10, 10, 10))
+    parts = trainer._logp_forwards(batch, 4)
+    assert [tuple(p.input_ids.shape) for p in parts] == [(4, 2), (1, 20), (1, 20), (1, 20), (1, 20)]
+    width = batch.completion_ids.shape[1]
+    with torch.no_grad():
+        chunked = trainer._batched_logps(trainer.model, parts, width)
+        whole = trainer._batched_logps(trainer.model, [batch], width)
+    mask = batch.completion_mask
+    torch.testing.assert_close(chunked[mask], whole[mask], atol=1e-5, rtol=1e-5)
