@@ -978,3 +978,55 @@ def test_log_prob_pass_keeps_padded_forwards_within_max_forward_tokens(tmp_path,
         whole = trainer._batched_logps(trainer.model, [batch], width)
     mask = batch.completion_mask
     torch.testing.assert_close(chunked[mask], whole[mask], atol=1e-5, rtol=1e-5)
+
+
+def _mistral(window):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(
+        vocab_size=53, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=128, sliding_window=window, attn_implementation="sdpa",
+        pad_token_id=0, bos_token_id=None, eos_token_id=1))
+
+
+def _opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(vocab_size=53, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    ffn_dim=64, word_embed_proj_dim=32, pad_token_id=0, dropout=0.0,
+                                    attn_implementation="sdpa"))
+
+
+@pytest.mark.parametrize("build,impls", [(lambda: _mistral(4), ("sdpa", "sdpa")),
+                                         (lambda: _mistral(None), ("sdpa", "atlas_packed")),
+                                         (_opt, ("atlas_sequences", "atlas_packed"))],
+                         ids=["mistral-window-4", "mistral-no-window", "opt"])
+@pytest.mark.parametrize("varlen", [None, True])
+def test_packing_matches_padding_for_windowed_and_position_blind_models(build, impls, varlen):
+    # Mistral declares its window with `sliding_window` alone (no use_sliding_window switch): it keeps
+    # transformers' windowed mask, which separates packed sequences, even when varlen is forced. OPT's
+    # mask builder never sees the position ids, so transformers' mask would span the row: it gets
+    # per-sequence attention instead (or, forced, varlen's, whose CPU path is a block mask).
+    model = build()
+    mb = micro_batch(prompt_lengths=(6, 3, 4, 1), completion_lengths=(7, 2, 0, 5), vocab=53)
+    expected = loss_and_grads(model, mb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a forced varlen on a windowed model says it packs another way
+        assert prepare_packing(model, varlen=varlen, attention="auto")
+    assert model.config._attn_implementation == impls[varlen is True]
+    assert_same(loss_and_grads(model, mb, packed_completion_logits), expected)
+
+
+def test_packed_attention_refuses_a_window_it_would_not_apply():
+    from atlas_fast.memory import packing
+
+    q = torch.zeros(1, 2, 6, 8)
+    cu = torch.tensor([0, 5, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="sliding window of 4 tokens"):
+        packing.sequences_attention_forward(torch.nn.Module(), q, q, q, None, cu_seq_lens_q=cu, max_length_q=5,
+                                            sliding_window=4)
+    out, _ = packing.sequences_attention_forward(torch.nn.Module(), q, q, q, None, cu_seq_lens_q=cu, max_length_q=5,
+                                                 sliding_window=5)  # a window no sequence outgrows changes nothing
+    assert out.shape == (1, 6, 2, 8)

@@ -164,6 +164,10 @@ def prepare_packing(model: torch.nn.Module, *, varlen: bool | None = None, atten
                       f"layers; {type(base).__name__} (attention {impl!r}) packs as packed_attention='varlen' would",
                       stacklevel=2)
     if impl in DENSE_MASK:
+        if varlen and _has_sliding_window(base.config):
+            warnings.warn(f"padding_free: {type(base).__name__} has sliding-window layers, which varlen attention here "
+                          "does not apply; it packs with transformers' own mask", stacklevel=2)
+            varlen = False
         if varlen is None:
             varlen = torch.cuda.is_available() and not _has_sliding_window(base.config) and _varlen_runs(base)
         if varlen:
@@ -174,13 +178,66 @@ def prepare_packing(model: torch.nn.Module, *, varlen: bool | None = None, atten
                               else (VARLEN_ATTENTION, varlen_attention_forward))
             _register_packed_attention(name, function)
             base.set_attn_implementation(name)
+            return True
+        # Left on transformers' own mask, which finds packed sequences from the position ids only
+        # where the model hands them to its mask builder (OPT does not: one causal mask spans the row).
+        try:
+            apart = _keeps_sequences_apart(model)
+        except Exception as err:  # a model this probe cannot drive: nothing says its rows stay apart
+            warnings.warn(f"padding_free: could not check that {type(base).__name__} keeps packed sequences apart "
+                          f"({type(err).__name__}: {err}); it keeps padded batches", stacklevel=2)
+            return False
+        if not apart:
+            if _has_sliding_window(base.config):
+                warnings.warn(f"padding_free: {type(base).__name__}'s own attention mask spans the sequences of a "
+                              "packed row; it keeps padded batches", stacklevel=2)
+                return False
+            _register_packed_attention(SEQUENCES_ATTENTION, sequences_attention_forward)
+            base.set_attn_implementation(SEQUENCES_ATTENTION)
+            if not _keeps_sequences_apart(model):
+                base.set_attn_implementation(impl)
+                warnings.warn(f"padding_free: {type(base).__name__} mixes the sequences of a packed row; it keeps "
+                              "padded batches", stacklevel=2)
+                return False
     return True
 
 
+def _keeps_sequences_apart(model: torch.nn.Module) -> bool:
+    """Whether `model`, as it is set up now, keeps the sequences of a packed row apart: the outputs
+    of the second of two 3-token sequences get no gradient from the first one's inputs (masked
+    attention weights are exactly zero, so their gradient is too, in any dtype)."""
+    embed = model.get_input_embeddings()
+    device = embed.weight.device
+    ids = torch.arange(1, 7, device=device)[None] % embed.num_embeddings
+    row = PackedBatch(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]], device=device),
+                      cu_seqlens=torch.tensor([0, 3, 6], device=device, dtype=torch.int32), max_seqlen=3,
+                      index=torch.zeros(1, 1, dtype=torch.long, device=device))
+    kwargs = row.model_kwargs()
+    del kwargs["input_ids"]
+    was_training = model.training
+    model.eval()  # no dropout
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            embeds = embed(ids).detach().requires_grad_()
+            out = model(inputs_embeds=embeds, **kwargs)
+            states = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+            (grad,) = torch.autograd.grad(states[:, 3:].float().sum(), embeds)
+    finally:
+        model.train(was_training)
+    return bool((grad[:, :3] == 0).all())
+
+
 def _has_sliding_window(config) -> bool:
+    """Whether any layer attends through a window; the packed functions here attend to the whole
+    sequence. Any sliding layer kind ("sliding_attention", "hybrid_sliding", ...) counts; so does
+    `sliding_window` itself in configs without a `use_sliding_window` switch (Mistral, Phi-3,
+    Starcoder2 declare their window that way; Qwen2 sets one that applies only when switched on)."""
     types = getattr(config, "layer_types", None) or ()
-    # Any sliding kind ("sliding_attention", "hybrid_sliding", ...): the packed functions here attend to the whole sequence.
-    return bool(getattr(config, "use_sliding_window", False)) or any("sliding" in str(t) for t in types)
+    if any("sliding" in str(t) for t in types):
+        return True
+    if hasattr(config, "use_sliding_window"):
+        return bool(config.use_sliding_window)
+    return getattr(config, "sliding_window", None) is not None
 
 
 # ---------------------------------------------------------------------- the varlen attention
@@ -292,6 +349,13 @@ def _packed_row(query: torch.Tensor, attention_mask, kwargs: dict) -> tuple[torc
         return None, None
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects one row, got a batch of {query.shape[0]}")
+    window = kwargs.get("sliding_window")
+    if window is not None and (max_len is None or int(max_len) > window):
+        # prepare_packing keeps windowed models on transformers' own mask; one it did not recognise
+        # would attend past its window here
+        raise ValueError(f"packed attention: this layer attends through a sliding window of {window} tokens, which "
+                         "the atlas packed attention functions do not apply; padding_free=False trains it on padded "
+                         "batches")
     return cu, max_len
 
 
