@@ -608,7 +608,9 @@ def prepare_output_dir(output_dir: str | Path, *, resuming: bool = False, overwr
     check_output_dir(output_dir, resuming=resuming, overwrite=overwrite)
     found = run_artifacts(output_dir)
     if found and not resuming:
-        for path in found + [output_dir / "metrics.png", output_dir / "completions", output_dir / "tensorboard"]:
+        # Leftovers of the old run's interrupted saves too: the new run's first save would put them back.
+        stale = sorted(p for p in output_dir.iterdir() if p.name.startswith(TMP_PREFIX))
+        for path in found + stale + [output_dir / "metrics.png", output_dir / "completions", output_dir / "tensorboard"]:
             if path.is_dir():
                 _remove_tree(path)
             elif path.exists():

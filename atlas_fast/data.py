@@ -383,7 +383,9 @@ class PromptSampler:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for key in ("seed", "shuffle", "num_rows"):
+        # The seed orders nothing but a shuffled, sized dataset: elsewhere a new seed sees the same rows.
+        keys = ("seed", "shuffle", "num_rows") if self.shuffle and self.num_rows is not None else ("shuffle", "num_rows")
+        for key in keys:
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
                     f"Cannot resume the prompt sampler: saved {key}={state[key]!r} but this "

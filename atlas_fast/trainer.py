@@ -179,6 +179,7 @@ class GRPOTrainer:
                                   eval_steps=config.eval_steps or 0, save_steps=config.save_steps or 0)
         self.control = TrainerControl()
         self.logger: MetricsLogger | None = None  # opened by claim_output_dir, once the folder is checked
+        self._unwritten_logs: list[tuple[dict, int]] = []  # logged before the folder was claimed
         self.current_rewards = torch.zeros(0)
         self.current_kl = torch.zeros(0)
         self._generation_metrics: dict = {}
@@ -329,6 +330,9 @@ class GRPOTrainer:
                                    or (c.logging_strategy == "steps" and step == self.max_steps))
         self.control.should_evaluate = due(c.eval_strategy, c.eval_steps or c.logging_steps)
         self.control.should_save = due(c.save_strategy, c.save_steps)
+        if step >= self.max_steps:  # as transformers ends a run: its last steps are evaluated and saved too
+            self.control.should_evaluate |= c.eval_strategy == "steps"
+            self.control.should_save |= c.save_strategy == "steps" and bool(c.save_steps)  # None: never
 
     def _announce_epochs(self, epochs) -> None:
         for epoch in epochs:
@@ -533,8 +537,8 @@ class GRPOTrainer:
         if self.logger is not None and self.logger.enabled:
             # Stamped with the step that trains on these rows, as metrics.jsonl numbers it.
             append_reward_tables(c.output_dir, self.state.global_step + 1, tables)
-        if c.log_completions:
-            self.logger.log_completions(self.state.global_step, [
+        if c.log_completions and self.logger is not None:
+            self.logger.log_completions(self.state.global_step + 1, [
                 {"prompt": p, "completion": t, "reward": float(r), "advantage": float(a)}
                 for p, t, r, a in zip(prompts, texts, rewards, advantages)])
         return batch
@@ -724,16 +728,25 @@ class GRPOTrainer:
         c = self.args
         ckpt.prepare_output_dir(c.output_dir, resuming=resuming, overwrite=c.overwrite_output_dir)
         self.logger = MetricsLogger(c.output_dir, report_to=c.report_to, run_name=c.run_name)
+        for metrics, step in self._unwritten_logs:
+            self.logger.log(metrics, step=step)
+        self._unwritten_logs = []
 
     def log(self, metrics: dict) -> None:
-        self.claim_output_dir()
         # Tensors and numpy values become Python numbers (or lists): log_history is saved in each
         # checkpoint, whose weights-only loader refuses numpy scalars.
         clean = {k: (v.tolist() if hasattr(v, "tolist") and not isinstance(v, (str, bytes)) else v)
                  for k, v in metrics.items()}
         record = {**clean, "step": self.state.global_step}
         self.state.log_history.append(record)
-        self.logger.log(clean, step=self.state.global_step)
+        if self.logger is None and ckpt.run_artifacts(self.args.output_dir):
+            # Before train() (an evaluate() first) in a folder that holds a run: claiming it here, as
+            # a new run, would refuse it, or clear it with overwrite_output_dir, when a following
+            # train(resume_from_checkpoint=...) means to resume it. The record is written when train() claims it.
+            self._unwritten_logs.append((clean, self.state.global_step))
+        else:
+            self.claim_output_dir()
+            self.logger.log(clean, step=self.state.global_step)
         self._event("on_log", logs=clean)
 
     def _event(self, name: str, **kwargs) -> None:

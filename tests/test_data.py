@@ -370,3 +370,17 @@ def test_a_column_missing_from_the_first_record_is_kept(tmp_path):
 def test_fractional_epochs_count_whole_batches_without_rounding_noise():
     sampler = PromptSampler(datasets.Dataset.from_dict({"prompt": [str(i) for i in range(100)]}), 1)
     assert sampler.num_batches(0.07) == 7 and sampler.num_batches(0.075) == 8
+
+
+def test_a_new_seed_resumes_an_unshuffled_sampler_and_is_refused_for_a_shuffled_one():
+    rows = [{"prompt": str(i)} for i in range(7)]
+    first = PromptSampler(rows, 3, shuffle=False, seed=0)
+    next(first)
+    state = first.state_dict()
+    again = PromptSampler(rows, 3, shuffle=False, seed=1)  # the seed orders nothing here
+    again.load_state_dict(state)
+    assert [r["prompt"] for r in next(again)] == [r["prompt"] for r in next(first)]
+    shuffled = PromptSampler(rows, 3, shuffle=True, seed=0)
+    next(shuffled)
+    with pytest.raises(ValueError, match="saved seed=0 but this sampler has seed=1"):
+        PromptSampler(rows, 3, shuffle=True, seed=1).load_state_dict(shuffled.state_dict())

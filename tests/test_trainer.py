@@ -1028,3 +1028,38 @@ def test_a_lora_policy_made_from_an_eval_model_trains_its_base_layers_in_train_m
     layer.register_forward_pre_hook(lambda m, args: seen.append(m.training) if torch.is_grad_enabled() else None)
     trainer.train()
     assert seen and all(seen)  # dropout (LoRA's and the model's) acts in the update, as in transformers' Trainer
+
+
+def test_evaluate_before_resuming_keeps_the_run_that_overwrite_would_clear(tmp_path, tok):
+    ev = dict(eval_dataset=arithmetic_rows(4, seed=5))
+    trainer_for(tmp_path, tok, max_steps=4, save_steps=1, trainer_kwargs=dict(callbacks=[StopAt(2)], **ev)).train()
+    resumed = trainer_for(tmp_path, tok, max_steps=4, save_steps=1, overwrite_output_dir=True, trainer_kwargs=ev)
+    before = resumed.evaluate()  # not yet a run of its own: nothing in the folder is cleared
+    assert {p.name for p in (tmp_path / "run").glob("checkpoint-*")} == {"checkpoint-1", "checkpoint-2"}
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 4
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/reward" in r]
+    assert evals and evals[0]["eval/reward"] == before["eval/reward"]  # written once the run claimed the folder
+
+
+def test_the_last_step_is_saved_and_evaluated_as_transformers_ends_a_run(tmp_path, tok):
+    trainer = trainer_for(tmp_path, tok, max_steps=3, save_steps=2, eval_strategy="steps", eval_steps=2,
+                          trainer_kwargs=dict(rollout_func=fixed_rollout, eval_dataset=arithmetic_rows(2, seed=1)))
+    trainer.train()
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert [r["step"] for r in trainer.state.log_history if "eval/reward" in r] == [2, 3]
+
+
+def test_logged_completions_carry_the_step_metrics_give_them(tmp_path, tok):
+    trainer_for(tmp_path, tok, max_steps=2, log_completions=True, trainer_kwargs=dict(rollout_func=fixed_rollout)).train()
+    steps = [r["step"] for r in train_records(tmp_path / "run")]
+    assert sorted(p.name for p in (tmp_path / "run" / "completions").iterdir()) == [f"step-{s}.jsonl" for s in steps]
+
+
+def test_overwrite_clears_an_interrupted_save_of_the_old_run(tmp_path, tok):
+    trainer_for(tmp_path, tok, max_steps=3, save_steps=3, trainer_kwargs=dict(rollout_func=fixed_rollout)).train()
+    run = tmp_path / "run"
+    (run / "checkpoint-3").rename(run / ".tmp-old-checkpoint-3")  # a crash between a re-save's two renames
+    trainer_for(tmp_path, tok, max_steps=2, save_steps=1, overwrite_output_dir=True,
+                trainer_kwargs=dict(rollout_func=fixed_rollout)).train()
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-1", "checkpoint-2"]
