@@ -27,9 +27,12 @@ FINISH_STOP = "stop"  # ended on EOS or a stop id, which is kept as the last com
 FINISH_LENGTH = "length"  # ran into max_tokens
 
 
+GREEDY_BELOW = 1e-5  # vLLM's sampling epsilon: lower temperatures decode greedily
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample; vLLM's names and meanings. `temperature == 0` means greedy."""
+    """How to sample; vLLM's names and meanings. `temperature == 0` (or below 1e-5, as in vLLM) means greedy."""
 
     max_tokens: int
     n: int = 1  # completions per prompt, returned contiguously
@@ -62,7 +65,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # As vLLM decides it: below 1e-5 the division by the temperature only risks overflow (to NaN
+        # log-probs at ~1e-38) where the distribution is argmax to float precision anyway.
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass
@@ -155,15 +160,14 @@ def check_stop_ids(sampling: SamplingParams, vocab_size: int) -> None:
         raise ValueError(f"stop_token_ids {outside} are outside the model's vocabulary of {vocab_size} tokens")
 
 
-def cut_at_stop(ids: Sequence[int], stops: set[int], pad_id: int | None = None) -> tuple[list[int], str]:
-    """Keep tokens up to and including the first stop id; drop trailing padding of unfinished rows."""
+def cut_at_stop(ids: Sequence[int], stops: set[int]) -> tuple[list[int], str]:
+    """Keep tokens up to and including the first stop id. A row without one ran to its length and
+    holds only sampled tokens (generate pads rows only after they stop), pad ids included."""
     out: list[int] = []
     for tok in ids:
         out.append(int(tok))
         if tok in stops:
             return out, FINISH_STOP
-    while out and pad_id is not None and pad_id not in stops and out[-1] == pad_id:
-        out.pop()
     return out, FINISH_LENGTH
 
 

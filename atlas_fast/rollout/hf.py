@@ -83,7 +83,7 @@ class HFBackend:
         out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         new = out.sequences[:, ids.shape[1] :]
         rows = new.tolist()  # host sync: the ids are needed as text next
-        cut = [cut_at_stop(r, stops, self.pad_id) for r in rows]
+        cut = [cut_at_stop(r, stops) for r in rows]
         logps = None
         if sampling.logprobs:
             # `scores` are the processed logits (temperature, top-k/p applied): the sampler's own

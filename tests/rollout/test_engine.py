@@ -41,19 +41,6 @@ def repeat(rows, n):
     return [r for r in rows for _ in range(n)]
 
 
-def as_hf_returns(out, pad_id, stops=()):
-    """The hf backend cannot tell a sampled pad token from padding, so it drops trailing pad ids of
-    unfinished rows (unless pad is a stop id); the engine returns what it sampled. This puts the
-    engine's rows in HF's convention for comparison."""
-    rows = []
-    for row, reason in zip(out.completion_ids, out.finish_reasons):
-        row = list(row)
-        while reason != FINISH_STOP and pad_id not in stops and row and row[-1] == pad_id:
-            row.pop()
-        rows.append(row)
-    return rows
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_matches_hf(models, tok, prompts, arch):
     model = models[arch]
@@ -101,7 +88,7 @@ def test_fused_decode_kernels_match_hf(models, tok, prompts, arch, head_dim, mon
     layer = model.model.layers[0]
     expected = {layer.self_attn.o_proj.weight.shape, layer.mlp.down_proj.weight.shape} if head_dim == 32 else set()
     assert set(split_weights) == expected
-    assert as_hf_returns(out, tok.pad_token_id, {tok.eos_token_id}) == ref.completion_ids
+    assert out.completion_ids == ref.completion_ids
 
 
 def first_occurrence_stops(ref_rows, at=(3, 6, 9)):
@@ -280,7 +267,7 @@ def test_samples_from_updated_weights_after_optimizer_step(tok, prompts, fused):
     # (fused: no update_weights call at all; the packed copies notice the new versions by themselves)
     after = engine.generate(prompts[:3], greedy)
     assert after.completion_ids != before
-    assert as_hf_returns(after, tok.pad_token_id, {tok.eos_token_id}) == hf_greedy(model, tok, prompts[:3], max_tokens=n_new).completion_ids
+    assert after.completion_ids == hf_greedy(model, tok, prompts[:3], max_tokens=n_new).completion_ids
     # A write through `.data` (as an offloaded optimizer uploads weights) moves no version counter:
     # update_weights is what the trainer calls after every step, and it must be enough.
     with torch.no_grad():
@@ -289,7 +276,7 @@ def test_samples_from_updated_weights_after_optimizer_step(tok, prompts, fused):
             layer.self_attn.k_proj.weight.data.mul_(-1.0)
     engine.update_weights(model)
     flipped = engine.generate(prompts[:3], greedy)
-    assert as_hf_returns(flipped, tok.pad_token_id, {tok.eos_token_id}) == hf_greedy(model, tok, prompts[:3], max_tokens=n_new).completion_ids
+    assert flipped.completion_ids == hf_greedy(model, tok, prompts[:3], max_tokens=n_new).completion_ids
     assert flipped.completion_ids != after.completion_ids
 
 

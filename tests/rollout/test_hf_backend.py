@@ -59,3 +59,28 @@ def test_a_seeded_call_in_chunks_draws_fresh_samples_per_chunk():
     chunked = HFBackend(model, tok, batch_size=1).generate([prompt] * 4, sampling)
     assert len(set(map(tuple, chunked.completion_ids))) > 1  # not one chunk's draws four times
     assert HFBackend(model, tok, batch_size=1).generate([prompt] * 4, sampling).completion_ids == chunked.completion_ids
+
+
+def test_a_row_that_runs_to_its_length_keeps_a_sampled_pad_token():
+    # A head of zeros ties every logit, so greedy decoding picks id 0, the pad id, at every step: a
+    # row of sampled pad tokens that runs to its length. generate pads only rows that stopped.
+    backend, tok = _backend()
+    with torch.no_grad():
+        backend.model.get_output_embeddings().weight.zero_()
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("12+3=", "ab")]
+    out = backend.generate(prompts, SamplingParams(max_tokens=5, temperature=0.0, logprobs=True))
+    assert out.completion_ids == [[tok.pad_token_id] * 5] * 2
+    assert out.finish_reasons == [FINISH_LENGTH] * 2 and all(len(lp) == 5 for lp in out.logprobs)
+
+
+def test_temperatures_below_vllms_epsilon_decode_greedily():
+    from atlas_fast.rollout.engine import EngineBackend
+
+    hf, tok = _backend()
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("12+3=", "ab")]
+    for backend in (hf, EngineBackend(hf.model, tok)):
+        greedy = backend.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, logprobs=True))
+        for t in (1e-7, 1e-44):  # 1e-44: logits / t overflow float32
+            tiny = backend.generate(prompts, SamplingParams(max_tokens=6, temperature=t, logprobs=True))
+            assert tiny.completion_ids == greedy.completion_ids
+            assert all(torch.isfinite(torch.tensor(lp)).all() for lp in tiny.logprobs)
