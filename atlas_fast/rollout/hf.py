@@ -9,7 +9,20 @@ from typing import Any, Sequence
 
 import torch
 
+from transformers import LogitsProcessor, LogitsProcessorList
+
 from . import RolloutOutput, SamplingParams, check_stop_ids, cut_at_stop, left_pad, stop_ids
+from .engine.sampling import apply_filters
+
+
+class _Filters(LogitsProcessor):
+    """Temperature, min_p, top-k and top-p, in vLLM's order (the engine's `apply_filters`)."""
+
+    def __init__(self, sampling: SamplingParams):
+        self.sampling = sampling
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return apply_filters(scores.float(), self.sampling)
 
 
 class HFBackend:
@@ -77,9 +90,15 @@ class HFBackend:
         if sampling.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
-            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                          top_k=sampling.top_k if sampling.top_k > 0 else None, min_p=sampling.min_p or None)
-        kwargs.update(self.generation_kwargs)
+            # transformers' own warpers apply min_p after top-k/top-p; vLLM (and the engine) before.
+            # They are switched off (over the model's generation_config) and one processor applies
+            # the engine's filters instead, after transformers' repetition penalty and min_new_tokens.
+            kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, min_p=None,
+                          logits_processor=LogitsProcessorList([_Filters(sampling)]))
+        extra = dict(self.generation_kwargs)
+        if "logits_processor" in extra and "logits_processor" in kwargs:  # a user's run after the filters
+            kwargs["logits_processor"] = LogitsProcessorList([*kwargs["logits_processor"], *extra.pop("logits_processor")])
+        kwargs.update(extra)
         out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         new = out.sequences[:, ids.shape[1] :]
         rows = new.tolist()  # host sync: the ids are needed as text next

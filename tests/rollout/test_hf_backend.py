@@ -1,4 +1,5 @@
 """The hf backend: n completions per prompt, grouped, greedy or sampled, cut at the first stop."""
+import pytest
 import torch
 
 from atlas_fast.rollout import FINISH_LENGTH, FINISH_STOP, SamplingParams, build_backend
@@ -84,3 +85,21 @@ def test_temperatures_below_vllms_epsilon_decode_greedily():
             tiny = backend.generate(prompts, SamplingParams(max_tokens=6, temperature=t, logprobs=True))
             assert tiny.completion_ids == greedy.completion_ids
             assert all(torch.isfinite(torch.tensor(lp)).all() for lp in tiny.logprobs)
+
+
+def test_sampled_log_probs_are_the_engines_processed_distribution():
+    # min_p with top_p: vLLM's order (min_p first), which the engine follows and transformers' own
+    # warpers do not; the log-probs hf reports come from the same processed logits.
+    from atlas_fast.rollout.engine.sampling import process
+
+    backend, tok = _backend()
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("12+3=", "4*5=ab cd", "9", "ab")]
+    params = SamplingParams(max_tokens=1, n=8, temperature=0.5, top_p=0.6, min_p=0.3, logprobs=True, seed=0)
+    out = backend.generate(prompts, params)
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            logits = backend.model(torch.tensor([prompt])).logits[0, -1:].float()
+            want = process(logits, params, step=0).log_softmax(-1)[0]
+            for ids, lp in zip(out.completion_ids[i * 8:(i + 1) * 8], out.logprobs[i * 8:(i + 1) * 8]):
+                assert torch.isfinite(want[ids[0]])  # a token the filters keep
+                assert lp[0] == pytest.approx(want[ids[0]].item(), abs=1e-5)

@@ -23,8 +23,10 @@ LOGITS = [0.7, 2.0, -1.0, 1.2, -3.0, 1.5, 0.0, -0.4, 0.3, -1.5, 1.9]  # V = 11, 
 DRAWS = 40_000
 
 
-def expected(params: SamplingParams, seen: tuple[int, ...] = (), step: int = 0, stops: tuple[int, ...] = ()) -> list[float]:
-    """The processed distribution, from the definition, in float64."""
+def expected(params: SamplingParams, seen: tuple[int, ...] = (), step: int = 0, stops: tuple[int, ...] = (),
+             min_p_last: bool = False) -> list[float]:
+    """The processed distribution, from the definition, in float64 (`min_p_last`: in transformers'
+    order instead, min_p after top-k/top-p)."""
     logits = list(LOGITS)
     for i in seen:  # repetition penalty
         logits[i] = logits[i] / params.repetition_penalty if logits[i] > 0 else logits[i] * params.repetition_penalty
@@ -38,6 +40,13 @@ def expected(params: SamplingParams, seen: tuple[int, ...] = (), step: int = 0, 
         total = sum(w.values())
         return {i: w[i] / total for i in keep}
 
+    def min_p(alive):
+        p = probs(alive)
+        top = max(p.values())
+        return {i for i in alive if p[i] >= params.min_p * top}
+
+    if params.min_p > 0 and not min_p_last:  # vLLM's order: min_p before top-k/top-p
+        alive = min_p(alive)
     order = sorted(alive, key=lambda i: -logits[i])
     if params.top_k > 0:
         alive = set(order[: params.top_k])
@@ -49,10 +58,8 @@ def expected(params: SamplingParams, seen: tuple[int, ...] = (), step: int = 0, 
                 kept.add(i)
                 mass += p[i]
         alive = kept
-    if params.min_p > 0:
-        p = probs(alive)
-        top = max(p.values())
-        alive = {i for i in alive if p[i] >= params.min_p * top}
+    if params.min_p > 0 and min_p_last:
+        alive = min_p(alive)
     p = probs(alive)
     return [p.get(i, 0.0) for i in range(len(logits))]
 
@@ -105,6 +112,14 @@ def test_draws_follow_the_processed_distribution(name):
     assert chi_square_p(counts, want) > 1e-3
     assert chi_square_p(counts, expected(wrong)) < 1e-6  # the test tells a close but wrong distribution apart
     assert sum(p > 0 for p in want) < len(LOGITS) or name.endswith("temperature")  # filters removed tokens
+
+
+def test_min_p_comes_before_top_p_as_in_vllm():
+    params = SamplingParams(max_tokens=1, top_p=0.6, min_p=0.3)
+    assert expected(params) != expected(params, min_p_last=True)  # a setting where the order matters
+    counts, _ = draw_counts(params)
+    assert chi_square_p(counts, expected(params)) > 1e-3
+    assert chi_square_p(counts, expected(params, min_p_last=True)) < 1e-6
 
 
 @pytest.mark.parametrize("penalty", [1.6, 0.7])

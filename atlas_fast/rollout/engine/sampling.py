@@ -1,13 +1,14 @@
 """Sampling on the device: logits in, token ids (and their log-probs) out, never a host sync.
 
-The processed distribution, in order (HF's processor order, vLLM's meanings):
+The processed distribution, in vLLM's order and meanings:
   1. repetition penalty on every token seen in the prompt or completion so far: a logit l becomes
      l / r if l > 0 else l * r;
   2. EOS and stop ids are forbidden while fewer than `min_tokens` tokens were generated;
   3. greedy stops here (argmax); otherwise divide by the temperature,
-  4. keep the top_k largest logits (ties at the k-th value kept),
-  5. keep the smallest set of most likely tokens whose probability reaches top_p,
-  6. keep tokens whose probability is >= min_p times the largest one;
+  4. keep tokens whose probability is >= min_p times the largest one (before top-k/top-p, as vLLM
+     applies it; transformers applies it last, which differs when top_p is set too),
+  5. keep the top_k largest logits (ties at the k-th value kept),
+  6. keep the smallest set of most likely tokens whose probability reaches top_p;
 then sample from the softmax of what is left. The reported log-prob of a token is its log-prob
 under this processed distribution (vLLM's "processed_logprobs").
 
@@ -39,6 +40,9 @@ def apply_filters(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Penalised logits [B, V] -> temperature-scaled logits with filtered tokens at -inf (steps 3-6)."""
     logits = logits / params.temperature
     V = logits.shape[-1]
+    if params.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(-1, keepdim=True).values, NEG_INF)
     if 0 < params.top_k < V:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth, NEG_INF)
@@ -49,9 +53,6 @@ def apply_filters(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         drop_sorted = before >= params.top_p  # the first token is always kept (before = 0)
         drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, NEG_INF)
-    if params.min_p > 0.0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < params.min_p * probs.max(-1, keepdim=True).values, NEG_INF)
     return logits
 
 
