@@ -812,6 +812,15 @@ class GRPOTrainer:
         self.sampler.load_state_dict(state["sampler"])
         self._pending = [MicroBatch(**{k: v.to(self.device) if isinstance(v, torch.Tensor) else v
                                        for k, v in mb.items()}) for mb in state["pending"]]
+        # Micro-batches generated before the save carry the log-probs that run's settings needed;
+        # a loss that now needs others would fail at its first step with a message about the loss.
+        for field, needed, setting in (("ref_logps", self.args.beta != 0.0, f"beta={self.args.beta}"),
+                                       ("old_logps", self.args.uses_old_logps, "these settings (num_iterations > 1, "
+                                        "or steps_per_generation > gradient_accumulation_steps)")):
+            if needed and any(getattr(mb, field) is None for mb in self._pending):
+                raise ValueError(f"Cannot resume {path} with {setting}: the checkpoint holds micro-batches generated "
+                                 f"without {field.replace('_', ' ')} (its run did not need them); resume with that run's "
+                                 "settings until its generation batch is spent, or start a new run")
         if "ref_model" in state and self.ref_model is not None:
             self.ref_model.load_state_dict(state["ref_model"])
         self.state.global_step = state["global_step"]

@@ -1063,3 +1063,12 @@ def test_overwrite_clears_an_interrupted_save_of_the_old_run(tmp_path, tok):
     trainer_for(tmp_path, tok, max_steps=2, save_steps=1, overwrite_output_dir=True,
                 trainer_kwargs=dict(rollout_func=fixed_rollout)).train()
     assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_resuming_with_a_beta_the_saved_micro_batches_lack_log_probs_for_is_refused_up_front(tmp_path, tok):
+    base = dict(max_steps=4, steps_per_generation=4, per_device_train_batch_size=4, max_completion_length=4, save_steps=1)
+    trainer_for(tmp_path, tok, trainer_kwargs=dict(callbacks=[StopAt(1)]), **base).train()  # beta 0: no reference
+    resumed = trainer_for(tmp_path, tok, **{**base, "beta": 0.1})
+    with pytest.raises(ValueError, match="beta=0.1: the checkpoint holds micro-batches generated without ref logps"):
+        resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 0
