@@ -185,6 +185,9 @@ class GRPOTrainer:
         self._generation_metrics: dict = {}
         self._pending: list[MicroBatch] = []  # micro-batches of the current generation still to train on
         self._epochs_ended = 0  # epochs whose last rows this step trains on: on_epoch_end after the step
+        # Epochs whose last rows are in the generation batch being trained: they end with the step
+        # that trains its last micro-batch (the rows of a batch train over steps_per_generation steps).
+        self._epochs_ending = 0
         self._num_tokens = 0
         self.memory = PhaseReport(self.device)  # memory/<phase>_peak_gib (CUDA) and time/<phase>_s in each step
         self._epochs_announced: set[int] = set()  # epochs whose on_epoch_begin has fired
@@ -286,6 +289,8 @@ class GRPOTrainer:
             self._event("on_step_begin")
             metrics = self._optimizer_step()  # generates when the last generation batch is spent
             self.state.global_step += 1
+            if not self._pending:  # this step trained the batch's last rows
+                self._epochs_ended, self._epochs_ending = self._epochs_ended + self._epochs_ending, 0
             self.state.epoch = self.sampler.epoch + self.sampler.position / max(self.sampler.num_rows or 1, 1)
             elapsed = time.perf_counter() - t0
             metrics.update(step_time=elapsed, tokens_per_sec=metrics.pop("_tokens") / elapsed,
@@ -487,7 +492,7 @@ class GRPOTrainer:
         G = c.num_generations
         rows = self.sampler.next_batch()
         self._announce_epochs(self.sampler.epochs_begun)  # those the sampler could not foresee
-        self._epochs_ended += len(self.sampler.epochs_ended)
+        self._epochs_ending += len(self.sampler.epochs_ended)
         rollout = self._rollout_batch(rows)
         prompts, prompt_ids, completion_ids = rollout.prompts, rollout.prompt_ids, rollout.completion_ids
         finished = rollout.finished
@@ -778,6 +783,7 @@ class GRPOTrainer:
             "scheduler": self.lr_scheduler.state_dict(),
             "sampler": snapshot["sampler"],
             "pending": [mb.to_state() for mb in snapshot["pending"]],
+            "epochs_ending": snapshot["epochs_ending"],
             "rng": snapshot["rng"],
             "num_tokens": self._num_tokens,
         }
@@ -790,7 +796,8 @@ class GRPOTrainer:
     def _snapshot(self) -> dict:
         # A few ints, a list of references to immutable micro-batches and the RNG states: cheap
         # enough to take after every step.
-        return {"sampler": self.sampler.state_dict(), "pending": list(self._pending), "rng": ckpt.capture_rng_state()}
+        return {"sampler": self.sampler.state_dict(), "pending": list(self._pending), "rng": ckpt.capture_rng_state(),
+                "epochs_ending": self._epochs_ending}
 
     def _save_checkpoint(self, snapshot: dict | None = None) -> Path:
         path = ckpt.save_checkpoint(self.args.output_dir, self.state.global_step, self.model, self.tokenizer,
@@ -823,6 +830,7 @@ class GRPOTrainer:
                                  "settings until its generation batch is spent, or start a new run")
         if "ref_model" in state and self.ref_model is not None:
             self.ref_model.load_state_dict(state["ref_model"])
+        self._epochs_ending = state.get("epochs_ending", 0)
         self.state.global_step = state["global_step"]
         self.state.epoch = state["epoch"]
         self.state.log_history = list(state["log_history"])

@@ -1072,3 +1072,22 @@ def test_resuming_with_a_beta_the_saved_micro_batches_lack_log_probs_for_is_refu
     with pytest.raises(ValueError, match="beta=0.1: the checkpoint holds micro-batches generated without ref logps"):
         resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 0
+
+
+def test_an_epoch_ends_with_the_step_that_trains_its_last_rows(tmp_path, tok):
+    # 4 rows, 2 prompts per generation batch, each batch trained over 2 optimizer steps: an epoch
+    # is 4 steps, and its last rows are generated at step 3 but trained at step 4.
+    ends = []
+
+    class Ends(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            ends.append(state.global_step)
+
+    trainer = trainer_for(tmp_path, tok, rows=arithmetic_rows(4), max_steps=-1, num_train_epochs=2,
+                          per_device_train_batch_size=4, steps_per_generation=2, eval_strategy="epoch",
+                          save_strategy="epoch", trainer_kwargs=dict(rollout_func=fixed_rollout, callbacks=[Ends()],
+                                                                     eval_dataset=arithmetic_rows(2, seed=1)))
+    trainer.train()
+    assert ends == [4, 8]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    assert [r["step"] for r in trainer.state.log_history if "eval/reward" in r] == [4, 8]
