@@ -32,7 +32,7 @@ import shutil
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -561,6 +561,29 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
 
 # What a run leaves in output_dir; any of them means the folder holds a run.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "final")
+# The names of the run's other files (reward tables, teaching exchanges), one a line: a new run
+# that overwrites this one clears them too, where appending to them would mix two runs.
+RUN_FILE_LIST = "run_files.txt"
+
+
+def note_run_files(output_dir: str | Path, names: Sequence[str]) -> None:
+    """Add files of the run (plain names in `output_dir`) to the list that overwrite clears."""
+    path = Path(output_dir) / RUN_FILE_LIST
+    known = set(path.read_text(encoding="utf-8").split()) if path.exists() else set()
+    new = [n for n in dict.fromkeys(names) if n not in known]
+    if new:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write("".join(n + "\n" for n in new))
+
+
+def _listed_run_files(output_dir: Path) -> list[Path]:
+    path = output_dir / RUN_FILE_LIST
+    if not path.exists():
+        return []
+    names = path.read_text(encoding="utf-8").split()
+    # Plain names only: a list edited by hand must not reach outside the folder.
+    return [path] + [output_dir / n for n in names if Path(n).name == n and n not in (".", "..")]
 
 
 def run_artifacts(output_dir: str | Path) -> list[Path]:
@@ -610,7 +633,8 @@ def prepare_output_dir(output_dir: str | Path, *, resuming: bool = False, overwr
     if found and not resuming:
         # Leftovers of the old run's interrupted saves too: the new run's first save would put them back.
         stale = sorted(p for p in output_dir.iterdir() if p.name.startswith(TMP_PREFIX))
-        for path in found + stale + [output_dir / "metrics.png", output_dir / "completions", output_dir / "tensorboard"]:
+        for path in (found + stale + _listed_run_files(output_dir)
+                     + [output_dir / "metrics.png", output_dir / "completions", output_dir / "tensorboard"]):
             if path.is_dir():
                 _remove_tree(path)
             elif path.exists():

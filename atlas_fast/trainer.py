@@ -542,6 +542,7 @@ class GRPOTrainer:
         if self.logger is not None and self.logger.enabled:
             # Stamped with the step that trains on these rows, as metrics.jsonl numbers it.
             append_reward_tables(c.output_dir, self.state.global_step + 1, tables)
+            ckpt.note_run_files(c.output_dir, [f"{name}.jsonl" for name, rows in tables.items() if rows])
         if c.log_completions and self.logger is not None:
             self.logger.log_completions(self.state.global_step + 1, [
                 {"prompt": p, "completion": t, "reward": float(r), "advantage": float(a)}

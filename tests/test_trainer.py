@@ -1091,3 +1091,19 @@ def test_an_epoch_ends_with_the_step_that_trains_its_last_rows(tmp_path, tok):
     assert ends == [4, 8]
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
     assert [r["step"] for r in trainer.state.log_history if "eval/reward" in r] == [4, 8]
+
+
+def test_overwrite_clears_the_reward_tables_of_the_old_run(tmp_path, tok):
+    class Tabled:
+        __name__ = "tabled"
+
+        def __call__(self, completion_ids, **kwargs):
+            rewards = digit_reward(completion_ids)
+            self.last_table = ("judge_notes", [{"r": r} for r in rewards[:1]])
+            return rewards
+
+    for _ in range(2):
+        trainer_for(tmp_path, tok, max_steps=2, reward_funcs=Tabled(), overwrite_output_dir=True,
+                    trainer_kwargs=dict(rollout_func=fixed_rollout)).train()
+        lines = (tmp_path / "run" / "judge_notes.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == [1, 2]  # this run's rows only

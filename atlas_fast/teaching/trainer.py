@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from atlas_fast.checkpoint import note_run_files
 from atlas_fast.rollout import FINISH_STOP, SamplingParams
 from atlas_fast.trainer import GRPOTrainer, Rollout
 
@@ -112,6 +113,7 @@ class TeacherGRPOTrainer(GRPOTrainer, TeacherTrainer):
         G = batch.group_size
         path = Path(self.args.output_dir) / EXCHANGES_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
+        note_run_files(self.args.output_dir, [EXCHANGES_FILE])
         truths = columns.get("ground_truth")
         with path.open("a") as f:
             for p in range(min(self.teaching.exchanges_per_step, len(batch.problems))):
