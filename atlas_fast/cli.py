@@ -191,6 +191,12 @@ def train_command(args: argparse.Namespace) -> int:
         cfg = checked(cfg)
         values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # "???" left unset
         if args.print_config:  # after the checks: what is printed is a config that would run
+            if values.get("teaching") is not None:
+                from .teaching.launch import teacher_spec
+
+                teacher_spec(values)
+            else:
+                resolve(values)
             print(OmegaConf.to_yaml(cfg, resolve=True), end="")
             return 0
         if values.get("teaching") is not None:  # a teacher trained to guide a frozen student

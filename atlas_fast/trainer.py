@@ -24,6 +24,7 @@ import inspect
 import functools
 import itertools
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ class GRPOTrainer:
         self.args = config = config or GRPOConfig()
         if model is None:
             raise ValueError("GRPOTrainer needs a model (a PreTrainedModel or a local path / hub id)")
+        _refuse_several_processes()
         torch.manual_seed(config.seed)
         self.device = torch.device("cuda" if torch.cuda.is_available() and not config.use_cpu else "cpu")
         self.model = self._load_model(model, peft_config).to(self.device)
@@ -909,3 +911,15 @@ def _set_training(model: torch.nn.Module, mode: bool) -> None:
     mode is in train mode over base layers that are not."""
     if any(m.training != mode for m in model.modules()):
         model.train(mode)
+
+
+def _refuse_several_processes() -> None:
+    """One process trains: under torchrun every rank would train the whole run alone, with the
+    same seed and rows, on the same GPU, and write the same output_dir."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = max(world, torch.distributed.get_world_size())
+    if world > 1:
+        raise ValueError(f"atlas-fast trains in one process, and this is one of {world} (torchrun or WORLD_SIZE): "
+                         "each would train the whole run alone and write the same output_dir; launch it with "
+                         "python, and fit memory with gradient_checkpointing, offload_untrained_models or LoRA")

@@ -175,6 +175,15 @@ def test_print_config(capsys):
     assert cli.main(["train", "--print-config", "trainer.learning_rate=abc"]) == 2
     out = capsys.readouterr()
     assert "trainer.learning_rate must be a number" in out.err and not out.out
+    # ... the run's own checks too (GRPOConfig, reward and data settings, a teaching run's)
+    for override, message in (("trainer.num_generations=1", "num_generations must be >= 2"),
+                              ("data.eval_fraction=1.5", "data.eval_fraction must be in [0, 1)")):
+        assert cli.main(["train", "--print-config", override]) == 2
+        out = capsys.readouterr()
+        assert message in out.err and not out.out
+    assert cli.main(["train", "--print-config", "recipe=teacher_demo", "teaching.student_name_or_path=null"]) == 2
+    out = capsys.readouterr()
+    assert "teaching.student_name_or_path is required" in out.err and not out.out
 
 
 def test_summary_line():

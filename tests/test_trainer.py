@@ -1107,3 +1107,10 @@ def test_overwrite_clears_the_reward_tables_of_the_old_run(tmp_path, tok):
                     trainer_kwargs=dict(rollout_func=fixed_rollout)).train()
         lines = (tmp_path / "run" / "judge_notes.jsonl").read_text().splitlines()
         assert [json.loads(line)["step"] for line in lines] == [1, 2]  # this run's rows only
+
+
+def test_several_processes_are_refused_before_anything_loads(tmp_path, tok, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets for each of 2 ranks
+    with pytest.raises(ValueError, match="trains in one process, and this is one of 2"):
+        trainer_for(tmp_path, tok)
+    assert not (tmp_path / "run").exists()

@@ -27,16 +27,7 @@ def train_teacher(values: dict, config_text: str) -> int:
     from atlas_fast import cli
 
     try:
-        values = copy.deepcopy(values)
-        teaching = dict(values.pop("teaching"))
-        student = {k: teaching.pop(k, None) for k in STUDENT_KEYS}
-        if not student["student_name_or_path"]:
-            raise cli.ConfigError("teaching.student_name_or_path is required: the frozen student's model")
-        for section, key in (("model", "name_or_path"), ("model", "tokenizer_name_or_path"), ("data", "train_file"),
-                             ("data", "eval_file")):
-            values[section][key] = demo_asset(values[section].get(key), f"{section}.{key}")
-        student = {k: demo_asset(v, f"teaching.{k}") for k, v in student.items()}
-        spec = cli.resolve(values)
+        spec, teaching, student = teacher_spec(values)
         cli.check_run_folder(spec)
         trainer = build_teacher_trainer(spec, teaching, student)
         cli.start(trainer, spec)
@@ -46,6 +37,27 @@ def train_teacher(values: dict, config_text: str) -> int:
     (Path(spec.config.output_dir) / "config.yaml").write_text(config_text)
     run_teacher(trainer, spec)
     return 0
+
+
+def teacher_spec(values: dict) -> tuple[Any, dict, dict]:
+    """A teaching run's checked config: (RunSpec, teaching settings, student paths). Raises a
+    ValueError naming the key, as `atlas-fast train` reports it (also before --print-config)."""
+    from atlas_fast import cli
+
+    from .config import TeachingConfig
+
+    values = copy.deepcopy(values)
+    teaching = dict(values.pop("teaching"))
+    student = {k: teaching.pop(k, None) for k in STUDENT_KEYS}
+    if not student["student_name_or_path"]:
+        raise cli.ConfigError("teaching.student_name_or_path is required: the frozen student's model")
+    for section, key in (("model", "name_or_path"), ("model", "tokenizer_name_or_path"), ("data", "train_file"),
+                         ("data", "eval_file")):
+        values[section][key] = demo_asset(values[section].get(key), f"{section}.{key}")
+    student = {k: demo_asset(v, f"teaching.{k}") for k, v in student.items()}
+    spec = cli.resolve(values)
+    TeachingConfig.from_dict(teaching)  # its own checks, before anything loads
+    return spec, teaching, student
 
 
 def demo_asset(value: Any, key: str) -> Any:
