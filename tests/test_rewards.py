@@ -352,6 +352,9 @@ def test_extract_answer(text, expected):
         ("3.5 cm", "3.5"),
         ("$\\boxed{7}$", "7"),
         ("B", ["A", "b"]),
+        (r"\$18", "18"),  # LaTeX's escaped dollar
+        (r"\$1,234.50", "1234.5"),
+        (r"1{,}000", "1000"),  # LaTeX's thousands separator
     ],
 )
 def test_answers_match(pred, truth):
@@ -369,10 +372,20 @@ def test_answers_match(pred, truth):
         ("", ""),
         ("London", "Paris"),
         ("1,2", "12"),
+        ("2.001", "2"),  # not a rounding of an integer answer
+        ("0.004", "0"),
+        ("2", "2.4"),
+        ("0.3", "1/3"),  # one place is not a rounding this accepts
     ],
 )
 def test_answers_do_not_match(pred, truth):
     assert not answers_match(pred, truth)
+
+
+@pytest.mark.parametrize("text", ["Final Answer: The final answer is $42$. I hope it is correct.",
+                                  "Answer: the answer is 42", "**Final answer:** the answer is 42."])
+def test_a_phrase_inside_an_answer_phrase_gives_the_answer(text):
+    assert answers_match(extract_answer(text), "42")
 
 
 def test_normalize_answer_canonical_forms():

@@ -108,6 +108,12 @@ def _last_answer_phrase(text: str) -> str | None:
     if not matches:
         return None
     answer = matches[-1].group("ans").replace("**", "")  # markdown bold
+    # "Final Answer: The final answer is $42$.": a phrase inside the captured rest of the line
+    for _ in range(4):
+        inner = list(_ANSWER_PHRASE.finditer(answer))
+        if not inner:
+            break
+        answer = inner[-1].group("ans")
     ends = [m.start() for m in (_SENTENCE_END.search(answer), _CLAUSE.search(answer)) if m]
     if ends:
         answer = answer[: min(ends)]
@@ -121,7 +127,8 @@ _FRAC = re.compile(r"(?P<sign>[-+]?)\\[dt]?frac\{(?P<num>[^{}]+)\}\{(?P<den>[^{}
 
 
 def normalize_answer(answer: Any) -> str:
-    """Canonical text of an answer: numbers as exact integers or rounded to 2 decimals (half up),
+    """Canonical text of an answer (for display and text search; answers_match compares numbers by
+    value): numbers as exact integers or rounded to 2 decimals (half up),
     other text lower-cased with whitespace collapsed; `$`, `\\text{}`-style wrappers, LaTeX spacing
     and a trailing period removed."""
     text = _strip_wrappers(str(answer))
@@ -132,22 +139,51 @@ def normalize_answer(answer: Any) -> str:
 
 
 def answers_match(pred: Any, truth: Any) -> bool:
-    """True when `pred` equals `truth` (or any of a list of truths) after normalisation."""
+    """True when `pred` equals `truth` (or any of a list of truths): numbers by value (a decimal
+    written with 2 or more places also matches the values it rounds: "0.33" and 1/3 either way,
+    but not 2.001 and 2), other text after normalisation."""
     if pred is None:
         return False
     truths = [t for t in (truth if isinstance(truth, (list, tuple)) else [truth]) if t is not None]
     pred_norm = normalize_answer(pred)
     if not pred_norm:
         return False
-    if any(normalize_answer(t) == pred_norm for t in truths):
-        return True
+    pred_text = _strip_wrappers(str(pred))
+    pred_value = parse_number(pred_text)
+    values = [parse_number(_strip_wrappers(str(t))) for t in truths]
+    for t, value in zip(truths, values):
+        if pred_value is not None and value is not None:
+            if _same_number(pred_value, pred_text, value, _strip_wrappers(str(t))):
+                return True
+        elif normalize_answer(t) == pred_norm:
+            return True
     # "3.5 cm" against a numeric truth "3.5": units are dropped, but only when the truth is a
     # bare number, so a truth of "2 pi" still needs the "pi".
-    with_unit = _NUMBER_WITH_UNIT.fullmatch(_strip_wrappers(str(pred)))
+    with_unit = _NUMBER_WITH_UNIT.fullmatch(pred_text)
     if with_unit is None:
         return False
-    value = parse_number(with_unit["num"])
-    return any(parse_number(_strip_wrappers(str(t))) == value for t in truths)
+    number = parse_number(with_unit["num"])
+    return number is not None and any(v is not None and _same_number(number, with_unit["num"], v, _strip_wrappers(str(t)))
+                                      for t, v in zip(truths, values))
+
+
+def _same_number(a: Fraction, a_text: str, b: Fraction, b_text: str) -> bool:
+    """Equal, or one is the other rounded to the 2 or more decimal places it is written with."""
+    if a == b:
+        return True
+    # The rounded one is the side written with fewer places, 2 at least ("3.14" of "3.14159",
+    # "0.33" of "1/3"); a side without decimals is exact ("2" is not "2.001" rounded).
+    sides = sorted((p, value, other) for p, value, other in ((_decimal_places(a_text), a, b), (_decimal_places(b_text), b, a))
+                   if p >= 2)
+    if not sides:
+        return False
+    places, rounded, exact = sides[0]
+    return abs(rounded - exact) <= Fraction(1, 2 * 10**places)
+
+
+def _decimal_places(text: str) -> int:
+    match = re.fullmatch(r"[^.]*\.(\d+)%?", text.strip())
+    return len(match.group(1)) if match else 0
 
 
 def parse_number(text: str) -> Fraction | None:
@@ -190,7 +226,7 @@ def _strip_wrappers(text: str) -> str:
             content = _braced(text, match.end() - 1)
             if content is not None:
                 text = text[: match.start()] + content + text[match.end() + len(content) + 1 :]
-        text = _DROP.sub("", text).replace("$", "")
+        text = _DROP.sub("", text).replace("\\$", "").replace("$", "").replace("{,}", ",")
         text = text.replace("\\(", "").replace("\\)", "").replace("\\[", "").replace("\\]", "")
         text = text.strip().rstrip(".").strip()
         if text == before:
