@@ -81,6 +81,23 @@ def test_malformed_json_is_repaired_where_safe(text):
     assert [(p.name, p.weight) for p in j.principles] == [("a", 0.5), ("b", 0.5)]
 
 
+def _judged(score):
+    return json.dumps({**VALID, "score": score})
+
+
+@pytest.mark.parametrize("text, score", [
+    ("Draft: " + _judged(0.2) + "\nOn reflection:\n" + _judged(0.9), 0.9),  # the verdict comes last
+    ("<think>maybe " + _judged(0.1) + "</think>\n" + _judged(0.9), 0.9),
+    ('Format: {"principles": [{"name": "...", "weight": 0.5}], "score": 0.0, "rationale": "...", '
+     '"uncertainty": 0.0}\nMy evaluation: ' + _judged(0.9), 0.9),  # an echoed format example
+    ("Checking " + " ".join(rf"\frac{{{i}}}{{{i + 1}}}" for i in range(1, 12)) + ": right.\n" + _judged(0.9), 0.9),
+    ('{"principles": [{"name": "a", "weight": 1}], "score": 0.8, "rationale": "line 1\nline 2", '
+     '"uncertainty": 0.1}', 0.8),  # a raw newline inside a string
+], ids=["draft-then-verdict", "think", "echoed-format", "latex-braces", "raw-newline"])
+def test_the_verdict_is_the_last_valid_judgement_in_the_reply(text, score):
+    assert parse_judgement(text).score == score
+
+
 def test_repair_keeps_string_contents():
     text = "{'principles': [{'name': 'x', 'weight': 1}], 'score': 0.5, 'uncertainty': 0.1, " \
            "'rationale': 'a, b,} \"quoted\" True'}"

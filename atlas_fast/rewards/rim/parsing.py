@@ -59,13 +59,22 @@ class Judgement:
 
 
 def parse_judgement(text: str) -> Judgement:
-    """Parse and validate one judge reply: the first JSON object in it that is a valid judgement."""
+    """Parse and validate one judge reply: the whole reply as one JSON object, else the last
+    object in it that is a valid judgement (a reasoning judge's drafts, or the format example a
+    judge echoes, come before its verdict)."""
     first_error: JudgementError | None = None
+    last: Judgement | None = None
     for obj, repaired in _json_values(text):
         try:
-            return _judgement(obj, repaired)
+            judgement = _judgement(obj, repaired)
         except JudgementError as err:
             first_error = first_error or err
+            continue
+        if not repaired:  # the whole reply
+            return judgement
+        last = judgement
+    if last is not None:
+        return last
     raise first_error or JudgementError(f"no parsable JSON object in the reply ({_preview(text)})")
 
 
@@ -95,22 +104,23 @@ def _json_values(text: str) -> Iterator[tuple[Any, bool]]:
     if not isinstance(text, str) or not text.strip():
         return
     try:
-        yield json.loads(text), False
+        yield json.loads(text, strict=False), False  # strict=False: raw newlines inside strings
     except ValueError:
         pass
     candidates = [m.group(1) for m in _FENCE.finditer(text)] + list(_objects(text))
     for candidate in candidates:
         for attempt in (candidate, _normalise_syntax(candidate)):
             try:
-                value = json.loads(attempt)
+                value = json.loads(attempt, strict=False)
             except ValueError:
                 continue
             yield value, True
             break
 
 
-# Judges wrap their object in prose that may hold braces of its own ("a score in {0, 1}"); the
-# balanced groups are tried in order of their opening brace, outermost first, up to this many.
+# Judges wrap their object in prose that may hold braces of its own ("a score in {0, 1}", LaTeX's
+# \frac{a}{b}); the balanced groups are tried in order of their opening brace, outermost first, up
+# to this many of those with a key in them (a ':'), which a JSON object needs.
 _MAX_OBJECT_CANDIDATES = 16
 
 
@@ -119,7 +129,7 @@ def _objects(text: str) -> Iterator[str]:
     start, found = text.find("{"), 0
     while start != -1 and found < _MAX_OBJECT_CANDIDATES:
         group = _balanced_from(text, start)
-        if group is not None:
+        if group is not None and ":" in group:
             found += 1
             yield group
         start = text.find("{", start + 1)
