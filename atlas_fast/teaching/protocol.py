@@ -34,7 +34,7 @@ from atlas_fast.rollout import RolloutOutput, SamplingParams, build_backend, lef
 
 from .config import TeachingConfig, load_teaching_config
 from .diagnostic import DiagnosticResult, assess_probe, capability_tier
-from .reward import is_correct, teacher_metrics
+from .reward import has_truth, is_correct, teacher_metrics
 
 GUIDANCE_MIN_TOKENS = 10  # the seed's floor for generate_guidance's max_tokens
 RESIDENT_BACKENDS = ("engine", "vllm")  # in-process backends that hold the model's weights on the GPU
@@ -99,8 +99,18 @@ class TeacherTrainer:
                 raise ValueError(f"teaching.student_backend={name} keeps the student on the GPU; it cannot be "
                                  "combined with offload_untrained_models (use hf, or vllm_server)")
             name = "hf"
+        if name == "vllm_server" and not self.teaching.student_backend_options.get("base_url"):
+            # The client's default address is the teacher's own server: the "frozen student" would
+            # be the policy being trained.
+            raise ValueError("teaching: a vllm_server student needs its own server, "
+                             "teaching.student_backend_options.base_url (the default is the teacher's)")
         self.student_rollout = build_backend(name, self.student, student_tokenizer, **self.teaching.student_backend_options)
         digits = [first_token_id(self.tokenizer, d) for d in self.teaching.rating_digits]
+        if len(set(digits)) != len(digits):
+            # e.g. SentencePiece vocabularies that encode "1" as ["▁", "1"]: every rating would read the same
+            raise ValueError(f"teaching.rating_digits {list(self.teaching.rating_digits)} start with the token ids "
+                             f"{digits} in the teacher's tokenizer, which must differ: give digits that are one "
+                             "token each")
         self._rating_ids = torch.tensor(digits, dtype=torch.long)
 
     @contextlib.contextmanager
@@ -123,10 +133,12 @@ class TeacherTrainer:
         raise TypeError(f"a problem must be a string or chat messages, got {type(prompt).__name__}")
 
     def encode_prompt(self, text: str, tokenizer: Any) -> list[int]:
-        """Token ids of a rendered template, as a user turn when the tokenizer has a chat template."""
+        """Token ids of a rendered template, as a user turn when the tokenizer has a chat template
+        (the teacher's with the trainer's chat_template_kwargs, as plain GRPO prompts get them)."""
         if self.teaching.use_chat_template and getattr(tokenizer, "chat_template", None):
+            options = (self.args.chat_template_kwargs or {}) if tokenizer is self.tokenizer else {}
             text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                 add_generation_prompt=True)
+                                                 add_generation_prompt=True, **options)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def teacher_prompt_ids(self, problems: Sequence[str], diagnostics: Sequence[DiagnosticResult]) -> list[list[int]]:
@@ -246,11 +258,12 @@ class TeacherTrainer:
         for i in range(0, len(problems), step):
             batch = self.teach(problems[i : i + step], greedy)
             truths = ground_truth[i : i + step]
-            base_ok += [is_correct(t, y) for t, y in zip(batch.texts["baseline"], truths)]
-            guided_ok += [is_correct(t, y) for t, y in zip(batch.texts["guided"], truths)]
-            lengths["guidance"] += [len(x) for x in batch.guidance.completion_ids]
-            lengths["baseline"] += [len(x) for x in batch.baseline.completion_ids]
-            lengths["student"] += [len(x) for x in batch.guided.completion_ids]
+            rows = [k for k, y in enumerate(truths) if has_truth(y)]  # unlabelled problems are graded by nothing
+            base_ok += [is_correct(batch.texts["baseline"][k], truths[k]) for k in rows]
+            guided_ok += [is_correct(batch.texts["guided"][k], truths[k]) for k in rows]
+            lengths["guidance"] += [len(batch.guidance.completion_ids[k]) for k in rows]
+            lengths["baseline"] += [len(batch.baseline.completion_ids[k]) for k in rows]
+            lengths["student"] += [len(batch.guided.completion_ids[k]) for k in rows]
         metrics = teacher_metrics(base_ok, guided_ok, lengths["guidance"], lengths["baseline"], lengths["student"])
         return metrics, batch
 

@@ -137,6 +137,12 @@ class TeachingReward:
         return out
 
 
+def has_truth(truth: Any) -> bool:
+    """Whether a problem has a ground truth to grade against (rows without one get no reward and
+    count in no accuracy)."""
+    return truth is not None and not (isinstance(truth, str) and not truth.strip())
+
+
 def teacher_metrics(baseline_correct: Sequence[bool], guided_correct: Sequence[bool], guidance_tokens: Sequence[int],
                     baseline_tokens: Sequence[int], student_tokens: Sequence[int]) -> dict[str, float]:
     """ATLAS's teacher metrics over guided samples (each compared with its problem's baseline).
