@@ -153,10 +153,11 @@ def prepare_packing(model: torch.nn.Module, *, varlen: bool | None = None, atten
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     impl = attention_implementation(base)
+    sliding = _has_sliding_window(base.config)
     if attention == "sequences":
         if impl == SEQUENCES_ATTENTION:  # prepared already (a copy of a prepared policy)
             return True
-        if impl in DENSE_MASK and not _has_sliding_window(base.config):
+        if impl in DENSE_MASK and not sliding:
             _register_packed_attention(SEQUENCES_ATTENTION, sequences_attention_forward)
             base.set_attn_implementation(SEQUENCES_ATTENTION)
             return True
@@ -164,15 +165,15 @@ def prepare_packing(model: torch.nn.Module, *, varlen: bool | None = None, atten
                       f"layers; {type(base).__name__} (attention {impl!r}) packs as packed_attention='varlen' would",
                       stacklevel=2)
     if impl in DENSE_MASK:
-        if varlen and _has_sliding_window(base.config):
+        if varlen and sliding:
             warnings.warn(f"padding_free: {type(base).__name__} has sliding-window layers, which varlen attention here "
                           "does not apply; it packs with transformers' own mask", stacklevel=2)
             varlen = False
         if varlen is None:
-            varlen = torch.cuda.is_available() and not _has_sliding_window(base.config) and _varlen_runs(base)
+            varlen = torch.cuda.is_available() and not sliding and _varlen_runs(base)
         if varlen:
-            if torch.cuda.is_available() and "enable_gqa" not in _varlen_options():
-                shape = _head_shape(base.config)
+            shape = _head_shape(base.config)
+            if torch.cuda.is_available() and "enable_gqa" not in _varlen_options() and shape not in _GQA_PROBE:
                 _GQA_PROBE[shape] = _unflagged_gqa_works(*shape)
             name, function = ((AUTO_ATTENTION, auto_attention_forward) if attention == "auto"
                               else (VARLEN_ATTENTION, varlen_attention_forward))
@@ -188,7 +189,7 @@ def prepare_packing(model: torch.nn.Module, *, varlen: bool | None = None, atten
                           f"({type(err).__name__}: {err}); it keeps padded batches", stacklevel=2)
             return False
         if not apart:
-            if _has_sliding_window(base.config):
+            if sliding:
                 warnings.warn(f"padding_free: {type(base).__name__}'s own attention mask spans the sequences of a "
                               "packed row; it keeps padded batches", stacklevel=2)
                 return False
@@ -256,7 +257,8 @@ def _varlen_options() -> frozenset[str]:
     return frozenset(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else frozenset()
 
 
-# (query heads, key/value heads, head dim) -> the probe's answer, set at setup by prepare_packing.
+# (query heads, key/value heads, head dim) -> the probe's answer, set at setup by prepare_packing,
+# once per shape.
 # A layer never probes: a probe inside a checkpointed forward would add saved tensors that its
 # recompute does not make. A shape not probed expands, as before.
 _GQA_PROBE: dict[tuple[int, int, int], bool] = {}
@@ -268,7 +270,6 @@ def _head_shape(config) -> tuple[int, int, int]:
     return heads, getattr(config, "num_key_value_heads", None) or heads, head_dim
 
 
-@functools.lru_cache(maxsize=None)
 def _unflagged_gqa_works(heads: int, kv_heads: int, head_dim: int) -> bool:
     """Whether varlen_attn takes fewer key/value heads than query heads without an `enable_gqa`
     flag (torch 2.10-2.12, whose wrapper has none while the flash kernels under it share each key/

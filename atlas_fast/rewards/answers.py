@@ -150,10 +150,11 @@ def answers_match(pred: Any, truth: Any) -> bool:
         return False
     pred_text = _strip_wrappers(str(pred))
     pred_value = parse_number(pred_text)
-    values = [parse_number(_strip_wrappers(str(t))) for t in truths]
-    for t, value in zip(truths, values):
+    texts = [_strip_wrappers(str(t)) for t in truths]
+    values = [parse_number(text) for text in texts]
+    for t, text, value in zip(truths, texts, values):
         if pred_value is not None and value is not None:
-            if _same_number(pred_value, pred_text, value, _strip_wrappers(str(t))):
+            if _same_number(pred_value, pred_text, value, text):
                 return True
         elif normalize_answer(t) == pred_norm:
             return True
@@ -163,8 +164,8 @@ def answers_match(pred: Any, truth: Any) -> bool:
     if with_unit is None:
         return False
     number = parse_number(with_unit["num"])
-    return number is not None and any(v is not None and _same_number(number, with_unit["num"], v, _strip_wrappers(str(t)))
-                                      for t, v in zip(truths, values))
+    return number is not None and any(v is not None and _same_number(number, with_unit["num"], v, text)
+                                      for text, v in zip(texts, values))
 
 
 def _same_number(a: Fraction, a_text: str, b: Fraction, b_text: str) -> bool:
