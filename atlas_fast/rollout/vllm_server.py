@@ -9,8 +9,9 @@ Weights travel in large pieces, never one request per parameter:
 - `nccl` (GPU policy, GPU server, vLLM importable here): vLLM's own trainer-side NCCL engine,
   packed into buffers, one /update_weights request per sync.
 - `file` (anywhere the server can read a folder of ours, CPU included): the whole state in one
-  safetensors file (in /dev/shm when there is one: memory, not disk), loaded by one
-  /collective_rpc call into our worker extension (`vllm_worker_ext`).
+  safetensors file (in /dev/shm when there is one: memory, not disk), kept mapped and rewritten
+  in place at every push (`weight_file`), loaded by one /collective_rpc call into our worker
+  extension (`vllm_worker_ext`).
 Then the prefix cache is reset, so no KV block computed with the old weights is reused.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 
 from . import RolloutOutput, SamplingParams, stop_ids
 from .vllm_common import VLLM_MISSING, check_prompts, expand_greedy, finish, parse_dtype, policy_weights, sampling_fields
+from .weight_file import WeightFile
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,8 @@ class VLLMServerBackend:
                     with exponential backoff from `backoff` seconds
     weight_sync     "auto" (nccl when possible, else file), "nccl" or "file"
     weight_dir      where the file sync writes (default: a fresh folder in /dev/shm or $TMPDIR);
-                    the server must be able to read it
+                    the server must be able to read it. The file stays there, a model's worth of
+                    memory in /dev/shm, until `close()`
     group_port      TCP port of the NCCL rendezvous (the trainer listens)
     """
 
@@ -95,6 +98,7 @@ class VLLMServerBackend:
         self.last_sync_s: float | None = None
         self.last_sync: dict = {}  # the last push's timings (and bytes, for the file push)
         self._file_times: dict = {}
+        self._weight_file: WeightFile | None = None  # the file push's mapped file, kept between pushes
 
         self.wait_until_healthy(self.timeout)
         # Setup answers at once on a healthy server: the short timeout, not a generation's.
@@ -294,25 +298,22 @@ class VLLMServerBackend:
         return json.loads(text) if text else None
 
     def _push_file(self, model: torch.nn.Module) -> None:
-        from safetensors.torch import save_file
-
-        folder = self.weight_dir
-        path = folder / "weights.safetensors"
-        partial = folder / "weights.safetensors.partial"
+        if self._weight_file is None:
+            self._weight_file = WeightFile(self.weight_dir / "weights.safetensors")
         start = time.perf_counter()
-        with policy_weights(model, self.server_dtype) as pairs:
-            tensors = {name: t.to("cpu").contiguous() for name, t in pairs}
-        save_file(tensors, str(partial))
-        self._file_times = {"bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
-                            "write_s": time.perf_counter() - start}
-        del tensors
-        os.replace(partial, path)  # the server never sees a half-written file
+        with policy_weights(model) as pairs:
+            nbytes = self._weight_file.write(pairs, self.server_dtype)
+        self._file_times = {"bytes": nbytes, "write_s": time.perf_counter() - start}
+        path = self._weight_file.path
         try:
             if self._extension:
                 try:
                     start = time.perf_counter()
-                    self._rpc(EXTENSION_METHOD, path=str(path))
+                    reply = self._rpc(EXTENSION_METHOD, path=str(path))
                     self._file_times["load_s"] = time.perf_counter() - start
+                    worker = [r.get("seconds") for r in (reply or {}).get("results", []) if isinstance(r, dict)]
+                    if worker and all(isinstance(t, (int, float)) for t in worker):
+                        self._file_times["worker_load_s"] = max(worker)  # inside the workers, no HTTP or RPC hop
                     return
                 except VLLMServerError as err:
                     if "not implemented" not in str(err):
@@ -321,9 +322,12 @@ class VLLMServerBackend:
                     log.warning("vLLM server at %s lacks atlas-fast's worker extension (start it with "
                                 "atlas-fast vllm-serve); falling back to its reload_weights, which leaves a "
                                 "tied LM head stale on CPU servers", self.base_url)
-            self._rpc("reload_weights", weights_path=str(folder))
-        finally:
-            path.unlink(missing_ok=True)  # a model's worth of memory when in /dev/shm
+            self._rpc("reload_weights", weights_path=str(path.parent))
+        except BaseException:
+            # The server may still be reading it: the next push writes a new file, not these pages.
+            self._weight_file.discard()
+            self._weight_file = None
+            raise
 
     @property
     def weight_dir(self) -> Path:
@@ -397,6 +401,9 @@ class VLLMServerBackend:
                 pass  # the server may be gone already
             self._nccl.shutdown()
             self._nccl = None
+        if self._weight_file is not None:
+            self._weight_file.discard()  # a model's worth of memory when in /dev/shm
+            self._weight_file = None
         if self._own_weight_dir and self._weight_dir is not None:
             shutil.rmtree(self._weight_dir, ignore_errors=True)
             self._weight_dir = None

@@ -11,47 +11,120 @@ on CPU vLLM pre-packs each matmul weight (oneDNN / SGL kernels) when it loads, a
 kept its stale pack: greedy output after a push differed from the trainer's in our CPU test.
 So after the reload, every layer that shares its weight with another is processed again.
 
-The module is self-contained (torch and safetensors only): `atlas-fast vllm-serve` copies it next
+The trainer rewrites one file in place at every push; the worker keeps it mapped (`MappedWeights`)
+and hands vLLM views of the mapping, so a push neither parses nor faults in the file again.
+
+The module is self-contained (torch only): `atlas-fast vllm-serve` copies it next
 to a server that lives in a virtualenv of its own, where atlas_fast is not installed.
 """
 from __future__ import annotations
 
+import json
+import mmap
+import os
+import struct
+import time
 from typing import Iterable
+
+import torch
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
 
 
 class WeightReloadExtension:
     """Methods added to vLLM's worker; `self` is the worker."""
 
-    def atlas_fast_load_safetensors(self, path: str) -> int:
-        """Load every tensor of the safetensors file at `path` (checkpoint names); returns the count."""
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt", device="cpu") as f:
-            names = list(f.keys())
-            # Read lazily, in file order: a layer is processed as soon as all its tensors arrived.
-            self.atlas_fast_load_named_tensors((name, f.get_tensor(name)) for name in names)
-        return len(names)
+    def atlas_fast_load_safetensors(self, path: str) -> dict:
+        """Load every tensor of the safetensors file at `path` (checkpoint names) into the model."""
+        start = time.perf_counter()
+        maps = self.__dict__.setdefault("_atlas_fast_maps", {})
+        mapped = maps.get(path)
+        if mapped is None or not mapped.current():
+            maps.pop(path, None)
+            mapped = maps[path] = MappedWeights(path)
+        self.atlas_fast_load_named_tensors(mapped.tensors)
+        return {"tensors": len(mapped.tensors), "seconds": time.perf_counter() - start}
 
     def atlas_fast_load_named_tensors(self, weights: Iterable) -> None:
         """Load `(checkpoint name, tensor)` pairs into the running model, in place."""
-        self.reload_weights(weights_iterator=iter(weights))
-        refresh_shared_layers(self.model_runner.get_model())
+        loaded: set = set()
+
+        def noted():
+            for name, tensor in weights:
+                loaded.add(name)
+                yield name, tensor
+
+        self.reload_weights(weights_iterator=noted())
+        refresh_shared_layers(self.model_runner.get_model(), loaded)
 
 
-def refresh_shared_layers(model) -> int:
-    """Re-run the post-load processing of layers whose weight is another layer's (tied heads)."""
+def refresh_shared_layers(model, loaded: set | None = None) -> int:
+    """Re-run the post-load processing of layers whose weight is another layer's (tied heads).
+    A layer whose own `<name>.weight` was among the `loaded` names was processed by the reload
+    itself: packing the embedding's 150k x H weight again would cost ~0.1 s a push."""
     owners: dict[int, list] = {}
-    for module in model.modules():
+    for name, module in model.named_modules():
         weight = module.__dict__.get("_parameters", {}).get("weight")
         method = getattr(module, "quant_method", None)
         # Unquantized methods only: re-processing is idempotent there (a fresh pack of the
         # weight), while a quantized method would quantize its own output again.
         if weight is not None and type(method).__name__.startswith("Unquantized"):
-            owners.setdefault(id(weight), []).append(module)
+            owners.setdefault(id(weight), []).append((name, module))
     refreshed = 0
     for modules in owners.values():
         if len(modules) > 1:
-            for module in modules:
+            for name, module in modules:
+                if loaded is not None and f"{name}.weight" in loaded:
+                    continue
                 module.quant_method.process_weights_after_loading(module)
                 refreshed += 1
     return refreshed
+
+
+class MappedWeights:
+    """A safetensors file mapped once and read through the same mapping at every push.
+
+    The trainer rewrites the file in place (`atlas_fast.rollout.weight_file`), so the pages mapped
+    here already hold the new weights: a fresh mapping per push would fault in every page of the
+    file again. The mapping is current while the file at `path` is still the one mapped (a new
+    layout, or a push that failed, replaces the file and unlinks this one)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        # Writable and shared where we may: should a loader ever write into a tensor it is handed,
+        # the page takes the write (the trainer rewrites every byte at the next push) instead of a
+        # read-only page faulting. A server running as another user maps a private copy instead.
+        shared = os.access(path, os.W_OK)
+        self.fd = os.open(path, os.O_RDWR if shared else os.O_RDONLY)
+        try:
+            size = os.fstat(self.fd).st_size
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+            header.pop("__metadata__", None)
+            self.map = mmap.mmap(self.fd, size, access=mmap.ACCESS_WRITE if shared else mmap.ACCESS_COPY)
+            data = torch.frombuffer(self.map, dtype=torch.uint8)[8 + length:]
+            self.tensors = []
+            for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                begin, end = entry["data_offsets"]
+                dtype = DTYPES[entry["dtype"]]
+                self.tensors.append((name, data[begin:end].view(dtype).view(entry["shape"])))
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def current(self) -> bool:
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(self.fd)
+        return mine.st_nlink > 0 and (now.st_dev, now.st_ino, now.st_size) == (mine.st_dev, mine.st_ino, mine.st_size)
+
+    def __del__(self):
+        try:
+            os.close(self.fd)
+        except (OSError, AttributeError):
+            pass

@@ -4,6 +4,7 @@ The real vLLM server is exercised in test_vllm_server.py."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -35,6 +36,7 @@ class Scripted:
         self.fail: dict[str, list[int]] = {}  # path -> statuses to answer before succeeding
         self.hang: set[str] = set()
         self.raw: dict[str, bytes] = {}  # path -> bytes written as the whole reply (malformed replies)
+        self.answers: dict[str, object] = {}  # path -> a reply body, or a function of the request body
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -66,6 +68,9 @@ class Scripted:
                 if outer.fail.get(path):
                     status = outer.fail[path].pop(0)
                     return self._send(status, {"error": {"message": f"scripted {status}", "code": status}})
+                if path in outer.answers:
+                    answer = outer.answers[path]
+                    return self._send(200, answer(body) if callable(answer) else answer)
                 if path == "/health":
                     return self._send(200, {})
                 if path == "/v1/models":
@@ -249,3 +254,41 @@ def test_missing_vllm_is_a_clear_error(tok):
         pytest.skip("vLLM is installed in this environment")
     with pytest.raises(ImportError, match=r"pip install atlas-fast\[vllm\]"):
         build_backend("vllm", tiny_model(tok), tok)
+
+
+def test_file_push_rewrites_one_file_and_drops_it_after_a_failure(scripted, tok, tmp_path):
+    from safetensors import safe_open
+
+    seen = []
+
+    def load(body):  # what the worker would read at the moment of the load request
+        assert body["method"] == "atlas_fast_load_safetensors"
+        path = body["kwargs"]["path"]
+        with safe_open(path, framework="pt") as f:
+            seen.append((os.stat(path).st_ino, {name: f.get_tensor(name) for name in f.keys()}))
+        return {"results": [{"tensors": len(seen[-1][1]), "seconds": 0.25}]}
+
+    scripted.answers["/collective_rpc"] = load
+    scripted.answers["/reset_prefix_cache"] = {}
+    backend = client(scripted.url, tok, weight_sync="file", weight_dir=tmp_path)
+    model = backend.model
+    backend.update_weights(model)
+    assert backend.last_sync["mode"] == "file" and backend.last_sync["worker_load_s"] == 0.25
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    backend.update_weights(model)
+    assert seen[0][0] == seen[1][0]  # the same file, rewritten in place
+    with policy_weights(model) as pairs:
+        for name, t in pairs:
+            assert torch.equal(seen[1][1][name], t), name  # the server read the new values
+    (path,) = list(tmp_path.iterdir())
+
+    scripted.fail["/collective_rpc"] = [500]
+    with pytest.raises(VLLMServerError, match="scripted 500"):
+        backend.update_weights(model)
+    assert not path.exists()  # a server that may still be reading keeps its pages; we start over
+    backend.update_weights(model)
+    assert path.exists() and len(seen) == 3
+    backend.close()
+    assert not path.exists()
