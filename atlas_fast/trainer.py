@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -789,12 +790,33 @@ class GRPOTrainer:
             "epochs_ending": snapshot["epochs_ending"],
             "rng": snapshot["rng"],
             "num_tokens": self._num_tokens,
+            "batch_geometry": self._batch_geometry(),
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         if self.ref_model is not None and self.args.sync_ref_model:
             state["ref_model"] = self.ref_model.state_dict()  # it drifts with the policy
         return state
+
+    def _batch_geometry(self) -> dict:
+        """The settings that cut the prompt stream into generation batches and micro-batches."""
+        c = self.args
+        return {"num_generations": c.num_generations, "per_device_train_batch_size": c.per_device_train_batch_size,
+                "micro-batches per generation batch": c.generation_steps,
+                "gradient_accumulation_steps": c.gradient_accumulation_steps, "num_iterations": c.num_iterations}
+
+    def _check_batch_geometry(self, path: Path, saved: dict | None, pending: int) -> None:
+        changed = [f"{k} {v} -> {self._batch_geometry()[k]}" for k, v in (saved or {}).items()
+                   if k in self._batch_geometry() and self._batch_geometry()[k] != v]
+        if not changed:
+            return
+        if pending:
+            # Those micro-batches were cut, and their advantages normalised, for the saved settings.
+            raise ValueError(f"Cannot resume {path} with changed batch settings ({'; '.join(changed)}): the checkpoint "
+                             f"holds {pending} micro-batches of a generation batch cut for the saved settings. Resume "
+                             "with them, or start a new run")
+        warnings.warn(f"Resuming {path} with changed batch settings ({'; '.join(changed)}): training continues from the "
+                      "same place in the prompt order, but not as the saved run would have", UserWarning, stacklevel=3)
 
     def _snapshot(self) -> dict:
         # A few ints, a list of references to immutable micro-batches and the RNG states: cheap
@@ -817,6 +839,7 @@ class GRPOTrainer:
     def _resume(self, where: str | bool) -> None:
         path = self.checkpoint_to_resume(where)
         state = ckpt.load_checkpoint(path, self.model)
+        self._check_batch_geometry(path, state.get("batch_geometry"), len(state["pending"]))
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])

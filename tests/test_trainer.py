@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 
 import datasets
 import pytest
@@ -1114,3 +1115,26 @@ def test_several_processes_are_refused_before_anything_loads(tmp_path, tok, monk
     with pytest.raises(ValueError, match="trains in one process, and this is one of 2"):
         trainer_for(tmp_path, tok)
     assert not (tmp_path / "run").exists()
+
+
+def test_resuming_pending_micro_batches_with_other_batch_settings_is_refused_up_front(tmp_path, tok):
+    base = dict(max_steps=4, steps_per_generation=4, per_device_train_batch_size=4, max_completion_length=4, save_steps=1)
+    trainer_for(tmp_path, tok, trainer_kwargs=dict(callbacks=[StopAt(1)]), **base).train()  # 3 micro-batches pending
+    resumed = trainer_for(tmp_path, tok, **{**base, "num_generations": 2})
+    before = resumed.optimizer.state_dict()
+    with pytest.raises(ValueError, match=r"num_generations 4 -> 2.*3 micro-batches"):
+        resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 0 and resumed.optimizer.state_dict() == before
+
+
+def test_resuming_at_a_generation_boundary_with_other_batch_settings_warns(tmp_path, tok):
+    base = dict(max_steps=3, max_completion_length=4, save_steps=1, trainer_kwargs=dict(rollout_func=fixed_rollout))
+    trainer_for(tmp_path, tok, **{**base, "trainer_kwargs": dict(rollout_func=fixed_rollout, callbacks=[StopAt(1)])}).train()
+    resumed = trainer_for(tmp_path, tok, per_device_train_batch_size=4, **base)
+    with pytest.warns(UserWarning, match="per_device_train_batch_size 8 -> 4"):
+        resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # unchanged settings: no warning
+        again = trainer_for(tmp_path, tok, per_device_train_batch_size=4, **{**base, "max_steps": 4})
+        again.train(resume_from_checkpoint=True)
