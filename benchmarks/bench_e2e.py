@@ -657,9 +657,10 @@ def step_table(rows: list[Result]) -> str:
              f"prompts of {STEP_PROMPT_LENS[0]}-{STEP_PROMPT_LENS[1]} tokens, beta 0)", "",
              "| shape | system | generation | mean completion length | step time | completion tokens/s | peak memory "
              "| speed-up vs TRL |", "|---|---|---|---|---|---|---|---|"]
-    trl = next((r for r in rows if r.system == "TRL"), None)
+    trl = {r.shape: r for r in rows if r.system == "TRL"}  # each shape against its own TRL row
     for r in rows:
-        speed = "-" if not (r.ok and trl is not None and trl.ok) else f"{trl.step_s / r.step_s:.2f}x"
+        base = trl.get(r.shape)
+        speed = "-" if not (r.ok and base is not None and base.ok) else f"{base.step_s / r.step_s:.2f}x"
         gen = r.notes.get("rollout_backend", "HF generate") if r.system.startswith("atlas") else "HF generate"
         lines.append(f"| {r.shape} | {r.system} | {gen} | {fmt(r.notes.get('mean_length'), '.0f')} | "
                      f"{f'{r.step_s:.3f} s' if r.ok else r.error} | "

@@ -45,3 +45,14 @@ def test_result_table_ratios_and_leftover_note(be):
     table = be.result_table(rows, "t")
     assert "| s | 8 | atlas-fast | 0.500 s | 2.00 GiB | 0.50x | 0.62x | 0.50x | 0.62x |" in table
     assert "s / 8 / atlas-fast: 1.50 GiB" in table
+
+
+def test_the_step_table_compares_each_shape_with_its_own_trl_row(be):
+    rows = [be.Result("step", "small", "atlas-fast", 512, step_s=2.0, tokens=1000),
+            be.Result("step", "small", "TRL", 512, step_s=12.0, tokens=1000),
+            be.Result("step", "large", "atlas-fast", 512, step_s=3.0, tokens=1000),
+            be.Result("step", "large", "TRL", 512, step_s=21.0, tokens=1000)]
+    speed = {(line.split(" | ")[0][2:], line.split(" | ")[1]): line.split(" | ")[-1].rstrip(" |")
+             for line in be.step_table(rows).splitlines() if line.startswith("| small") or line.startswith("| large")}
+    assert speed == {("small", "atlas-fast"): "6.00x", ("small", "TRL"): "1.00x",
+                     ("large", "atlas-fast"): "7.00x", ("large", "TRL"): "1.00x"}
