@@ -96,6 +96,40 @@ def completion_hidden(head: LMHead, mb: MicroBatch) -> torch.Tensor:
     return out.last_hidden_state[:, -(C + 1) :]
 
 
+def concat_micro_batches(mbs: list[MicroBatch]) -> MicroBatch:
+    """One micro-batch holding the rows of `mbs`, prompts left-padded and completions right-padded
+    to the widest of them (padded positions are masked out; their ids are 0, any valid id would do)."""
+    if len(mbs) == 1:
+        return mbs[0]
+    C = max(mb.completion_ids.shape[1] for mb in mbs)
+    P = max(mb.input_ids.shape[1] - mb.completion_ids.shape[1] for mb in mbs)
+
+    def widen(t: torch.Tensor, left: int, right: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (left, right))  # zeros before and after the last dim
+
+    parts: dict[str, list] = {f.name: [] for f in fields(MicroBatch)}
+    for mb in mbs:
+        c = mb.completion_ids.shape[1]
+        p = mb.input_ids.shape[1] - c
+        parts["input_ids"].append(widen(mb.input_ids, P - p, C - c))
+        parts["attention_mask"].append(widen(mb.attention_mask, P - p, C - c))
+        for name in ("completion_ids", "completion_mask", "old_logps", "ref_logps"):
+            value = getattr(mb, name)
+            parts[name].append(None if value is None else widen(value, 0, C - c))
+        parts["advantages"].append(mb.advantages)
+    out = {}
+    for name, values in parts.items():
+        if name == "num_items":
+            out[name] = mbs[0].num_items
+        elif any(v is None for v in values):
+            if not all(v is None for v in values):
+                raise ValueError(f"concat_micro_batches: {name} is missing from some micro-batches")
+            out[name] = None
+        else:
+            out[name] = torch.cat(values)
+    return MicroBatch(**out)
+
+
 def trim(mb: MicroBatch) -> MicroBatch:
     """Drop columns that are padding for every row of this micro-batch (left of prompts, right of completions)."""
     keep_c = max(int(mb.completion_mask.sum(1).max()), 1)

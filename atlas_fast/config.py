@@ -158,7 +158,10 @@ class GRPOConfig:
     # takes: a micro-batch holding more runs in row chunks under it, accumulating gradients, with
     # the micro-batch's loss and gradient unchanged. Activation memory then follows the budget, not
     # per_device_train_batch_size x sequence length. Counted as packed tokens with padding_free,
-    # else rows x the longest row. None: whole micro-batches.
+    # else rows x the longest row. Micro-batches of one optimizer step that fit it together run
+    # as one pass (same objective and gradient; not with bnpo, which normalises each micro-batch
+    # by its own tokens): small micro-batches then pay the host's per-pass work once.
+    # None: whole micro-batches, one pass each.
     max_forward_tokens: int | None = None
     # The policy's RMSNorms and SwiGLU activations in atlas_kernels' fused kernels, forward and
     # backward (fused_layers.py): one kernel each way where the stock modules launch ~6-10.

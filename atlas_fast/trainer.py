@@ -40,7 +40,8 @@ import atlas_kernels
 from atlas_kernels import reference as kernels_reference
 
 from . import checkpoint as ckpt
-from .batch import LMHead, MicroBatch, completion_hidden, completion_logits, split_lm_head, trim
+from .batch import (LMHead, MicroBatch, completion_hidden, completion_logits, concat_micro_batches, split_lm_head,
+                    trim)
 from .config import GRPOConfig
 from .data import PromptSampler, is_conversational, load_dataset_any, render_prompt
 from .memory import (OffloadedAdamW, PhaseReport, StreamedAdamW, enable_gradient_checkpointing, frozen_offload, on_device,
@@ -364,20 +365,21 @@ class GRPOTrainer:
         c = self.args
         sums: dict[str, float] = {}
         tokens = 0
-        for _ in range(c.gradient_accumulation_steps):
-            mb = self._next_micro_batch()
+        for mb, count in self._update_batches():
             _set_training(self.model, True)  # generation and log-prob passes switch to eval mode
             with self.memory.phase("update"):
                 for part, loss_share, token_share in self._forward_parts(mb):
                     with self._autocast():
                         loss, stats = self._loss(part)
-                    loss = loss * loss_share
+                    # A merged pass normalises as one micro-batch of `count` micro-batches' rows;
+                    # `count` restores their sum (only row-mean and num_items losses are merged).
+                    loss = loss * (loss_share * (count if c.loss_type in ("grpo", "dr_grpo") else 1))
                     if not torch.isfinite(loss):
                         self._stop_on_non_finite(f"loss is {float(loss.detach())}")
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
                     sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())  # host sync, for logging
-                    for k, v in stats.items():  # token means over the part: weighted back to the micro-batch's
-                        sums[k] = sums.get(k, 0.0) + float(v) * token_share
+                    for k, v in stats.items():  # token means over the part: weighted back to the micro-batches'
+                        sums[k] = sums.get(k, 0.0) + float(v) * token_share * count
             tokens += int(mb.attention_mask.sum())
         max_norm = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
         if self.scaler:
@@ -434,6 +436,44 @@ class GRPOTrainer:
         if c.loss_type not in ("dapo", "cispo"):
             loss = loss / c.gradient_accumulation_steps  # per-micro-batch normalisers: average the steps
         return loss, stats
+
+    def _update_batches(self):
+        """(micro-batch, how many micro-batches it holds) for each forward pass of one optimizer step.
+
+        Without max_forward_tokens, each micro-batch as it comes. With it, consecutive micro-batches
+        that fit the budget together run as one pass: the per-pass work on the host (hundreds of
+        launches per layer, forward and backward) is paid once, which is most of the update when
+        micro-batches are small. Only losses whose sum over the merged micro-batches is one pass's
+        loss times a constant are merged: grpo and dr_grpo (a mean over rows, equal row counts)
+        and dapo / cispo (one normaliser for the generation batch); bnpo normalises each
+        micro-batch by its own tokens and is never merged."""
+        c = self.args
+        steps = c.gradient_accumulation_steps
+        if c.max_forward_tokens is None or c.loss_type == "bnpo" or steps == 1:
+            for _ in range(steps):
+                yield self._next_micro_batch(), 1
+            return
+        mbs = [self._next_micro_batch() for _ in range(steps)]
+        # Packed rows cost their tokens (one host sync per micro-batch); padded rows, rows x the widest.
+        sizes = [int(m.attention_mask.sum()) for m in mbs] if self.padding_free else None
+        start = 0
+        for end in range(1, steps + 1):
+            if end == steps or not self._merge_fits(mbs[start:end + 1], sizes and sizes[start:end + 1]):
+                yield concat_micro_batches(mbs[start:end]), end - start
+                start = end
+
+    def _merge_fits(self, group: list[MicroBatch], sizes: list[int] | None) -> bool:
+        first, last = group[0], group[-1]
+        if self.args.loss_type in ("grpo", "dr_grpo") and len(last.advantages) != len(first.advantages):
+            return False
+        if last.num_items != first.num_items or (last.old_logps is None) != (first.old_logps is None) \
+                or (last.ref_logps is None) != (first.ref_logps is None):
+            return False  # another generation batch, or other log-probs
+        if sizes is None:
+            C = max(m.completion_ids.shape[1] for m in group)
+            P = max(m.input_ids.shape[1] - m.completion_ids.shape[1] for m in group)
+            sizes = [sum(len(m.advantages) for m in group) * (P + C)]
+        return sum(sizes) <= self.args.max_forward_tokens
 
     def _forward_parts(self, mb: MicroBatch) -> list[tuple[MicroBatch, float, float]]:
         """(rows, loss share, completion-token share) per forward pass of `mb`: the whole micro-batch,

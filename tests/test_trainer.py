@@ -1138,3 +1138,52 @@ def test_resuming_at_a_generation_boundary_with_other_batch_settings_warns(tmp_p
         warnings.simplefilter("error", UserWarning)  # unchanged settings: no warning
         again = trainer_for(tmp_path, tok, per_device_train_batch_size=4, **{**base, "max_steps": 4})
         again.train(resume_from_checkpoint=True)
+
+
+def gradients_at_step(trainer) -> dict[str, torch.Tensor]:
+    """Filled with the gradients the optimizer steps with (after clipping)."""
+    got = {}
+    step = trainer.optimizer.step
+
+    def capture(*args, **kwargs):
+        got.update({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = capture
+    return got
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
+def test_micro_batches_merged_under_max_forward_tokens_train_as_apart(tmp_path, tok, loss_type, padding_free):
+    # One step: a second would sample from weights that differ in the last bits, and diverge.
+    base = dict(max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=4, max_completion_length=5,
+                temperature=1.5, beta=0.1, loss_type=loss_type, padding_free=padding_free)
+    apart = trainer_for(tmp_path, tok, name="apart", **base)
+    expected = gradients_at_step(apart)
+    apart.train()
+    merged = trainer_for(tmp_path, tok, name="merged", max_forward_tokens=10**6, **base)
+    got = gradients_at_step(merged)
+    passes = []
+    loss = merged._loss
+    merged._loss = lambda mb: passes.append(len(mb.advantages)) or loss(mb)
+    merged.train()
+    # bnpo normalises each micro-batch by its own tokens: never merged
+    assert passes == ([4] * 4 if loss_type == "bnpo" else [16])
+    assert expected.keys() == got.keys() and any(float(g.abs().max()) > 0 for g in expected.values())
+    for name, g in expected.items():
+        assert float((g - got[name]).norm()) <= 1e-5 * float(g.norm()) + 1e-9, name
+    ra, rm = train_records(tmp_path / "apart"), train_records(tmp_path / "merged")
+    assert [r["reward"] for r in ra] == [r["reward"] for r in rm]
+    for x, y in zip(ra, rm):
+        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-5, abs_tol=1e-7)
+
+
+def test_max_forward_tokens_merges_only_what_fits(tmp_path, tok):
+    trainer = trainer_for(tmp_path, tok, max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                          max_completion_length=5, padding_free=True, max_forward_tokens=1)
+    passes = []
+    loss = trainer._loss
+    trainer._loss = lambda mb: passes.append(len(mb.advantages)) or loss(mb)
+    trainer.train()
+    assert passes == [1] * 16  # nothing fits with another; each micro-batch is split to single rows
