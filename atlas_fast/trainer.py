@@ -667,7 +667,10 @@ class GRPOTrainer:
 
     def _logp_forwards(self, batch: MicroBatch, size: int) -> list[MicroBatch]:
         """`batch` as the forwards of a log-prob pass, in row order: micro-batches of `size` rows,
-        each in row chunks when it holds more than max_forward_tokens."""
+        or with max_forward_tokens, row chunks of the whole batch under it (no gradient here, so
+        any grouping of rows gives their log-probs: small micro-batches share a pass)."""
+        if self.args.max_forward_tokens is not None:
+            return [part for part, _, _ in self._forward_parts(batch if self.padding_free else trim(batch))]
         # A padded slice runs at its own width, not the generation batch's: its forward's size, and
         # max_forward_tokens, count the columns it computes. Packed rows hold no padding to drop.
         slices = [batch.slice(slice(i, i + size)) for i in range(0, len(batch.advantages), size)]

@@ -1030,3 +1030,19 @@ def test_packed_attention_refuses_a_window_it_would_not_apply():
     out, _ = packing.sequences_attention_forward(torch.nn.Module(), q, q, q, None, cu_seq_lens_q=cu, max_length_q=5,
                                                  sliding_window=5)  # a window no sequence outgrows changes nothing
     assert out.shape == (1, 6, 2, 8)
+
+
+def test_log_prob_pass_groups_small_micro_batches_under_max_forward_tokens(tmp_path, tok):
+    batch = micro_batch(prompt_lengths=(2, 3, 1, 4, 2, 2), completion_lengths=(3, 1, 2, 2, 4, 1))
+    width = batch.completion_ids.shape[1]
+    for padding_free in (False, True):
+        plain = _trainer(tmp_path, tok, f"plain{padding_free}", padding_free=padding_free)
+        budget = _trainer(tmp_path, tok, f"budget{padding_free}", padding_free=padding_free, max_forward_tokens=64)
+        assert len(plain._logp_forwards(batch, 2)) == 3  # one forward per micro-batch of 2 rows
+        parts = budget._logp_forwards(batch, 2)
+        assert [len(p.advantages) for p in parts] == [6]  # all six rows fit one forward
+        with torch.no_grad():
+            grouped = budget._batched_logps(budget.model, parts, width)
+            apart = plain._batched_logps(plain.model, plain._logp_forwards(batch, 2), width)
+        mask = batch.completion_mask
+        torch.testing.assert_close(grouped[mask], apart[mask], atol=1e-5, rtol=1e-5)
