@@ -96,6 +96,18 @@ def test_answer_leak_detection():
     assert answer_leaked("x = 3/4", "#### 0.75")
 
 
+def test_answer_leaks_in_latex_count_and_step_labels_do_not():
+    assert answer_leaked(r"so we get \frac{1}{2}", r"\frac{1}{2}")
+    assert answer_leaked(r"which is \dfrac{3}{4} of the cake", "0.75")
+    assert answer_leaked(r"\frac34 of it", "#### 0.75")
+    assert not answer_leaked(r"\frac{1}{3} of the rest", "0.75")
+    assert not answer_leaked("Step 2: multiply both sides by 3", "2")
+    assert not answer_leaked("1. Add the two numbers\n2. Divide by the count\n(3) Check", "2")
+    assert answer_leaked("Step 3: the total is 2", "2")  # a label elsewhere hides nothing
+    assert answer_leaked("there are 2 left", "2")
+    assert answer_leaked("2.5 is the rate", "2.5")
+
+
 def test_teaching_reward_function_reads_protocol_columns():
     reward = TeachingReward()
     out = reward(prompts=["1+1="] * 5, completions=["g"] * 5, ground_truth=["2", "2", "2", "2", None],

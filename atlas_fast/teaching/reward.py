@@ -28,6 +28,10 @@ from atlas_fast.rewards import answers_match, completion_text, extract_answer, n
 
 IMPROVED, DEGRADED, BOTH_CORRECT, BOTH_WRONG = "improved", "degraded", "both_correct", "both_wrong"
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+# LaTeX fractions, \frac{3}{4} and the brace-less \frac34, read as 3/4 so that they count as numbers.
+_LATEX_FRACTION = re.compile(r"\\[dt]?frac\s*(?:\{\s*([-+]?[\d.,]+)\s*\}|(\d))\s*(?:\{\s*([\d.,]+)\s*\}|(\d))")
+# Numbers that label a step, not a quantity: "Step 2", and list items ("2." or "2)" opening a line).
+_STEP_LABEL = re.compile(r"(?i)\bstep\s+\d+\b|^[ \t]*\(?\d+[.)](?=\s)", re.MULTILINE)
 
 
 @dataclass
@@ -81,16 +85,19 @@ def teaching_reward_value(baseline_correct: bool, guided_correct: bool, baseline
 def answer_leaked(guidance: str, truth: Any) -> bool:
     """True when `guidance` states the ground truth: a number in it equal to a numeric truth, or
     the normalised truth text as a whole word. Truths are ambiguous below two characters ("1"
-    appears in any hint), so a numeric truth is matched as a number, never as a substring."""
+    appears in any hint), so a numeric truth is matched as a number, never as a substring.
+    Numbers include LaTeX fractions; step labels ("Step 2", a list item "2.") are not quantities."""
     if truth is None:
         return False
     answer = truth_answer(truth)  # a GSM8K / MATH solution's final answer, not its working
+    fractions = _LATEX_FRACTION.sub(lambda m: f" {m[1] or m[2]}/{m[3] or m[4]} ", guidance)
+    quantities = _STEP_LABEL.sub(" ", fractions)
     truths = answer if isinstance(answer, list) else [answer]
     for t in truths:
         text = str(t).strip()
         value = parse_number(text)
         if value is not None:
-            if any(parse_number(n.replace(",", "")) == value for n in _NUMBER.findall(guidance)):
+            if any(parse_number(n.replace(",", "")) == value for n in _NUMBER.findall(quantities)):
                 return True
             continue
         norm = normalize_answer(text)
