@@ -547,14 +547,27 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
     Raises ``ValueError`` when the folder is missing or incomplete, when it was written
     for a different model, or when a file cannot be read without unpickling.
     """
+    state = load_trainer_state(path, model)
+    load_weights(path, model)
+    return state
+
+
+def load_trainer_state(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
+    """The saved trainer-state dict of a checkpoint checked to load into ``model``, which is left
+    untouched: a caller can refuse the state before any weight changes."""
     path = Path(path)
     check_checkpoint(path, model)
+    return _load_trainer_state(path)
+
+
+def load_weights(path: str | Path, model: torch.nn.Module) -> None:
+    """Load a checkpoint's weights into ``model`` in place (after `load_trainer_state` checked it)."""
+    path = Path(path)
     target = _unwrap(model)
     if _is_peft(target):
         _load_peft_weights(path, target)
     else:
         _load_full_weights(path, target)
-    return _load_trainer_state(path)
 
 
 # --------------------------------------------------------------------------- the run folder

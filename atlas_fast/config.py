@@ -160,7 +160,9 @@ class GRPOConfig:
     # per_device_train_batch_size x sequence length. Counted as packed tokens with padding_free,
     # else rows x the longest row. Micro-batches of one optimizer step that fit it together run
     # as one pass (same objective and gradient; not with bnpo, which normalises each micro-batch
-    # by its own tokens): small micro-batches then pay the host's per-pass work once.
+    # by its own tokens): small micro-batches then pay the host's per-pass work once. Logged token
+    # means (kl, entropy, clip ratios) are then means over the merged tokens, not averages of each
+    # micro-batch's own mean: they differ where micro-batches hold different numbers of tokens.
     # None: whole micro-batches, one pass each.
     max_forward_tokens: int | None = None
     # The policy's RMSNorms and SwiGLU activations in atlas_kernels' fused kernels, forward and

@@ -454,13 +454,21 @@ class GRPOTrainer:
                 yield self._next_micro_batch(), 1
             return
         mbs = [self._next_micro_batch() for _ in range(steps)]
+        for group in self._merge_groups(mbs):
+            yield concat_micro_batches(mbs[group.start:group.stop]), len(group)
+
+    def _merge_groups(self, mbs: list[MicroBatch]) -> list[range]:
+        """Consecutive runs of `mbs` that one forward pass takes together (see _update_batches)."""
+        if self.args.max_forward_tokens is None or self.args.loss_type == "bnpo":
+            return [range(i, i + 1) for i in range(len(mbs))]
         # Packed rows cost their tokens (one host sync per micro-batch); padded rows, rows x the widest.
         sizes = [int(m.attention_mask.sum()) for m in mbs] if self.padding_free else None
-        start = 0
-        for end in range(1, steps + 1):
-            if end == steps or not self._merge_fits(mbs[start:end + 1], sizes and sizes[start:end + 1]):
-                yield concat_micro_batches(mbs[start:end]), end - start
+        groups, start = [], 0
+        for end in range(1, len(mbs) + 1):
+            if end == len(mbs) or not self._merge_fits(mbs[start:end + 1], sizes and sizes[start:end + 1]):
+                groups.append(range(start, end))
                 start = end
+        return groups
 
     def _merge_fits(self, group: list[MicroBatch], sizes: list[int] | None) -> bool:
         first, last = group[0], group[-1]
@@ -667,14 +675,14 @@ class GRPOTrainer:
 
     def _logp_forwards(self, batch: MicroBatch, size: int) -> list[MicroBatch]:
         """`batch` as the forwards of a log-prob pass, in row order: micro-batches of `size` rows,
-        or with max_forward_tokens, row chunks of the whole batch under it (no gradient here, so
-        any grouping of rows gives their log-probs: small micro-batches share a pass)."""
-        if self.args.max_forward_tokens is not None:
-            return [part for part, _, _ in self._forward_parts(batch if self.padding_free else trim(batch))]
+        each in row chunks when it holds more than max_forward_tokens, and runs of them merged
+        under it as the update merges them (the same shapes, so the same rounding)."""
         # A padded slice runs at its own width, not the generation batch's: its forward's size, and
         # max_forward_tokens, count the columns it computes. Packed rows hold no padding to drop.
         slices = [batch.slice(slice(i, i + size)) for i in range(0, len(batch.advantages), size)]
-        return [part for mb in slices for part, _, _ in self._forward_parts(mb if self.padding_free else trim(mb))]
+        slices = slices if self.padding_free else [trim(mb) for mb in slices]
+        merged = [concat_micro_batches(slices[g.start:g.stop]) for g in self._merge_groups(slices)]
+        return [part for mb in merged for part, _, _ in self._forward_parts(mb)]
 
     def _batched_logps(self, model, parts: list[MicroBatch], width: int) -> torch.Tensor:
         """Completion log-probs [rows, width] of the forwards in `parts` (from _logp_forwards)."""
@@ -881,22 +889,24 @@ class GRPOTrainer:
 
     def _resume(self, where: str | bool) -> None:
         path = self.checkpoint_to_resume(where)
-        state = ckpt.load_checkpoint(path, self.model)
+        state = ckpt.load_trainer_state(path, self.model)
+        # Refusals first, while the model still holds its own weights.
         self._check_batch_geometry(path, state.get("batch_geometry"), len(state["pending"]))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
-        self._pending = [MicroBatch(**{k: v.to(self.device) if isinstance(v, torch.Tensor) else v
-                                       for k, v in mb.items()}) for mb in state["pending"]]
         # Micro-batches generated before the save carry the log-probs that run's settings needed;
         # a loss that now needs others would fail at its first step with a message about the loss.
         for field, needed, setting in (("ref_logps", self.args.beta != 0.0, f"beta={self.args.beta}"),
                                        ("old_logps", self.args.uses_old_logps, "these settings (num_iterations > 1, "
                                         "or steps_per_generation > gradient_accumulation_steps)")):
-            if needed and any(getattr(mb, field) is None for mb in self._pending):
+            if needed and any(mb.get(field) is None for mb in state["pending"]):
                 raise ValueError(f"Cannot resume {path} with {setting}: the checkpoint holds micro-batches generated "
                                  f"without {field.replace('_', ' ')} (its run did not need them); resume with that run's "
                                  "settings until its generation batch is spent, or start a new run")
+        ckpt.load_weights(path, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self._pending = [MicroBatch(**{k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                                       for k, v in mb.items()}) for mb in state["pending"]]
         if "ref_model" in state and self.ref_model is not None:
             self.ref_model.load_state_dict(state["ref_model"])
         self._epochs_ending = state.get("epochs_ending", 0)

@@ -1070,9 +1070,11 @@ def test_resuming_with_a_beta_the_saved_micro_batches_lack_log_probs_for_is_refu
     base = dict(max_steps=4, steps_per_generation=4, per_device_train_batch_size=4, max_completion_length=4, save_steps=1)
     trainer_for(tmp_path, tok, trainer_kwargs=dict(callbacks=[StopAt(1)]), **base).train()  # beta 0: no reference
     resumed = trainer_for(tmp_path, tok, **{**base, "beta": 0.1})
+    weights = params(resumed.model)
     with pytest.raises(ValueError, match="beta=0.1: the checkpoint holds micro-batches generated without ref logps"):
         resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 0
+    assert all(torch.equal(weights[n], p) for n, p in resumed.model.named_parameters())
 
 
 def test_an_epoch_ends_with_the_step_that_trains_its_last_rows(tmp_path, tok):
@@ -1121,10 +1123,11 @@ def test_resuming_pending_micro_batches_with_other_batch_settings_is_refused_up_
     base = dict(max_steps=4, steps_per_generation=4, per_device_train_batch_size=4, max_completion_length=4, save_steps=1)
     trainer_for(tmp_path, tok, trainer_kwargs=dict(callbacks=[StopAt(1)]), **base).train()  # 3 micro-batches pending
     resumed = trainer_for(tmp_path, tok, **{**base, "num_generations": 2})
-    before = resumed.optimizer.state_dict()
+    before, weights = resumed.optimizer.state_dict(), params(resumed.model)
     with pytest.raises(ValueError, match=r"num_generations 4 -> 2.*3 micro-batches"):
         resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 0 and resumed.optimizer.state_dict() == before
+    assert all(torch.equal(weights[n], p) for n, p in resumed.model.named_parameters())  # not the checkpoint's
 
 
 def test_resuming_at_a_generation_boundary_with_other_batch_settings_warns(tmp_path, tok):

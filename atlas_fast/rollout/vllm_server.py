@@ -16,6 +16,7 @@ Then the prefix cache is reset, so no KV block computed with the old weights is 
 """
 from __future__ import annotations
 
+import errno
 import http.client
 import json
 import logging
@@ -27,6 +28,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -62,9 +64,9 @@ class VLLMServerBackend:
     retries         extra attempts for a request that could not connect or got 502/503/504,
                     with exponential backoff from `backoff` seconds
     weight_sync     "auto" (nccl when possible, else file), "nccl" or "file"
-    weight_dir      where the file sync writes (default: a fresh folder in /dev/shm or $TMPDIR);
-                    the server must be able to read it. The file stays there, a model's worth of
-                    memory in /dev/shm, until `close()`
+    weight_dir      where the file sync makes its own folder (default: /dev/shm when it has room,
+                    else $TMPDIR); the server must be able to read it. The file stays there, a
+                    model's worth of memory in /dev/shm, until `close()` or exit
     group_port      TCP port of the NCCL rendezvous (the trainer listens)
     """
 
@@ -91,8 +93,10 @@ class VLLMServerBackend:
         self.group_port = int(group_port)
         self.max_concurrency = max(1, int(max_concurrency))
         self.eos_ids = stop_ids(tokenizer, model)
-        self._weight_dir = Path(weight_dir) if weight_dir is not None else None
-        self._own_weight_dir = False
+        self._weight_root = Path(weight_dir) if weight_dir is not None else None
+        self._weight_dir: Path | None = None  # our own folder inside the root, made on first push
+        self._weight_dir_cleanup: weakref.finalize | None = None
+        self._shm_full = False  # /dev/shm had no room for the weights: the default root is disk
         self._nccl = None  # vLLM's trainer-side engine, once the NCCL group is up
         self._extension = True  # False once the server is found to lack our worker extension
         self.last_sync_s: float | None = None
@@ -301,8 +305,17 @@ class VLLMServerBackend:
         if self._weight_file is None:
             self._weight_file = WeightFile(self.weight_dir / "weights.safetensors")
         start = time.perf_counter()
-        with policy_weights(model) as pairs:
-            nbytes = self._weight_file.write(pairs, self.server_dtype)
+        try:
+            with policy_weights(model) as pairs:
+                nbytes = self._weight_file.write(pairs, self.server_dtype)
+        except OSError as err:
+            self._drop_weight_dir()
+            if err.errno != errno.ENOSPC or self._weight_root is not None or self._shm_full:
+                raise
+            # The default folder was in a /dev/shm too small for the weights (Docker's is 64 MB): disk then.
+            self._shm_full = True
+            log.warning("%s; pushing weights through a file in %s instead", err.strerror, tempfile.gettempdir())
+            return self._push_file(model)
         self._file_times = {"bytes": nbytes, "write_s": time.perf_counter() - start}
         path = self._weight_file.path
         try:
@@ -331,14 +344,29 @@ class VLLMServerBackend:
 
     @property
     def weight_dir(self) -> Path:
+        """This backend's own folder for the file push, made on first use inside `weight_dir` (or
+        /dev/shm, else the temp folder) and removed by `close()`, or at exit at the latest."""
         if self._weight_dir is None:
-            shm = Path("/dev/shm")
-            root = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+            root = self._weight_root
+            if root is None:
+                shm = Path("/dev/shm")
+                root = shm if shm.is_dir() and os.access(shm, os.W_OK) and not self._shm_full else None
+            else:
+                root.mkdir(parents=True, exist_ok=True)
             self._weight_dir = Path(tempfile.mkdtemp(prefix="atlas-fast-weights-", dir=root))
             os.chmod(self._weight_dir, 0o755)  # a server running as another user still reads it
-            self._own_weight_dir = True
-        self._weight_dir.mkdir(parents=True, exist_ok=True)
+            # A run that never calls close() must not leave a model's worth of shared memory behind.
+            self._weight_dir_cleanup = weakref.finalize(self, shutil.rmtree, str(self._weight_dir), True)
         return self._weight_dir
+
+    def _drop_weight_dir(self) -> None:
+        if self._weight_file is not None:
+            self._weight_file.discard()
+            self._weight_file = None
+        if self._weight_dir_cleanup is not None:
+            self._weight_dir_cleanup()  # removes the folder, once
+            self._weight_dir_cleanup = None
+        self._weight_dir = None
 
     def _push_nccl(self, model: torch.nn.Module) -> None:
         if self._nccl is None:
@@ -401,13 +429,7 @@ class VLLMServerBackend:
                 pass  # the server may be gone already
             self._nccl.shutdown()
             self._nccl = None
-        if self._weight_file is not None:
-            self._weight_file.discard()  # a model's worth of memory when in /dev/shm
-            self._weight_file = None
-        if self._own_weight_dir and self._weight_dir is not None:
-            shutil.rmtree(self._weight_dir, ignore_errors=True)
-            self._weight_dir = None
-            self._own_weight_dir = False
+        self._drop_weight_dir()  # a model's worth of memory when in /dev/shm
 
 
 class _SyncClient:

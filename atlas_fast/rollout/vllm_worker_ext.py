@@ -40,10 +40,9 @@ class WeightReloadExtension:
         """Load every tensor of the safetensors file at `path` (checkpoint names) into the model."""
         start = time.perf_counter()
         maps = self.__dict__.setdefault("_atlas_fast_maps", {})
-        mapped = maps.get(path)
-        if mapped is None or not mapped.current():
-            maps.pop(path, None)
-            mapped = maps[path] = MappedWeights(path)
+        for other in [p for p, m in maps.items() if not m.current()]:
+            del maps[other]  # replaced or deleted (a trainer that closed): its pages go with the mapping
+        mapped = maps.get(path) or maps.setdefault(path, MappedWeights(path))
         self.atlas_fast_load_named_tensors(mapped.tensors)
         return {"tensors": len(mapped.tensors), "seconds": time.perf_counter() - start}
 
@@ -62,8 +61,9 @@ class WeightReloadExtension:
 
 def refresh_shared_layers(model, loaded: set | None = None) -> int:
     """Re-run the post-load processing of layers whose weight is another layer's (tied heads).
-    A layer whose own `<name>.weight` was among the `loaded` names was processed by the reload
-    itself: packing the embedding's 150k x H weight again would cost ~0.1 s a push."""
+    A layer whose own `<name>.weight` was the one name of its group among the `loaded` names was
+    processed by the reload itself: packing the embedding's 150k x H weight again would cost
+    ~0.1 s a push."""
     owners: dict[int, list] = {}
     for name, module in model.named_modules():
         weight = module.__dict__.get("_parameters", {}).get("weight")
@@ -75,8 +75,11 @@ def refresh_shared_layers(model, loaded: set | None = None) -> int:
     refreshed = 0
     for modules in owners.values():
         if len(modules) > 1:
+            # With two tied names sent (a PEFT modules_to_save of both), vLLM loads one: which one
+            # the reload processed is then unknown, and all are processed again.
+            named = [name for name, _ in modules if loaded is not None and f"{name}.weight" in loaded]
             for name, module in modules:
-                if loaded is not None and f"{name}.weight" in loaded:
+                if named == [name]:
                     continue
                 module.quant_method.process_weights_after_loading(module)
                 refreshed += 1
@@ -100,9 +103,8 @@ class MappedWeights:
         self.fd = os.open(path, os.O_RDWR if shared else os.O_RDONLY)
         try:
             size = os.fstat(self.fd).st_size
-            with open(path, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(length))
+            (length,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))  # the file mapped, not the path's now
+            header = json.loads(os.pread(self.fd, length, 8))
             header.pop("__metadata__", None)
             self.map = mmap.mmap(self.fd, size, access=mmap.ACCESS_WRITE if shared else mmap.ACCESS_COPY)
             data = torch.frombuffer(self.map, dtype=torch.uint8)[8 + length:]

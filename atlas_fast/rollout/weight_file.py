@@ -7,10 +7,12 @@ and offsets, is fixed by the first push and redone only when a name, shape or dt
 
 The server reads the file only inside the load request of a push, which the trainer waits for;
 after a failed push the file is dropped (`discard`), so a server still reading it keeps its
-own pages and the next push starts a new file.
+own pages and the next push starts a new file. Its blocks are reserved when it is made, so a
+full /dev/shm is an error, not a SIGBUS on the first write.
 """
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -70,10 +72,16 @@ class WeightFile:
         total = start + offset
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_name(self.path.name + ".partial")
-        with open(partial, "wb") as f:
-            f.write(struct.pack("<Q", len(text)))
-            f.write(text)
-            f.truncate(total)
+        try:
+            with open(partial, "wb") as f:
+                f.write(struct.pack("<Q", len(text)))
+                f.write(text)
+                f.truncate(total)
+                reserve(f.fileno(), total)
+        except OSError as err:
+            partial.unlink(missing_ok=True)
+            raise OSError(err.errno, f"the weight push needs {total / 2**30:.2f} GiB in {self.path.parent} "
+                                     f"({err.strerror}); give the backend a weight_dir with room for it") from err
         os.replace(partial, self.path)  # a reader never finds a file without its header
         fd = os.open(self.path, os.O_RDWR)
         try:
@@ -86,14 +94,23 @@ class WeightFile:
         self._layout = layout
 
     def discard(self) -> None:
-        """Unmap and delete the file (a reader that has it open keeps its pages)."""
+        """Drop the mapping and delete the file (a reader that has it open keeps its pages). The
+        mapping is not closed by hand: torch.frombuffer views do not pin it, and a view read after
+        an explicit close would fault; unreferenced, it is unmapped with its last view."""
         self._bytes = None
         self._slots = []
         self._layout = None
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:
-                pass  # a view is still alive somewhere; the mapping goes with it
-            self._map = None
+        self._map = None
         self.path.unlink(missing_ok=True)
+
+
+def reserve(fd: int, size: int) -> None:
+    """Allocate the file's blocks now. A sparse file in a full tmpfs fails only when a page is first
+    written through the mapping, with SIGBUS, which no Python code can catch; this fails with ENOSPC."""
+    if not hasattr(os, "posix_fallocate"):  # not Linux: the sparse file it is
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise

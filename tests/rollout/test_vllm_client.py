@@ -282,7 +282,7 @@ def test_file_push_rewrites_one_file_and_drops_it_after_a_failure(scripted, tok,
     with policy_weights(model) as pairs:
         for name, t in pairs:
             assert torch.equal(seen[1][1][name], t), name  # the server read the new values
-    (path,) = list(tmp_path.iterdir())
+    (path,) = list(tmp_path.rglob("*.safetensors"))  # in the backend's own folder inside weight_dir
 
     scripted.fail["/collective_rpc"] = [500]
     with pytest.raises(VLLMServerError, match="scripted 500"):
@@ -291,4 +291,50 @@ def test_file_push_rewrites_one_file_and_drops_it_after_a_failure(scripted, tok,
     backend.update_weights(model)
     assert path.exists() and len(seen) == 3
     backend.close()
-    assert not path.exists()
+    assert not path.exists() and not path.parent.exists() and tmp_path.exists()
+
+
+def test_a_backend_never_closed_removes_its_weight_folder_when_collected(scripted, tok):
+    import gc
+
+    scripted.answers["/collective_rpc"] = {"results": [{"tensors": 1, "seconds": 0.0}]}
+    scripted.answers["/reset_prefix_cache"] = {}
+    backend = client(scripted.url, tok, weight_sync="file")
+    backend.update_weights(backend.model)
+    folder = backend.weight_dir
+    assert any(folder.iterdir())
+    del backend
+    gc.collect()
+    assert not folder.exists()  # a model's worth of /dev/shm would otherwise outlive the run
+
+
+def test_a_full_shm_falls_back_to_disk_and_a_full_weight_dir_is_named(scripted, tok, tmp_path, monkeypatch, caplog):
+    import errno
+
+    from atlas_fast.rollout import weight_file
+
+    scripted.answers["/collective_rpc"] = {"results": [{"tensors": 1, "seconds": 0.0}]}
+    scripted.answers["/reset_prefix_cache"] = {}
+    full = set()
+
+    def reserve(fd, size):  # the first folder that is asked has no room
+        folder = os.path.dirname(os.readlink(f"/proc/self/fd/{fd}"))
+        if not full or folder in full:
+            full.add(folder)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(weight_file, "reserve", reserve)
+    backend = client(scripted.url, tok, weight_sync="file")
+    backend.update_weights(backend.model)
+    (first,) = full
+    assert not os.path.exists(first)  # the folder that had no room is gone
+    assert str(backend.weight_dir) not in full and any(backend.weight_dir.iterdir())
+    assert "pushing weights through a file in" in caplog.text
+    backend.close()
+
+    full.clear()
+    mine = client(scripted.url, tok, weight_sync="file", weight_dir=tmp_path)
+    with pytest.raises(OSError, match=r"needs 0\.\d+ GiB in .*give the backend a weight_dir with room"):
+        mine.update_weights(mine.model)
+    assert not list(tmp_path.rglob("*.safetensors*"))  # nothing half-made left behind
+    mine.close()

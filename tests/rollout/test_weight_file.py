@@ -101,3 +101,67 @@ def test_a_file_written_by_safetensors_itself_maps_too(tmp_path):
     assert {name: t for name, t in mapped.tensors}.keys() == src.keys()
     for name, t in mapped.tensors:
         assert torch.equal(t, src[name]), name
+
+
+class _Unquantized:
+    """Stands in for vLLM's UnquantizedLinearMethod: records which layers it re-processes."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def process_weights_after_loading(self, module):
+        self.log.append(module.tag)
+
+
+_UnquantizedMethod = type("UnquantizedEmbeddingMethod", (_Unquantized,), {})
+
+
+def tied_model(log):
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.embed_tokens = torch.nn.Module()
+    model.lm_head = torch.nn.Module()
+    weight = torch.nn.Parameter(torch.zeros(4, 2))
+    for module, tag in ((model.model.embed_tokens, "embed"), (model.lm_head, "head")):
+        module.weight, module.tag, module.quant_method = weight, tag, _UnquantizedMethod(log)
+    return model
+
+
+@pytest.mark.parametrize("loaded,expected", [
+    ({"model.embed_tokens.weight", "model.norm.weight"}, ["head"]),  # the reload packed the embedding
+    ({"model.embed_tokens.weight", "lm_head.weight"}, ["embed", "head"]),  # which one vLLM kept is unknown
+    ({"model.norm.weight"}, ["embed", "head"]),
+    (None, ["embed", "head"]),
+])
+def test_tied_layers_are_packed_again_unless_the_reload_did(loaded, expected):
+    from atlas_fast.rollout.vllm_worker_ext import refresh_shared_layers
+
+    log = []
+    assert refresh_shared_layers(tied_model(log), loaded) == len(expected)
+    assert log == expected
+
+
+def test_the_worker_drops_mappings_of_files_that_are_gone(tmp_path):
+    from atlas_fast.rollout.vllm_worker_ext import WeightReloadExtension
+
+    class Worker(WeightReloadExtension):
+        def __init__(self):
+            self.seen = []
+            self.model_runner = type("Runner", (), {"get_model": lambda _: torch.nn.Linear(2, 2)})()
+
+        def reload_weights(self, weights_iterator):
+            self.seen.append({name: t.clone() for name, t in weights_iterator})
+
+    worker = Worker()
+    first, second = WeightFile(tmp_path / "a" / "w.safetensors"), WeightFile(tmp_path / "b" / "w.safetensors")
+    first.write(pairs(0))
+    reply = worker.atlas_fast_load_safetensors(str(first.path))
+    assert reply["tensors"] == 4 and set(worker._atlas_fast_maps) == {str(first.path)}
+    first.write(pairs(1))
+    worker.atlas_fast_load_safetensors(str(first.path))
+    assert torch.equal(worker.seen[-1]["model.norm.weight"], dict(pairs(1))["model.norm.weight"])
+    first.discard()  # that trainer closed; another one pushes to the same server
+    second.write(pairs(2))
+    worker.atlas_fast_load_safetensors(str(second.path))
+    assert set(worker._atlas_fast_maps) == {str(second.path)}
+    second.discard()
