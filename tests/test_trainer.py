@@ -1156,12 +1156,23 @@ def gradients_at_step(trainer) -> dict[str, torch.Tensor]:
     return got
 
 
+MERGE_CASES = {
+    "grpo": dict(loss_type="grpo"),
+    "dr_grpo": dict(loss_type="dr_grpo"),
+    "dapo": dict(loss_type="dapo"),
+    "bnpo": dict(loss_type="bnpo"),
+    "cispo+old_logps": dict(loss_type="cispo", num_iterations=2),
+    "gspo": dict(loss_type="grpo", importance_sampling_level="sequence", steps_per_generation=8),
+}
+
+
 @pytest.mark.parametrize("padding_free", [False, True])
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
-def test_micro_batches_merged_under_max_forward_tokens_train_as_apart(tmp_path, tok, loss_type, padding_free):
+@pytest.mark.parametrize("case", list(MERGE_CASES))
+def test_micro_batches_merged_under_max_forward_tokens_train_as_apart(tmp_path, tok, case, padding_free):
     # One step: a second would sample from weights that differ in the last bits, and diverge.
+    loss_type = MERGE_CASES[case]["loss_type"]
     base = dict(max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=4, max_completion_length=5,
-                temperature=1.5, beta=0.1, loss_type=loss_type, padding_free=padding_free)
+                temperature=1.5, beta=0.1, padding_free=padding_free, **MERGE_CASES[case])
     apart = trainer_for(tmp_path, tok, name="apart", **base)
     expected = gradients_at_step(apart)
     apart.train()
@@ -1183,10 +1194,19 @@ def test_micro_batches_merged_under_max_forward_tokens_train_as_apart(tmp_path, 
 
 
 def test_max_forward_tokens_merges_only_what_fits(tmp_path, tok):
-    trainer = trainer_for(tmp_path, tok, max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=4,
-                          max_completion_length=5, padding_free=True, max_forward_tokens=1)
-    passes = []
-    loss = trainer._loss
-    trainer._loss = lambda mb: passes.append(len(mb.advantages)) or loss(mb)
-    trainer.train()
-    assert passes == [1] * 16  # nothing fits with another; each micro-batch is split to single rows
+    def passes_with(budget, name):
+        trainer = trainer_for(tmp_path, tok, name=name, max_steps=1, per_device_train_batch_size=4,
+                              gradient_accumulation_steps=4, padding_free=True, max_forward_tokens=budget,
+                              trainer_kwargs=dict(rollout_func=fixed_rollout))
+        passes = []
+        loss = trainer._loss
+        trainer._loss = lambda mb: passes.append((len(mb.advantages), int(mb.attention_mask.sum()))) or loss(mb)
+        trainer.train()
+        return passes
+
+    sizes = [tokens for _, tokens in passes_with(None, "apart")]  # the four micro-batches' packed tokens
+    assert len(sizes) == 4
+    budget = max(sizes[0] + sizes[1], sizes[2] + sizes[3])
+    assert sum(sizes[:3]) > budget  # so the first pass stops after two
+    assert passes_with(budget, "pairs") == [(8, sizes[0] + sizes[1]), (8, sizes[2] + sizes[3])]
+    assert [rows for rows, _ in passes_with(1, "single")] == [1] * 16  # nothing fits: each row alone
