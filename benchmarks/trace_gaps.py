@@ -2,7 +2,7 @@
 and lists the longest stretches with no kernel running, each with the host ops that were open
 (the outermost first) while it lasted.
 
-    python benchmarks/trace_gaps.py trace-123-0.json.gz [--top 25] [--min-ms 0.2]
+    python benchmarks/trace_gaps.py trace-123-0.json.gz [--top 25] [--min-ms 0.2] [--ops]
 
 A launch-bound step shows as many gaps between kernels; this says which parts of the trainer's
 host code they fall in, summed by op, so the fix goes where the time is.
@@ -38,13 +38,30 @@ def gaps(events: list[dict], min_us: float) -> tuple[list[tuple[float, float]], 
     return idle, total, end - busy[0][0]
 
 
+def op_counts(events: list[dict]) -> dict[object, collections.Counter]:
+    """Host ops by name, per thread (the main thread runs the forwards and the optimizer; autograd's
+    own thread the backward): where a launch-bound step spends its launches."""
+    counts: dict[object, collections.Counter] = collections.defaultdict(collections.Counter)
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") == "cpu_op":
+            counts[e.get("tid")][e["name"]] += 1
+    return dict(counts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("trace")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--min-ms", type=float, default=0.2, help="shortest gap that counts")
+    ap.add_argument("--ops", action="store_true", help="also count the host ops by name on each thread")
     args = ap.parse_args()
     events = load(args.trace)
+    if args.ops:
+        for tid, counter in sorted(op_counts(events).items(), key=lambda kv: -sum(kv[1].values())):
+            print(f"thread {tid}: {sum(counter.values())} host ops")
+            for name, n in counter.most_common(args.top):
+                print(f"{n:8d}  {name}")
+        print()
     idle, busy, span = gaps(events, args.min_ms * 1e3)
     host = sorted((e["ts"], e["ts"] + e.get("dur", 0), e["name"]) for e in events
                   if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "python_function", "user_annotation"))

@@ -53,3 +53,12 @@ def test_report_names_the_ops_open_over_each_gap(tg, tmp_path, capsys, monkeypat
 def test_a_trace_without_kernels_is_refused(tg):
     with pytest.raises(SystemExit, match="no GPU kernels"):
         tg.gaps([{"ph": "X", "cat": "cpu_op", "name": "x", "ts": 0, "dur": 1}], min_us=1)
+
+
+def test_host_ops_are_counted_per_thread(tg):
+    op = lambda tid, name: {"ph": "X", "cat": "cpu_op", "name": name, "ts": 0, "dur": 1, "tid": tid}  # noqa: E731
+    events = [op(1, "aten::mm"), op(1, "aten::mm"), op(2, "aten::mm"), op(2, "aten::add_"),
+              {"ph": "X", "cat": "kernel", "name": "k", "ts": 0, "dur": 1, "tid": 7}]
+    counts = tg.op_counts(events)
+    assert counts.keys() == {1, 2}
+    assert counts[1] == {"aten::mm": 2} and counts[2] == {"aten::mm": 1, "aten::add_": 1}
