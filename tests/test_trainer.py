@@ -1146,13 +1146,11 @@ def test_resuming_at_a_generation_boundary_with_other_batch_settings_warns(tmp_p
 def gradients_at_step(trainer) -> dict[str, torch.Tensor]:
     """Filled with the gradients the optimizer steps with (after clipping)."""
     got = {}
-    step = trainer.optimizer.step
 
-    def capture(*args, **kwargs):
+    def capture(optimizer, args, kwargs):
         got.update({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
-        return step(*args, **kwargs)
 
-    trainer.optimizer.step = capture
+    trainer.optimizer.register_step_pre_hook(capture)
     return got
 
 
