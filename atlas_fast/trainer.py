@@ -857,8 +857,8 @@ class GRPOTrainer:
                 "gradient_accumulation_steps": c.gradient_accumulation_steps, "num_iterations": c.num_iterations}
 
     def _check_batch_geometry(self, path: Path, saved: dict | None, pending: int) -> None:
-        changed = [f"{k} {v} -> {self._batch_geometry()[k]}" for k, v in (saved or {}).items()
-                   if k in self._batch_geometry() and self._batch_geometry()[k] != v]
+        now = self._batch_geometry()
+        changed = [f"{k} {v} -> {now[k]}" for k, v in (saved or {}).items() if k in now and now[k] != v]
         if not changed:
             return
         if pending:
