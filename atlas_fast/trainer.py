@@ -901,10 +901,10 @@ class GRPOTrainer:
                 raise ValueError(f"Cannot resume {path} with {setting}: the checkpoint holds micro-batches generated "
                                  f"without {field.replace('_', ' ')} (its run did not need them); resume with that run's "
                                  "settings until its generation batch is spent, or start a new run")
+        self.sampler.load_state_dict(state["sampler"])  # refuses other data or another seed: before the weights
         ckpt.load_weights(path, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
         self._pending = [MicroBatch(**{k: v.to(self.device) if isinstance(v, torch.Tensor) else v
                                        for k, v in mb.items()}) for mb in state["pending"]]
         if "ref_model" in state and self.ref_model is not None:

@@ -108,6 +108,25 @@ def test_answer_leaks_in_latex_count_and_step_labels_do_not():
     assert answer_leaked("2.5 is the rate", "2.5")
 
 
+@pytest.mark.parametrize("guidance,truth,leaked", [
+    (r"so x = -\frac{1}{2}", "-1/2", True),  # the sign before \frac stays with it
+    (r"so x = -\frac{1}{2}", "-0.5", True),
+    (r"so x = -\frac{1}{2}", "1/2", False),
+    (r"then -\dfrac{3}{4}", r"\boxed{-\frac{3}{4}}", True),
+    (r"\frac{1}{2.5} of it", "0.4", True),  # a decimal denominator: its value, not 1/2
+    (r"\frac{3}{4.5} of it", "0.75", False),
+    ("to get\n42. Then check.", "42", True),  # a number opening a line is a list item only in a list
+    ("the result is:\n42.\n", "42", True),
+    ("\n(42) apples", "42", True),
+    ("After the last step 42 apples remain", "42", True),  # no punctuation: a quantity
+    ("step 0.5 of the way", "0.5", True),
+    ("in step 1,000 of them", "1000", True),
+    ("in step 2, divide", "2", False),
+])
+def test_leak_check_signs_decimals_and_labels(guidance, truth, leaked):
+    assert answer_leaked(guidance, truth) is leaked
+
+
 def test_teaching_reward_function_reads_protocol_columns():
     reward = TeachingReward()
     out = reward(prompts=["1+1="] * 5, completions=["g"] * 5, ground_truth=["2", "2", "2", "2", None],

@@ -1209,3 +1209,13 @@ def test_max_forward_tokens_merges_only_what_fits(tmp_path, tok):
     assert sum(sizes[:3]) > budget  # so the first pass stops after two
     assert passes_with(budget, "pairs") == [(8, sizes[0] + sizes[1]), (8, sizes[2] + sizes[3])]
     assert [rows for rows, _ in passes_with(1, "single")] == [1] * 16  # nothing fits: each row alone
+
+
+def test_a_resume_refused_for_other_data_leaves_the_model_alone(tmp_path, tok):
+    base = dict(max_steps=3, save_steps=1, trainer_kwargs=dict(rollout_func=fixed_rollout))
+    trainer_for(tmp_path, tok, **{**base, "trainer_kwargs": dict(rollout_func=fixed_rollout, callbacks=[StopAt(1)])}).train()
+    resumed = trainer_for(tmp_path, tok, rows=arithmetic_rows(20), **base)
+    weights = params(resumed.model)
+    with pytest.raises(ValueError, match="num_rows=16 but this sampler has num_rows=20"):
+        resumed.train(resume_from_checkpoint=True)
+    assert all(torch.equal(weights[n], p) for n, p in resumed.model.named_parameters())

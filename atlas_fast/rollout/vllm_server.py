@@ -309,12 +309,14 @@ class VLLMServerBackend:
             with policy_weights(model) as pairs:
                 nbytes = self._weight_file.write(pairs, self.server_dtype)
         except OSError as err:
+            in_shm = self._weight_root is None and self.weight_dir.parent == Path("/dev/shm")
             self._drop_weight_dir()
-            if err.errno != errno.ENOSPC or self._weight_root is not None or self._shm_full:
+            if err.errno != errno.ENOSPC or not in_shm:
                 raise
             # The default folder was in a /dev/shm too small for the weights (Docker's is 64 MB): disk then.
             self._shm_full = True
-            log.warning("%s; pushing weights through a file in %s instead", err.strerror, tempfile.gettempdir())
+            log.warning("/dev/shm has no room for the weight file; pushing weights through a file in %s instead",
+                        tempfile.gettempdir())
             return self._push_file(model)
         self._file_times = {"bytes": nbytes, "write_s": time.perf_counter() - start}
         path = self._weight_file.path
@@ -429,6 +431,13 @@ class VLLMServerBackend:
                 pass  # the server may be gone already
             self._nccl.shutdown()
             self._nccl = None
+        if self._weight_file is not None and self._extension:
+            try:  # the server's mapping would keep the file's memory after we delete it
+                self._dev_post("/collective_rpc", {"method": "atlas_fast_forget",
+                                                   "kwargs": {"path": str(self._weight_file.path)}},
+                               "atlas_fast_forget", retries=0, timeout=10)
+            except (VLLMServerError, OSError):
+                pass  # gone, or an older extension: its next load drops mappings of deleted files
         self._drop_weight_dir()  # a model's worth of memory when in /dev/shm
 
 

@@ -46,6 +46,10 @@ class WeightReloadExtension:
         self.atlas_fast_load_named_tensors(mapped.tensors)
         return {"tensors": len(mapped.tensors), "seconds": time.perf_counter() - start}
 
+    def atlas_fast_forget(self, path: str) -> bool:
+        """Drop the mapping of `path` (its trainer is done): the file's memory goes with it."""
+        return self.__dict__.get("_atlas_fast_maps", {}).pop(path, None) is not None
+
     def atlas_fast_load_named_tensors(self, weights: Iterable) -> None:
         """Load `(checkpoint name, tensor)` pairs into the running model, in place."""
         loaded: set = set()
@@ -100,22 +104,27 @@ class MappedWeights:
         # the page takes the write (the trainer rewrites every byte at the next push) instead of a
         # read-only page faulting. A server running as another user maps a private copy instead.
         shared = os.access(path, os.W_OK)
-        self.fd = os.open(path, os.O_RDWR if shared else os.O_RDONLY)
+        self.fd = -1  # set once everything below worked: a failed init must not close it twice
+        fd = os.open(path, os.O_RDWR if shared else os.O_RDONLY)
         try:
-            size = os.fstat(self.fd).st_size
-            (length,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))  # the file mapped, not the path's now
-            header = json.loads(os.pread(self.fd, length, 8))
+            size = os.fstat(fd).st_size
+            (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))  # the file mapped, not the path's now
+            header = json.loads(os.pread(fd, length, 8))
             header.pop("__metadata__", None)
-            self.map = mmap.mmap(self.fd, size, access=mmap.ACCESS_WRITE if shared else mmap.ACCESS_COPY)
+            self.map = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE if shared else mmap.ACCESS_COPY)
             data = torch.frombuffer(self.map, dtype=torch.uint8)[8 + length:]
             self.tensors = []
             for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
                 begin, end = entry["data_offsets"]
-                dtype = DTYPES[entry["dtype"]]
+                dtype = DTYPES.get(entry["dtype"])
+                if dtype is None:
+                    raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}, which this loader does not "
+                                     f"read ({', '.join(DTYPES)})")
                 self.tensors.append((name, data[begin:end].view(dtype).view(entry["shape"])))
         except BaseException:
-            os.close(self.fd)
+            os.close(fd)
             raise
+        self.fd = fd
 
     def current(self) -> bool:
         try:
@@ -126,7 +135,6 @@ class MappedWeights:
         return mine.st_nlink > 0 and (now.st_dev, now.st_ino, now.st_size) == (mine.st_dev, mine.st_ino, mine.st_size)
 
     def __del__(self):
-        try:
+        if getattr(self, "fd", -1) >= 0:
             os.close(self.fd)
-        except (OSError, AttributeError):
-            pass
+            self.fd = -1

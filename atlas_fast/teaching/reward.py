@@ -28,10 +28,13 @@ from atlas_fast.rewards import answers_match, completion_text, extract_answer, n
 
 IMPROVED, DEGRADED, BOTH_CORRECT, BOTH_WRONG = "improved", "degraded", "both_correct", "both_wrong"
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
-# LaTeX fractions, \frac{3}{4} and the brace-less \frac34, read as 3/4 so that they count as numbers.
-_LATEX_FRACTION = re.compile(r"\\[dt]?frac\s*(?:\{\s*([-+]?[\d.,]+)\s*\}|(\d))\s*(?:\{\s*([\d.,]+)\s*\}|(\d))")
-# Numbers that label a step, not a quantity: "Step 2", and list items ("2." or "2)" opening a line).
-_STEP_LABEL = re.compile(r"(?i)\bstep\s+\d+\b|^[ \t]*\(?\d+[.)](?=\s)", re.MULTILINE)
+# LaTeX fractions, -\frac{3}{4} and the brace-less \frac34, read as numbers (sign kept).
+_LATEX_FRACTION = re.compile(
+    r"([-+]?)\s*\\[dt]?frac\s*(?:\{\s*([-+]?[\d.,]+)\s*\}|(\d))\s*(?:\{\s*([-+]?[\d.,]+)\s*\}|(\d))")
+# "Step 2" labels a step, not a quantity, when punctuation closes it ("Step 2:", "in step 2, ...").
+_STEP_LABEL = re.compile(r"(?i)\bstep\s+\d+(?=[:.),](?:\s|$)|$)", re.MULTILINE)
+# A line opening with "2." or "(2)": a list item when a neighbouring number opens another line.
+_LIST_ITEM = re.compile(r"^[ \t]*\(?(\d+)[.)](?=\s)", re.MULTILINE)
 
 
 @dataclass
@@ -86,12 +89,11 @@ def answer_leaked(guidance: str, truth: Any) -> bool:
     """True when `guidance` states the ground truth: a number in it equal to a numeric truth, or
     the normalised truth text as a whole word. Truths are ambiguous below two characters ("1"
     appears in any hint), so a numeric truth is matched as a number, never as a substring.
-    Numbers include LaTeX fractions; step labels ("Step 2", a list item "2.") are not quantities."""
+    Numbers include LaTeX fractions; labels ("Step 2:", the items of a numbered list) are not quantities."""
     if truth is None:
         return False
     answer = truth_answer(truth)  # a GSM8K / MATH solution's final answer, not its working
-    fractions = _LATEX_FRACTION.sub(lambda m: f" {m[1] or m[2]}/{m[3] or m[4]} ", guidance)
-    quantities = _STEP_LABEL.sub(" ", fractions)
+    quantities = _without_labels(_LATEX_FRACTION.sub(_fraction_text, guidance))
     truths = answer if isinstance(answer, list) else [answer]
     for t in truths:
         text = str(t).strip()
@@ -104,6 +106,25 @@ def answer_leaked(guidance: str, truth: Any) -> bool:
         if len(norm) >= 2 and re.search(rf"(?<!\w){re.escape(norm)}(?!\w)", normalize_answer(guidance)):
             return True
     return False
+
+
+def _fraction_text(m: re.Match) -> str:
+    sign, top, bottom = m[1], (m[2] or m[3]).replace(",", ""), (m[4] or m[5]).replace(",", "")
+    if sign == "-":
+        top = top[1:] if top.startswith("-") else "-" + top.lstrip("+")
+    if top.lstrip("+-").isdigit() and bottom.lstrip("+-").isdigit():
+        return f" {top}/{bottom} "
+    try:  # a decimal in it: its value
+        return f" {float(top) / float(bottom)!r} "
+    except (ValueError, ZeroDivisionError):
+        return m[0]
+
+
+def _without_labels(text: str) -> str:
+    """`text` less the numbers that label steps and list items rather than state quantities."""
+    text = _STEP_LABEL.sub("step", text)
+    items = {int(m[1]) for m in _LIST_ITEM.finditer(text)}
+    return _LIST_ITEM.sub(lambda m: " " if {int(m[1]) - 1, int(m[1]) + 1} & items else m[0], text)
 
 
 def is_correct(answer_text: str, truth: Any) -> bool:

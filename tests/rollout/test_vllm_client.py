@@ -259,9 +259,12 @@ def test_missing_vllm_is_a_clear_error(tok):
 def test_file_push_rewrites_one_file_and_drops_it_after_a_failure(scripted, tok, tmp_path):
     from safetensors import safe_open
 
-    seen = []
+    seen, forgotten = [], []
 
     def load(body):  # what the worker would read at the moment of the load request
+        if body["method"] == "atlas_fast_forget":
+            forgotten.append(body["kwargs"]["path"])
+            return {"results": [True]}
         assert body["method"] == "atlas_fast_load_safetensors"
         path = body["kwargs"]["path"]
         with safe_open(path, framework="pt") as f:
@@ -292,6 +295,7 @@ def test_file_push_rewrites_one_file_and_drops_it_after_a_failure(scripted, tok,
     assert path.exists() and len(seen) == 3
     backend.close()
     assert not path.exists() and not path.parent.exists() and tmp_path.exists()
+    assert forgotten == [str(path)]  # the server lets go of its mapping, and so of the file's memory
 
 
 def test_a_backend_never_closed_removes_its_weight_folder_when_collected(scripted, tok):

@@ -165,3 +165,35 @@ def test_the_worker_drops_mappings_of_files_that_are_gone(tmp_path):
     worker.atlas_fast_load_safetensors(str(second.path))
     assert set(worker._atlas_fast_maps) == {str(second.path)}
     second.discard()
+
+
+def test_a_file_the_worker_cannot_read_is_named_and_leaves_no_descriptor(tmp_path):
+    import json
+    import struct
+
+    path = tmp_path / "w.safetensors"
+    header = json.dumps({"x": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0")
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(ValueError, match="tensor x has dtype F8_E4M3"):
+        MappedWeights(str(path))
+    import gc
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_the_worker_forgets_a_mapping_on_request(tmp_path):
+    from atlas_fast.rollout.vllm_worker_ext import WeightReloadExtension
+
+    class Worker(WeightReloadExtension):
+        model_runner = type("Runner", (), {"get_model": lambda _: torch.nn.Linear(2, 2)})()
+
+        def reload_weights(self, weights_iterator):
+            list(weights_iterator)
+
+    worker, file = Worker(), WeightFile(tmp_path / "w.safetensors")
+    file.write(pairs(0))
+    worker.atlas_fast_load_safetensors(str(file.path))
+    assert worker.atlas_fast_forget(str(file.path)) and not worker._atlas_fast_maps
+    assert not worker.atlas_fast_forget(str(file.path))
+    file.discard()
