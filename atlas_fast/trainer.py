@@ -842,6 +842,7 @@ class GRPOTrainer:
             "rng": snapshot["rng"],
             "num_tokens": self._num_tokens,
             "batch_geometry": self._batch_geometry(),
+            "advantage_settings": {"scale_rewards": self.args.scale_rewards, "reward_weights": self.args.reward_weights},
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
@@ -856,9 +857,17 @@ class GRPOTrainer:
                 "micro-batches per generation batch": c.generation_steps,
                 "gradient_accumulation_steps": c.gradient_accumulation_steps, "num_iterations": c.num_iterations}
 
-    def _check_batch_geometry(self, path: Path, saved: dict | None, pending: int) -> None:
+    def _check_batch_geometry(self, path: Path, state: dict) -> None:
+        pending = len(state["pending"])
+        advantages = {"scale_rewards": self.args.scale_rewards, "reward_weights": self.args.reward_weights}
+        scored = [f"{k} {v!r} -> {advantages[k]!r}" for k, v in state.get("advantage_settings", {}).items()
+                  if k in advantages and advantages[k] != v]
+        if pending and scored:
+            raise ValueError(f"Cannot resume {path} with changed reward settings ({'; '.join(scored)}): the checkpoint "
+                             f"holds {pending} micro-batches whose advantages were computed with the saved ones. Resume "
+                             "with them until that generation batch is spent, or start a new run")
         now = self._batch_geometry()
-        changed = [f"{k} {v} -> {now[k]}" for k, v in (saved or {}).items() if k in now and now[k] != v]
+        changed = [f"{k} {v} -> {now[k]}" for k, v in state.get("batch_geometry", {}).items() if k in now and now[k] != v]
         if not changed:
             return
         if pending:
@@ -891,7 +900,7 @@ class GRPOTrainer:
         path = self.checkpoint_to_resume(where)
         state = ckpt.load_trainer_state(path, self.model)
         # Refusals first, while the model still holds its own weights.
-        self._check_batch_geometry(path, state.get("batch_geometry"), len(state["pending"]))
+        self._check_batch_geometry(path, state)
         # Micro-batches generated before the save carry the log-probs that run's settings needed;
         # a loss that now needs others would fail at its first step with a message about the loss.
         for field, needed, setting in (("ref_logps", self.args.beta != 0.0, f"beta={self.args.beta}"),

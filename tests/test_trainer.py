@@ -1219,3 +1219,12 @@ def test_a_resume_refused_for_other_data_leaves_the_model_alone(tmp_path, tok):
     with pytest.raises(ValueError, match="num_rows=16 but this sampler has num_rows=20"):
         resumed.train(resume_from_checkpoint=True)
     assert all(torch.equal(weights[n], p) for n, p in resumed.model.named_parameters())
+
+
+def test_resuming_pending_micro_batches_with_other_reward_scaling_is_refused(tmp_path, tok):
+    base = dict(max_steps=4, steps_per_generation=4, per_device_train_batch_size=4, max_completion_length=4, save_steps=1)
+    trainer_for(tmp_path, tok, trainer_kwargs=dict(callbacks=[StopAt(1)]), **base).train()  # 3 micro-batches pending
+    resumed = trainer_for(tmp_path, tok, **{**base, "scale_rewards": "batch"})
+    with pytest.raises(ValueError, match=r"scale_rewards 'group' -> 'batch'.*3 micro-batches"):
+        resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 0
