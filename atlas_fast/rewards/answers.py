@@ -13,7 +13,7 @@ from typing import Any
 
 from atlas_fast.data import is_conversational
 
-__all__ = ["answers_match", "completion_text", "extract_answer", "normalize_answer", "parse_number"]
+__all__ = ["answers_match", "completion_text", "extract_answer", "has_truth", "normalize_answer", "parse_number"]
 
 
 def completion_text(completion: Any) -> str:
@@ -74,6 +74,12 @@ def _braced(text: str, open_index: int) -> str | None:
             if depth == 0:
                 return text[open_index + 1 : i]
     return None
+
+
+def has_truth(truth: Any) -> bool:
+    """Whether a row has a ground truth to grade against (rows without one get no reward and count
+    in no accuracy)."""
+    return truth is not None and not (isinstance(truth, str) and not truth.strip())
 
 
 def truth_answer(truth: Any) -> Any:

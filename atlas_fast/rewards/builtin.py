@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from atlas_fast.rewards.answers import answers_match, completion_text, extract_answer, truth_answer
+from atlas_fast.rewards.answers import answers_match, completion_text, extract_answer, has_truth, truth_answer
 
 __all__ = ["BUILTIN_REWARDS", "accuracy_reward", "format_reward", "make_format_reward"]
 
@@ -17,7 +17,7 @@ def accuracy_reward(
     reward) for a sample without a ground truth."""
     rewards: list[float | None] = []
     for completion, truth in zip(completions, ground_truth, strict=True):
-        if truth is None or (isinstance(truth, str) and not truth.strip()):
+        if not has_truth(truth):
             rewards.append(None)
             continue
         pred = extract_answer(completion_text(completion))

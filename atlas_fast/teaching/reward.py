@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from statistics import fmean, pstdev
 from typing import Any, Sequence
 
-from atlas_fast.rewards import answers_match, completion_text, extract_answer, normalize_answer, parse_number, truth_answer
+from atlas_fast.rewards import (answers_match, completion_text, extract_answer, has_truth, normalize_answer, parse_number,
+                                truth_answer)
 
 IMPROVED, DEGRADED, BOTH_CORRECT, BOTH_WRONG = "improved", "degraded", "both_correct", "both_wrong"
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
@@ -109,15 +110,8 @@ def answer_leaked(guidance: str, truth: Any) -> bool:
 
 
 def _fraction_text(m: re.Match) -> str:
-    sign, top, bottom = m[1], (m[2] or m[3]).replace(",", ""), (m[4] or m[5]).replace(",", "")
-    if sign == "-":
-        top = top[1:] if top.startswith("-") else "-" + top.lstrip("+")
-    if top.lstrip("+-").isdigit() and bottom.lstrip("+-").isdigit():
-        return f" {top}/{bottom} "
-    try:  # a decimal in it: its value
-        return f" {float(top) / float(bottom)!r} "
-    except (ValueError, ZeroDivisionError):
-        return m[0]
+    value = parse_number(f"{m[1]}\\frac{{{m[2] or m[3]}}}{{{m[4] or m[5]}}}")  # the brace-less form, braced
+    return m[0] if value is None else f" {value.numerator}/{value.denominator} "
 
 
 def _without_labels(text: str) -> str:
@@ -155,7 +149,7 @@ class TeachingReward:
             columns[k] for k in self.COLUMNS)
         out: list[float | None] = []
         for i, truth in enumerate(ground_truth):
-            if truth is None or (isinstance(truth, str) and not truth.strip()):
+            if not has_truth(truth):
                 out.append(None)  # no ground truth, no opinion
                 continue
             out.append(teaching_reward_value(
@@ -163,12 +157,6 @@ class TeachingReward:
                 int(baseline_tokens[i]), int(student_tokens[i]), int(guidance_tokens[i]),
                 answer_leaked(completion_text(guidance[i]), truth), self.weights))
         return out
-
-
-def has_truth(truth: Any) -> bool:
-    """Whether a problem has a ground truth to grade against (rows without one get no reward and
-    count in no accuracy)."""
-    return truth is not None and not (isinstance(truth, str) and not truth.strip())
 
 
 def teacher_metrics(baseline_correct: Sequence[bool], guided_correct: Sequence[bool], guidance_tokens: Sequence[int],
