@@ -22,11 +22,10 @@ from typing import Sequence
 
 import torch
 
-DTYPE_CODES = {
-    torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+from .vllm_worker_ext import DTYPES
+
+# The codes the worker extension reads back (it lives beside the server, so it owns the table).
+DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 
 
 class WeightFile:
@@ -58,11 +57,11 @@ class WeightFile:
         self.discard()
         # Widest dtypes first, so that every tensor starts at a multiple of its element size and the
         # mapped bytes can be viewed as it (safetensors itself needs no order or alignment).
-        ranked = sorted(layout, key=lambda e: -torch.empty((), dtype=e[2]).element_size())
+        ranked = sorted(layout, key=lambda e: -e[2].itemsize)
         header, offset = {}, 0
         placed = {}
         for name, shape, dt in ranked:
-            size = torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
+            size = torch.Size(shape).numel() * dt.itemsize
             header[name] = {"dtype": DTYPE_CODES[dt], "shape": list(shape), "data_offsets": [offset, offset + size]}
             placed[name] = (offset, size, dt, shape)
             offset += size
