@@ -373,7 +373,7 @@ class GRPOTrainer:
                         loss, stats = self._loss(part)
                     # A merged pass normalises as one micro-batch of `count` micro-batches' rows;
                     # `count` restores their sum (only row-mean and num_items losses are merged).
-                    loss = loss * (loss_share * (count if c.loss_type in ("grpo", "dr_grpo") else 1))
+                    loss = loss * (loss_share * (count if c.loss_type in ROW_MEAN_LOSSES else 1))
                     if not torch.isfinite(loss):
                         self._stop_on_non_finite(f"loss is {float(loss.detach())}")
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -447,9 +447,8 @@ class GRPOTrainer:
         loss times a constant are merged: grpo and dr_grpo (a mean over rows, equal row counts)
         and dapo / cispo (one normaliser for the generation batch); bnpo normalises each
         micro-batch by its own tokens and is never merged."""
-        c = self.args
-        steps = c.gradient_accumulation_steps
-        if c.max_forward_tokens is None or c.loss_type == "bnpo" or steps == 1:
+        steps = self.args.gradient_accumulation_steps
+        if not self._merges or steps == 1:
             for _ in range(steps):
                 yield self._next_micro_batch(), 1
             return
@@ -457,9 +456,14 @@ class GRPOTrainer:
         for group in self._merge_groups(mbs):
             yield concat_micro_batches(mbs[group.start:group.stop]), len(group)
 
+    @property
+    def _merges(self) -> bool:
+        """Whether micro-batches may share a forward pass (see _update_batches)."""
+        return self.args.max_forward_tokens is not None and self.args.loss_type != "bnpo"
+
     def _merge_groups(self, mbs: list[MicroBatch]) -> list[range]:
         """Consecutive runs of `mbs` that one forward pass takes together (see _update_batches)."""
-        if self.args.max_forward_tokens is None or self.args.loss_type == "bnpo":
+        if not self._merges:
             return [range(i, i + 1) for i in range(len(mbs))]
         # Packed rows cost their tokens (one host sync per micro-batch); padded rows, rows x the widest.
         sizes = [int(m.attention_mask.sum()) for m in mbs] if self.padding_free else None
@@ -472,7 +476,7 @@ class GRPOTrainer:
 
     def _merge_fits(self, group: list[MicroBatch], sizes: list[int] | None) -> bool:
         first, last = group[0], group[-1]
-        if self.args.loss_type in ("grpo", "dr_grpo") and len(last.advantages) != len(first.advantages):
+        if self.args.loss_type in ROW_MEAN_LOSSES and len(last.advantages) != len(first.advantages):
             return False
         if last.num_items != first.num_items or (last.old_logps is None) != (first.old_logps is None) \
                 or (last.ref_logps is None) != (first.ref_logps is None):
@@ -842,7 +846,7 @@ class GRPOTrainer:
             "rng": snapshot["rng"],
             "num_tokens": self._num_tokens,
             "batch_geometry": self._batch_geometry(),
-            "advantage_settings": {"scale_rewards": self.args.scale_rewards, "reward_weights": self.args.reward_weights},
+            "advantage_settings": self._advantage_settings(),
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
@@ -857,26 +861,35 @@ class GRPOTrainer:
                 "micro-batches per generation batch": c.generation_steps,
                 "gradient_accumulation_steps": c.gradient_accumulation_steps, "num_iterations": c.num_iterations}
 
-    def _check_batch_geometry(self, path: Path, state: dict) -> None:
-        pending = len(state["pending"])
-        advantages = {"scale_rewards": self.args.scale_rewards, "reward_weights": self.args.reward_weights}
-        scored = [f"{k} {v!r} -> {advantages[k]!r}" for k, v in state.get("advantage_settings", {}).items()
-                  if k in advantages and advantages[k] != v]
-        if pending and scored:
-            raise ValueError(f"Cannot resume {path} with changed reward settings ({'; '.join(scored)}): the checkpoint "
-                             f"holds {pending} micro-batches whose advantages were computed with the saved ones. Resume "
-                             "with them until that generation batch is spent, or start a new run")
-        now = self._batch_geometry()
-        changed = [f"{k} {v} -> {now[k]}" for k, v in state.get("batch_geometry", {}).items() if k in now and now[k] != v]
-        if not changed:
-            return
-        if pending:
-            # Those micro-batches were cut, and their advantages normalised, for the saved settings.
-            raise ValueError(f"Cannot resume {path} with changed batch settings ({'; '.join(changed)}): the checkpoint "
-                             f"holds {pending} micro-batches of a generation batch cut for the saved settings. Resume "
-                             "with them, or start a new run")
-        warnings.warn(f"Resuming {path} with changed batch settings ({'; '.join(changed)}): training continues from the "
-                      "same place in the prompt order, but not as the saved run would have", UserWarning, stacklevel=3)
+    def _advantage_settings(self) -> dict:
+        """The settings that turn rewards into the advantages stored with each micro-batch."""
+        return {"scale_rewards": self.args.scale_rewards, "reward_weights": self.args.reward_weights}
+
+    def _check_resumable(self, path: Path, state: dict) -> None:
+        """Refuse a checkpoint this run cannot continue, before anything is loaded from it: its
+        pending micro-batches were made under settings (batch cut, reward scaling, log-probs) that
+        this run's differ from. Batch settings changed at a generation boundary only warn."""
+        pending = state["pending"]
+        for what, saved, now in (("reward", state.get("advantage_settings", {}), self._advantage_settings()),
+                                 ("batch", state.get("batch_geometry", {}), self._batch_geometry())):
+            changed = [f"{k} {v!r} -> {now[k]!r}" for k, v in saved.items() if k in now and now[k] != v]
+            if changed and pending:
+                raise ValueError(f"Cannot resume {path} with changed {what} settings ({'; '.join(changed)}): the "
+                                 f"checkpoint holds {len(pending)} micro-batches of a generation batch made with the "
+                                 "saved ones. Resume with them until that generation batch is spent, or start a new run")
+            if changed and what == "batch":
+                warnings.warn(f"Resuming {path} with changed batch settings ({'; '.join(changed)}): training continues "
+                              "from the same place in the prompt order, but not as the saved run would have",
+                              UserWarning, stacklevel=4)
+        # Micro-batches generated before the save carry the log-probs that run's settings needed;
+        # a loss that now needs others would fail at its first step with a message about the loss.
+        for field, needed, setting in (("ref_logps", self.args.beta != 0.0, f"beta={self.args.beta}"),
+                                       ("old_logps", self.args.uses_old_logps, "these settings (num_iterations > 1, "
+                                        "or steps_per_generation > gradient_accumulation_steps)")):
+            if needed and any(mb.get(field) is None for mb in pending):
+                raise ValueError(f"Cannot resume {path} with {setting}: the checkpoint holds micro-batches generated "
+                                 f"without {field.replace('_', ' ')} (its run did not need them); resume with that run's "
+                                 "settings until its generation batch is spent, or start a new run")
 
     def _snapshot(self) -> dict:
         # A few ints, a list of references to immutable micro-batches and the RNG states: cheap
@@ -899,17 +912,7 @@ class GRPOTrainer:
     def _resume(self, where: str | bool) -> None:
         path = self.checkpoint_to_resume(where)
         state = ckpt.load_trainer_state(path, self.model)
-        # Refusals first, while the model still holds its own weights.
-        self._check_batch_geometry(path, state)
-        # Micro-batches generated before the save carry the log-probs that run's settings needed;
-        # a loss that now needs others would fail at its first step with a message about the loss.
-        for field, needed, setting in (("ref_logps", self.args.beta != 0.0, f"beta={self.args.beta}"),
-                                       ("old_logps", self.args.uses_old_logps, "these settings (num_iterations > 1, "
-                                        "or steps_per_generation > gradient_accumulation_steps)")):
-            if needed and any(mb.get(field) is None for mb in state["pending"]):
-                raise ValueError(f"Cannot resume {path} with {setting}: the checkpoint holds micro-batches generated "
-                                 f"without {field.replace('_', ' ')} (its run did not need them); resume with that run's "
-                                 "settings until its generation batch is spent, or start a new run")
+        self._check_resumable(path, state)  # refusals first, while the model still holds its own weights
         self.sampler.load_state_dict(state["sampler"])  # refuses other data or another seed: before the weights
         ckpt.load_weights(path, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -960,6 +963,9 @@ def _nanstd(x: torch.Tensor) -> torch.Tensor:
     return x.std() if x.numel() > 1 else torch.zeros(())
 
 
+# Losses normalised by the rows of their micro-batch (a mean of per-sequence values): the sum over
+# micro-batches of equal row counts is a merged pass's loss times their number.
+ROW_MEAN_LOSSES = ("grpo", "dr_grpo")
 # What the reward runner passes besides the dataset's columns.
 REWARD_ARGUMENTS = {"prompts", "completions", "completion_ids", "trainer_state"}
 
