@@ -172,6 +172,12 @@ class GRPOConfig:
     # transformers' result): 0.351 against 0.419 s per update at 1.5B / 1024 tokens, 2.704 against
     # 2.918 s at 8192 (H200). No effect without fused_layers.
     fused_rotary: bool = True
+    # With fused_layers, each Llama/Qwen2 decoder layer runs as one autograd node with a hand-written
+    # backward (fused_decoder.py): ~55 launches per layer's recompute and backward where autograd
+    # dispatches ~580 ops, the host's share of short-completion updates. Weights in the compute dtype
+    # only (bf16 weights, or float32 without autocast); float32 weights under bf16 autocast keep the
+    # stock layers.
+    fused_decoder: bool = True
     disable_dropout: bool = False
     # -- reference model --------------------------------------------------------------------
     sync_ref_model: bool = False

@@ -168,11 +168,17 @@ def _swiglu_forward(self, x):
     return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
-def fuse_layers(model: nn.Module, rotary: bool = True) -> int:
+def fuse_layers(model: nn.Module, rotary: bool = True, decoder: bool = False) -> int:
     """Swap the forward of every stock RMSNorm and SwiGLU MLP in `model` for the fused kernels, and
-    with `rotary` every attention's rotary embedding; returns how many modules were swapped (0: nothing this
+    with `rotary` every attention's rotary embedding; with `decoder`, whole Llama/Qwen2 decoder
+    layers become one autograd node each (fused_decoder.py; the swapped parts serve the calls that
+    node hands back to the stock forward). Returns how many modules were swapped (0: nothing this
     knows, the model runs as it was)."""
     swapped = 0
+    if decoder:
+        from .fused_decoder import fuse_decoder_layers
+
+        swapped += fuse_decoder_layers(model)
     for module in model.modules():
         if "_atlas_fused" in module.__dict__:
             continue
@@ -190,6 +196,9 @@ def fuse_layers(model: nn.Module, rotary: bool = True) -> int:
 
 
 def unfuse_layers(model: nn.Module) -> None:
+    from .fused_decoder import unfuse_decoder_layers
+
+    unfuse_decoder_layers(model)
     for module in model.modules():
         if module.__dict__.pop("_atlas_fused", False):
             del module.forward  # the instance's binding goes; the class's forward is found again

@@ -110,7 +110,7 @@ class GRPOTrainer:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if config.fused_layers:
-            fuse_layers(self.model, rotary=config.fused_rotary)  # before the reference copy, which keeps the swap
+            fuse_layers(self.model, rotary=config.fused_rotary, decoder=config.fused_decoder)  # before the reference copy, which keeps the swap
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.model, offload=config.activation_offload,
                                           keep_attention=config.checkpoint_keep_attention)

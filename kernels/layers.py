@@ -71,17 +71,37 @@ def _rms_norm_bwd_kernel(x_ptr, w_ptr, rstd_ptr, dy_ptr, dx_ptr, dw_ptr, R, H, R
     tl.store(dw_ptr + pid.to(tl.int64) * H + cols, dw, mask=mask)
 
 
+def rms_norm_forward(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward launch on rows x2 [R, H] (contiguous): the output and each row's 1/rms (float32)."""
+    R, H = x2.shape
+    y = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x2.dtype), device=x2.device)
+    rstd = torch.empty(R, dtype=torch.float32, device=x2.device)
+    if R:
+        _rms_norm_fwd_kernel[(R,)](x2, weight.contiguous(), y, rstd, H, eps, BLOCK=next_pow2(H), num_warps=_warps(H))
+    return y, rstd
+
+
+def rms_norm_backward(x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor,
+                      weight_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """d(x2) and (with `weight_grad`) d(weight) from the forward's rows, weight, 1/rms and d(output)."""
+    R, H = x2.shape
+    dx = torch.empty_like(x2)
+    sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 4
+    programs = max(1, min(R, NORM_BWD_PROGRAMS_PER_SM * sms))
+    per = triton.cdiv(R, programs) if R else 1
+    programs = triton.cdiv(R, per) if R else 1
+    partial = torch.zeros((programs, H), dtype=torch.float32, device=x2.device)
+    if R:
+        _rms_norm_bwd_kernel[(programs,)](x2, weight.contiguous(), rstd, dy.reshape(-1, H).contiguous(), dx,
+                                          partial, R, H, per, BLOCK=next_pow2(H), num_warps=_warps(H))
+    return dx, partial.sum(0).to(weight.dtype) if weight_grad else None
+
+
 class RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        H = x.shape[-1]
-        x2 = x.reshape(-1, H).contiguous()
-        R = x2.shape[0]
-        y = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-        rstd = torch.empty(R, dtype=torch.float32, device=x.device)
-        if R:
-            _rms_norm_fwd_kernel[(R,)](x2, weight.contiguous(), y, rstd, H, eps, BLOCK=next_pow2(H),
-                                       num_warps=_warps(H))
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        y, rstd = rms_norm_forward(x2, weight, eps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = x.shape
         return y.view(x.shape)
@@ -89,17 +109,7 @@ class RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
-        R, H = x2.shape
-        dx = torch.empty_like(x2)
-        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 4
-        programs = max(1, min(R, NORM_BWD_PROGRAMS_PER_SM * sms))
-        per = triton.cdiv(R, programs) if R else 1
-        programs = triton.cdiv(R, per) if R else 1
-        partial = torch.zeros((programs, H), dtype=torch.float32, device=x2.device)
-        if R:
-            _rms_norm_bwd_kernel[(programs,)](x2, weight.contiguous(), rstd, dy.reshape(-1, H).contiguous(), dx,
-                                              partial, R, H, per, BLOCK=next_pow2(H), num_warps=_warps(H))
-        dw = partial.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dx, dw = rms_norm_backward(x2, weight, rstd, dy, weight_grad=ctx.needs_input_grad[1])
         return dx.view(ctx.shape), dw, None
 
 
@@ -132,26 +142,35 @@ def _silu_mul_bwd_kernel(g_ptr, u_ptr, dy_ptr, dg_ptr, du_ptr, n, BLOCK: tl.cons
     tl.store(dg_ptr + offs, (dy * u * s * (1.0 + g * (1.0 - s))).to(dg_ptr.dtype.element_ty), mask=mask)
 
 
+def silu_mul_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The forward launch on contiguous gate and up of one shape."""
+    y = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+    n = gate.numel()
+    if n:
+        _silu_mul_fwd_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](gate, up, y, n, BLOCK=ELEMENTWISE_BLOCK)
+    return y
+
+
+def silu_mul_backward(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d(gate), d(up) from the forward's (contiguous) inputs and d(output)."""
+    dg, du = torch.empty_like(gate), torch.empty_like(up)
+    n = gate.numel()
+    if n:
+        _silu_mul_bwd_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](gate, up, dy.contiguous(), dg, du, n,
+                                                                   BLOCK=ELEMENTWISE_BLOCK)
+    return dg, du
+
+
 class SiLUMulFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         g, u = gate.contiguous(), up.contiguous()
-        y = torch.empty(g.shape, dtype=torch.promote_types(g.dtype, u.dtype), device=g.device)
-        n = g.numel()
-        if n:
-            _silu_mul_fwd_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](g, u, y, n, BLOCK=ELEMENTWISE_BLOCK)
         ctx.save_for_backward(g, u)
-        return y
+        return silu_mul_forward(g, u)
 
     @staticmethod
     def backward(ctx, dy):
-        g, u = ctx.saved_tensors
-        dg, du = torch.empty_like(g), torch.empty_like(u)
-        n = g.numel()
-        if n:
-            _silu_mul_bwd_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK),)](g, u, dy.contiguous(), dg, du, n,
-                                                                       BLOCK=ELEMENTWISE_BLOCK)
-        return dg, du
+        return silu_mul_backward(*ctx.saved_tensors, dy)
 
 
 # Elements of one half-head tile that a rope program rotates at once: 16 heads of a 128-dim head
@@ -222,27 +241,41 @@ def _rope_launch(q, k, qo, ko, cos, sin, backward: bool) -> None:
                            **ROPE_OPTIONS)
 
 
+def rope_forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward launch (cos and sin contiguous): rotated q and k, each in its input's memory
+    order. The model's q is a transposed view of [B, T, H, D]; its output (and gradient) stay in
+    that order, as PyTorch's elementwise ops leave them."""
+    table = torch.promote_types(cos.dtype, sin.dtype)
+    qo = torch.empty_like(q, dtype=torch.promote_types(q.dtype, table))
+    ko = torch.empty_like(k, dtype=torch.promote_types(k.dtype, table))
+    _rope_launch(q, k, qo, ko, cos, sin, backward=False)
+    return qo, ko
+
+
+def rope_backward(dqo: torch.Tensor, dko: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  layouts: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """d(q), d(k) from the outputs' gradients; `layouts` is ((stride, dtype) of the forward's q
+    output, the same of k's): the gradients come back in the memory order of the outputs."""
+    (q_stride, q_dtype), (k_stride, k_dtype) = layouts
+    dq = torch.empty_strided(dqo.shape, q_stride, dtype=q_dtype, device=dqo.device)
+    dk = torch.empty_strided(dko.shape, k_stride, dtype=k_dtype, device=dko.device)
+    _rope_launch(dqo, dko, dq, dk, cos, sin, backward=True)
+    return dq, dk
+
+
 class RoPEFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         cos, sin = cos.contiguous(), sin.contiguous()  # [B or 1, T, D]: 1/H of q's size
-        table = torch.promote_types(cos.dtype, sin.dtype)
-        # empty_like keeps q's memory order: the model's q is a transposed view of [B, T, H, D],
-        # and its output (and gradient) stay in that order, as PyTorch's elementwise ops leave them.
-        qo = torch.empty_like(q, dtype=torch.promote_types(q.dtype, table))
-        ko = torch.empty_like(k, dtype=torch.promote_types(k.dtype, table))
-        _rope_launch(q, k, qo, ko, cos, sin, backward=False)
+        qo, ko = rope_forward(q, k, cos, sin)
         ctx.save_for_backward(cos, sin)
         ctx.layouts = (qo.stride(), q.dtype), (ko.stride(), k.dtype)
         return qo, ko
 
     @staticmethod
     def backward(ctx, dqo, dko):
-        cos, sin = ctx.saved_tensors
-        (q_stride, q_dtype), (k_stride, k_dtype) = ctx.layouts
-        dq = torch.empty_strided(dqo.shape, q_stride, dtype=q_dtype, device=dqo.device)
-        dk = torch.empty_strided(dko.shape, k_stride, dtype=k_dtype, device=dko.device)
-        _rope_launch(dqo, dko, dq, dk, cos, sin, backward=True)
+        dq, dk = rope_backward(dqo, dko, *ctx.saved_tensors, ctx.layouts)
         return dq, dk, None, None
 
 
