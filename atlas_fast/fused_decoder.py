@@ -199,9 +199,11 @@ def _attention(call: _Call, q, k, v):
     return out
 
 
-def _forward(call: _Call, x, w, graph: bool) -> dict:
+def _forward(call: _Call, x, w, graph: bool, output: bool = True) -> dict:
     """The layer's forward with its intermediates. `graph` records autograd over the attention
-    alone (its inputs are fresh leaves), for the backward to differentiate."""
+    alone (its inputs are fresh leaves), for the backward to differentiate. Without `output` it
+    stops before the down projection, whose result no gradient needs: the recompute skips that
+    GEMM (a third of the MLP's), which a checkpointed stock layer runs again."""
     from atlas_kernels.layers import rms_norm_forward, rope_forward, silu_mul_forward
 
     F = torch.nn.functional
@@ -224,9 +226,9 @@ def _forward(call: _Call, x, w, graph: bool) -> dict:
     xm = x2 + F.linear(o2, w[7], w[8])
     h2, r2 = rms_norm_forward(xm, w[9], layer.post_attention_layernorm.variance_epsilon)
     g, u = F.linear(h2, w[10], w[11]), F.linear(h2, w[12], w[13])
-    m = silu_mul_forward(g, u)
-    out = xm + F.linear(m, w[14], w[15])
-    a.update(o2=o2, xm=xm, h2=h2, r2=r2, g=g, u=u, m=m, out=out.view(B, T, H))
+    a.update(o2=o2, xm=xm, h2=h2, r2=r2, g=g, u=u, m=silu_mul_forward(g, u))
+    if output:
+        a["out"] = (xm + F.linear(a["m"], w[14], w[15])).view(B, T, H)
     return a
 
 
@@ -251,7 +253,8 @@ class _DecoderLayerFn(torch.autograd.Function):
         if call.recompute:
             (x,) = ctx.saved_tensors
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                a = _forward(call, x, w, graph=True)
+                a = _forward(call, x, w, graph=True, output=False)
+            del x
         else:
             a = dict(zip(_SAVED, ctx.saved_tensors))
             a["q"], a["k"], a["v"], a["o"], a["layouts"] = ctx.attention
@@ -275,23 +278,33 @@ def _backward(call: _Call, a: dict, w, dout, needs: tuple) -> list:
         if w[i + 1] is not None and needs[i + 1]:
             dw[i + 1] = dy.sum(0)
 
+    # Each intermediate is dropped after its last use, so the layer's backward holds no more than
+    # autograd's would.
     d = dout.reshape(B * T, H)
-    weight_grads(14, d, a["m"])
-    dg, du = silu_mul_backward(a["g"], a["u"], d.mm(w[14]))
-    weight_grads(10, dg, a["h2"])
-    weight_grads(12, du, a["h2"])
+    weight_grads(14, d, a.pop("m"))
+    dg, du = silu_mul_backward(a.pop("g"), a.pop("u"), d.mm(w[14]))
+    h2 = a.pop("h2")
+    weight_grads(10, dg, h2)
+    weight_grads(12, du, h2)
+    del h2
     dh2 = dg.mm(w[10]).addmm_(du, w[12])
-    dxm, dw[9] = rms_norm_backward(a["xm"], w[9], a["r2"], dh2, weight_grad=needs[9])
+    del dg, du
+    dxm, dw[9] = rms_norm_backward(a.pop("xm"), w[9], a.pop("r2"), dh2, weight_grad=needs[9])
+    del dh2
     dxm += d
-    weight_grads(7, dxm, a["o2"])
+    weight_grads(7, dxm, a.pop("o2"))
     do = dxm.mm(w[7])
-    o = a["o"]
-    dq, dk, dv = torch.autograd.grad(o, (a["q"], a["k"], a["v"]), do.view(o.shape))
+    o = a.pop("o")
+    dq, dk, dv = torch.autograd.grad(o, (a.pop("q"), a.pop("k"), a.pop("v")), do.view(o.shape))
+    del o, do
     dq, dk = rope_backward(dq, dk, call.cos, call.sin, a["layouts"])
     dq, dk, dv = (t.transpose(1, 2).reshape(B * T, -1) for t in (dq, dk, dv))
+    h1 = a.pop("h1")
     for i, dy in ((1, dq), (3, dk), (5, dv)):
-        weight_grads(i, dy, a["h1"])
+        weight_grads(i, dy, h1)
+    del h1
     dh1 = dq.mm(w[1]).addmm_(dk, w[3]).addmm_(dv, w[5])
-    dx, dw[0] = rms_norm_backward(a["x2"], w[0], a["r1"], dh1, weight_grad=needs[0])
+    del dq, dk, dv
+    dx, dw[0] = rms_norm_backward(a.pop("x2"), w[0], a.pop("r1"), dh1, weight_grad=needs[0])
     dx += dxm
     return [dx.view(B, T, H), *dw]
