@@ -20,6 +20,8 @@ token.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -86,7 +88,7 @@ def rms_norm_backward(x2: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
     """d(x2) and (with `weight_grad`) d(weight) from the forward's rows, weight, 1/rms and d(output)."""
     R, H = x2.shape
     dx = torch.empty_like(x2)
-    sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 4
+    sms = _sm_count(x2.device.index if x2.device.index is not None else torch.cuda.current_device()) if x2.is_cuda else 4
     programs = max(1, min(R, NORM_BWD_PROGRAMS_PER_SM * sms))
     per = triton.cdiv(R, programs) if R else 1
     programs = triton.cdiv(R, per) if R else 1
@@ -111,6 +113,11 @@ class RMSNormFn(torch.autograd.Function):
         x2, weight, rstd = ctx.saved_tensors
         dx, dw = rms_norm_backward(x2, weight, rstd, dy, weight_grad=ctx.needs_input_grad[1])
         return dx.view(ctx.shape), dw, None
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:  # asked once per GPU, not at every launch
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _warps(H: int) -> int:

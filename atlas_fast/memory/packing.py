@@ -383,9 +383,11 @@ def _varlen_packed(module, query, key, value, cu, max_len, dropout, scaling, kwa
     if not usable:  # exact fallback: SDPA with the block-diagonal causal mask
         mask = _block_causal_mask(cu, query.shape[2])
         return _sdpa(module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=False, **kwargs)
-    # [1, H, N, D] -> [N, H, D]; the copy (3 x N*H*D, ~0.1 ms a layer at 64k tokens) gives the
-    # kernel the packed-rows layout it is written for.
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    # [1, H, N, D] -> [N, H, D]; the copy (3 x N*H*D, ~0.1 ms a layer at 64k tokens; none where the
+    # model's q, k, v are transposed views of [1, N, H, D]) gives the kernel the packed-rows layout it
+    # is written for. squeeze, not [0]: a select's backward writes its gradient into a zero-filled
+    # [1, H, N, D] buffer, squeeze's is a view.
+    q, k, v = (t.squeeze(0).transpose(0, 1).contiguous() for t in (query, key, value))
     options = _varlen_options()
     extra = {}
     if q.shape[1] != k.shape[1]:
