@@ -13,9 +13,9 @@ the model is configured with: SDPA, varlen flash attention on packed rows, flash
 
 With gradient checkpointing the node keeps only the layer's input (through the activation
 offload's hooks when those are on) and recomputes the layer in its backward, as the checkpointed
-stock layer would, without the checkpoint machinery's per-tensor hooks, and stopping before the
-down projection: no gradient needs its output, and its GEMM is a third of the MLP's (~30% of a
-Qwen2.5-1.5B layer's projection FLOPs) that PyTorch's checkpoint runs again.
+stock layer would, without the checkpoint machinery's per-tensor hooks. Like PyTorch's checkpoint
+(which stops once the last tensor it needs is saved) the recompute ends before the down
+projection, whose output no gradient needs.
 
 Which layers: those whose code is transformers' Llama or Qwen2 decoder layer (Mistral's and the
 other copies compile to the same code), with a Llama/Qwen2 attention calling the stock rotary
@@ -204,8 +204,7 @@ def _attention(call: _Call, q, k, v):
 def _forward(call: _Call, x, w, graph: bool, output: bool = True) -> dict:
     """The layer's forward with its intermediates. `graph` records autograd over the attention
     alone (its inputs are fresh leaves), for the backward to differentiate. Without `output` it
-    stops before the down projection, whose result no gradient needs: the recompute skips that
-    GEMM (a third of the MLP's), which a checkpointed stock layer runs again."""
+    stops before the down projection, whose result no gradient needs (the recompute)."""
     from atlas_kernels.layers import rms_norm_forward, rope_forward, silu_mul_forward
 
     F = torch.nn.functional
