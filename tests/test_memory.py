@@ -968,6 +968,42 @@ def test_varlen_packed_attention_with_shared_kv_heads_matches_expanded(heads, kv
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs CUDA")
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(14, 2, 64), (12, 2, 128), (8, 8, 64)])
+def test_packed_attention_through_the_flash_op_matches_sdpa_per_sequence(monkeypatch, heads, kv_heads, head_dim):
+    """Where the setup probe passes, packed rows call aten's flash op directly: outputs and
+    gradients equal causal SDPA run on each sequence alone (float32 math)."""
+    from atlas_fast.memory import packing
+
+    if packing._varlen_attn() is None:
+        pytest.skip("this torch has no varlen attention")
+    shape = (heads, kv_heads, head_dim)
+    packing._DIRECT_PROBE.pop(shape, None)
+    assert packing._direct_flash_works(*shape)
+    monkeypatch.setitem(packing._DIRECT_PROBE, shape, True)
+    calls = []
+    monkeypatch.setattr(packing, "_flash_direct", lambda *a, _real=packing._flash_direct: calls.append(1) or _real(*a))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bounds = [0, 37, 100, 161]
+    cu = torch.tensor(bounds, device="cuda", dtype=torch.int32)
+    q, k, v = (torch.randn(1, h, 161, head_dim, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for h in (heads, kv_heads, kv_heads))
+    out, _ = packing.varlen_attention_forward(torch.nn.Module(), q, k, v, None, cu_seq_lens_q=cu, max_length_q=63)
+    assert calls == [1]
+    weights = torch.randn(out.shape, device="cuda", generator=g)
+    grads = torch.autograd.grad((out.float() * weights).sum(), (q, k, v))
+    q64, k64, v64 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    parts = []
+    for a, b in zip(bounds, bounds[1:]):
+        kk, vv = (t[:, :, a:b].repeat_interleave(heads // kv_heads, dim=1) for t in (k64, v64))
+        parts.append(torch.nn.functional.scaled_dot_product_attention(q64[:, :, a:b], kk, vv, is_causal=True))
+    expected = torch.cat(parts, dim=2).transpose(1, 2)
+    reference = torch.autograd.grad((expected * weights).sum(), (q64, k64, v64))
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    for got, want in zip(grads, reference):
+        torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
+
+
 def test_log_prob_pass_keeps_padded_forwards_within_max_forward_tokens(tmp_path, tok):
     trainer = _trainer(tmp_path, tok, "budget", padding_free=False, max_forward_tokens=24)
     # rows 0-3 short (1 + 1 tokens), rows 4-7 long (10 + 10): the first slice of 4 fits the budget at

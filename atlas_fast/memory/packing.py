@@ -175,6 +175,8 @@ def prepare_packing(model: torch.nn.Module, *, varlen: bool | None = None, atten
             shape = _head_shape(base.config)
             if torch.cuda.is_available() and "enable_gqa" not in _varlen_options() and shape not in _GQA_PROBE:
                 _GQA_PROBE[shape] = _unflagged_gqa_works(*shape)
+            if torch.cuda.is_available() and shape not in _DIRECT_PROBE:
+                _DIRECT_PROBE[shape] = _direct_flash_works(*shape)
             name, function = ((AUTO_ATTENTION, auto_attention_forward) if attention == "auto"
                               else (VARLEN_ATTENTION, varlen_attention_forward))
             _register_packed_attention(name, function)
@@ -301,6 +303,44 @@ def _probe_unflagged_gqa(varlen_attn, heads: int, kv_heads: int, head_dim: int) 
                for a, b in zip((shared, *grads), (expanded, *reference)))
 
 
+# (query heads, key/value heads, head dim) -> whether packed rows call aten's flash kernel directly,
+# probed at setup by prepare_packing, once per shape, as _GQA_PROBE is.
+_DIRECT_PROBE: dict[tuple[int, int, int], bool] = {}
+
+
+def _flash_direct(q, k, v, cu, max_len: int, scale: float | None) -> torch.Tensor:
+    """Causal flash attention over packed rows q [N, Hq, D], k/v [N, Hkv, D] (shared key/value heads
+    as the kernel takes them) through aten's `_flash_attention_forward`, whose backward autograd
+    knows. varlen_attn wraps this op in a Python custom op: a profile of a Qwen2.5-0.5B update over
+    8 x 1280 tokens (H200) spent ~0.25 ms of host time per call in that wrapper, for three calls per
+    layer and step (reference, policy, recompute) and its backward's, while the GPU waited."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)[0]
+
+
+def _direct_flash_works(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether _flash_direct runs here and gives varlen_attn's outputs and gradients (one small
+    probe against the wrapper with expanded keys and values); where not, rows keep the wrapper."""
+    varlen_attn = _varlen_attn()
+    if varlen_attn is None or not torch.cuda.is_available() or heads % kv_heads:
+        return False
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    causal = {"window_size": (-1, 0)} if "window_size" in _varlen_options() else {"is_causal": True}
+    with torch.inference_mode(False), torch.enable_grad():
+        q, k, v = (torch.randn(9, h, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+                   for h in (heads, kv_heads, kv_heads))
+        cu = torch.tensor([0, 4, 9], device="cuda", dtype=torch.int32)
+        try:
+            direct = _flash_direct(q, k, v, cu, 5, None)
+            grads = torch.autograd.grad(direct.float().square().sum(), (q, k, v))
+            k2, v2 = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+            wrapped = varlen_attn(q, k2, v2, cu, cu, 5, 5, **causal)
+            reference = torch.autograd.grad(wrapped.float().square().sum(), (q, k, v))
+        except Exception:  # no such op, no autograd for it, or a kernel that refuses the shape
+            return False
+    return all(a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+               for a, b in zip((direct, *grads), (wrapped, *reference)))
+
+
 def _varlen_runs(model: torch.nn.Module) -> bool:
     """Whether PyTorch's varlen flash attention runs here (torch >= 2.10, a GPU its kernels support):
     one tiny call at setup, so that a failure picks the mask path instead of failing mid-training."""
@@ -388,6 +428,8 @@ def _varlen_packed(module, query, key, value, cu, max_len, dropout, scaling, kwa
     # is written for. squeeze, not [0]: a select's backward writes its gradient into a zero-filled
     # [1, H, N, D] buffer, squeeze's is a view.
     q, k, v = (t.squeeze(0).transpose(0, 1).contiguous() for t in (query, key, value))
+    if _DIRECT_PROBE.get((q.shape[1], k.shape[1], q.shape[2]), False):
+        return _flash_direct(q, k, v, cu, int(max_len), scaling)[None], None
     options = _varlen_options()
     extra = {}
     if q.shape[1] != k.shape[1]:
