@@ -9,6 +9,8 @@ tokens; position ids restart at 0 for each sequence and attention stays inside e
 - `sdpa` / `eager` on CUDA: we register one more attention implementation, `atlas_varlen`, that
   calls PyTorch's own varlen flash attention (`torch.nn.attention.varlen`, torch >= 2.10) with the
   cumulative sequence lengths, and is plain SDPA for every unpacked call (generation included).
+  Where a setup probe finds them equal it calls the aten flash op under that wrapper directly
+  (`_flash_direct`: the wrapper is a Python custom op, a quarter millisecond of host time a call).
 - otherwise (`sdpa` / `eager` on the CPU, an older torch): transformers builds a dense
   block-diagonal causal mask, [N, N] booleans: exact, and fine for short rows.
 - `attention="auto"` (`GRPOConfig.packed_attention`, the default) registers `atlas_packed` instead:
