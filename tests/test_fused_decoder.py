@@ -101,6 +101,26 @@ def test_bf16_matches_the_stock_layers_to_rounding(tok):
 
 
 @interpreted
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_float32_weights_under_autocast_compute_as_autocast_would(tok, checkpointing):
+    """The trainer's default: float32 weights, bf16 autocast. Projections in bf16, residual stream,
+    norms and the weights' gradients in float32, as in the stock layer."""
+    model = llama(tok)
+    mb = micro_batch(seed=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = loss_and_grads(model, mb)
+    fuse_decoder_layers(model)
+    if checkpointing:
+        enable_activation_checkpointing(model)
+    nodes = fused_nodes(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss_and_grads(model, mb)
+    assert nodes == ["_DecoderLayerFnBackward"] * 2
+    assert all(g.dtype == torch.float32 for g in got[1].values())
+    assert_close_to_bf16_rounding(got, expected)
+
+
+@interpreted
 def test_no_grad_forward_and_generation_match_the_stock_model(tok):
     model = tiny_model(tok, layers=2).eval()
     ids = torch.randint(3, len(tok), (2, 9), generator=torch.Generator().manual_seed(1))
@@ -121,10 +141,12 @@ def test_calls_it_cannot_compute_take_the_stock_forward(tok):
     expected = loss_and_grads(model, mb)
     fuse_decoder_layers(model)
     nodes = fused_nodes(model)
-    # float32 weights under autocast to another dtype: the stock layer's casts, not ours
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss_and_grads(model, mb)
-    assert nodes[-1] != "_DecoderLayerFnBackward"
+    # bf16 weights under fp16 autocast: not a pair this computes
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    half_nodes = fused_nodes(half)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss_and_grads(half, mb)
+    assert half_nodes and "_DecoderLayerFnBackward" not in half_nodes
     # a hook on a projection must see its call
     seen = []
     handle = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: seen.append(1))
@@ -175,23 +197,36 @@ def test_layers_it_does_not_know_are_named(tok):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels and varlen attention need CUDA")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float32-autocast"])
 @pytest.mark.parametrize("mode", ["plain", "checkpointing", "offload"])
-def test_fused_layers_keep_loss_and_gradients_cuda(tok, dtype, mode):
-    """Packed rows on the GPU: varlen flash attention in bf16, the block-mask path in float32."""
-    model = tiny_model(tok, layers=2, hidden=128).to("cuda", dtype)
+def test_fused_layers_keep_loss_and_gradients_cuda(tok, monkeypatch, dtype, mode):
+    """Packed rows on the GPU: flash attention in bf16 and under autocast (float32 weights, q and k
+    promoted to float32 by the rotary embedding, cast back for the kernel), the block-mask path in
+    float32."""
+    import contextlib
+
+    from atlas_fast.memory import packing
+
+    autocast = dtype == "float32-autocast"
+    model = tiny_model(tok, layers=2, hidden=128).to("cuda", torch.float32 if autocast else getattr(torch, dtype))
     mb = micro_batch(seed=7)
     mb = dataclasses.replace(mb, **{f.name: getattr(mb, f.name).cuda() for f in dataclasses.fields(mb)
                                     if isinstance(getattr(mb, f.name), torch.Tensor)})
     assert prepare_packing(model)
-    expected = loss_and_grads(model, mb, packed_completion_logits)
+    context = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
+    with context():
+        expected = loss_and_grads(model, mb, packed_completion_logits)
     assert fuse_decoder_layers(model) == 2
     if mode != "plain":
         enable_activation_checkpointing(model, offload=mode == "offload")
     nodes = fused_nodes(model)
-    got = loss_and_grads(model, mb, packed_completion_logits)
+    masks = []
+    monkeypatch.setattr(packing, "_block_causal_mask", lambda *a, _real=packing._block_causal_mask: masks.append(1) or _real(*a))
+    with context():
+        got = loss_and_grads(model, mb, packed_completion_logits)
     assert nodes == ["_DecoderLayerFnBackward"] * 2
-    if dtype == torch.float32:
+    assert bool(masks) == (dtype == "float32")  # flash kernels for bf16, under autocast too
+    if dtype == "float32":
         assert_close_grads(got, expected, rtol=1e-4, atol=1e-5)
-        return
-    assert_close_to_bf16_rounding(got, expected)
+    else:
+        assert_close_to_bf16_rounding(got, expected)

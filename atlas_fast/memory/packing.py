@@ -419,6 +419,12 @@ def _sdpa(*args, **kwargs):
 
 
 def _varlen_packed(module, query, key, value, cu, max_len, dropout, scaling, kwargs):
+    if query.is_cuda and query.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        low = torch.get_autocast_dtype("cuda")
+        if low in (torch.float16, torch.bfloat16):
+            # What SDPA's autocast does with float32 inputs (float32 weights under autocast give q and k
+            # in float32: the rotary embedding promotes them), so that the flash kernels take them.
+            query, key, value = (t.to(low) for t in (query, key, value))
     varlen_attn = _varlen_attn()
     usable = (varlen_attn is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
               and not (module.training and dropout > 0))
