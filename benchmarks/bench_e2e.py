@@ -333,12 +333,15 @@ def run_atlas(path: Path, work: Workload, steps: int, device: str, system: str, 
         return [fixed[i % len(fixed)] for i in range(len(prompts))]
 
     options = {**ATLAS_OPTIONS["atlas-fast"], **ATLAS_OPTIONS[system], **OVERRIDES}
+    # bf16 weights as TRL loads them; `--set 'model_init_kwargs={"dtype": "float32"}'` times the
+    # trainer's own default (float32 weights under bf16 autocast)
+    init = options.pop("model_init_kwargs", {"dtype": "bfloat16"})
     backend = "engine" if device == "cuda" and "engine" in BACKENDS else "hf"
     config = GRPOConfig(
         output_dir=str(scratch / "atlas"), max_steps=steps, num_generations=G, per_device_train_batch_size=work.per_device,
         gradient_accumulation_steps=work.accumulation, max_completion_length=work.completion,
         max_prompt_length=None, learning_rate=1e-6, beta=work.beta, temperature=1.0, seed=0, disable_tqdm=True,
-        report_to="none", rollout_backend=backend, model_init_kwargs={"dtype": "bfloat16"},
+        report_to="none", rollout_backend=backend, model_init_kwargs=init,
         bf16=device == "cuda", **options,
     )
     trainer = GRPOTrainer(config, model=str(path), tokenizer=load_tok(path, eos=False), train_dataset=[{"prompt": p} for p in work.prompts],
