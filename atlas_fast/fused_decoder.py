@@ -139,7 +139,8 @@ class _Call:
     def __init__(self, layer, form, mask, cos, sin, attention_kwargs, recompute, shape, compute, autocast):
         self.layer, self.form, self.mask, self.cos, self.sin = layer, form, mask, cos, sin
         self.attention_kwargs, self.recompute, self.shape = attention_kwargs, recompute, shape
-        # the projections' dtype, and whether autocast brought it (weights then cast per call)
+        # the projections' dtype (the autocast dtype under autocast), and whether the caller ran
+        # under autocast (attention runs under it again)
         self.compute, self.autocast = compute, autocast
 
 
@@ -180,9 +181,9 @@ def decoder_call(layer, hidden_states, args, kwargs, *, recompute: bool = False,
     if (dtype not in TRITON_DTYPES or cos.dtype != dtype or sin.dtype != dtype or cos.requires_grad
             or any(w is not None and w.dtype != dtype for w in weights) or not use_triton(x, cos)):
         return None
-    compute, autocast = dtype, False
-    if torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != dtype:
-        compute, autocast = torch.get_autocast_dtype(x.device.type), True
+    compute, autocast = dtype, torch.is_autocast_enabled(x.device.type)
+    if autocast and torch.get_autocast_dtype(x.device.type) != dtype:
+        compute = torch.get_autocast_dtype(x.device.type)
         if dtype != torch.float32 or compute not in (torch.bfloat16, torch.float16):
             return None
     B, T, _ = x.shape
@@ -277,6 +278,9 @@ class _DecoderLayerFn(torch.autograd.Function):
                 a = _forward(call, x, w, graph=True, output=False)
             del x
         else:
+            if not hasattr(ctx, "attention"):
+                raise RuntimeError("a fused decoder layer without gradient checkpointing differentiates once: backward "
+                                   "through its graph a second time (retain_graph=True) needs fused_decoder=False")
             a = dict(zip(_SAVED, ctx.saved_tensors))
             a["q"], a["k"], a["v"], a["o"], a["layouts"], a["wc"] = ctx.attention
             del ctx.attention

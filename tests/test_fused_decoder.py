@@ -166,6 +166,16 @@ def test_calls_it_cannot_compute_take_the_stock_forward(tok):
 
 
 @interpreted
+def test_a_second_backward_through_one_graph_is_refused_by_name(tok):
+    model = tiny_model(tok, layers=1)
+    fuse_decoder_layers(model)
+    loss = model(input_ids=torch.randint(3, len(tok), (1, 6), generator=torch.Generator().manual_seed(4))).logits.sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        loss.backward()
+
+
+@interpreted
 def test_deepcopy_computes_with_the_copy(tok):
     model = tiny_model(tok, layers=1)
     fuse_decoder_layers(model)
