@@ -120,18 +120,30 @@ def test_float32_weights_under_autocast_compute_as_autocast_would(tok, checkpoin
     assert_close_to_bf16_rounding(got, expected)
 
 
+def fused_calls(monkeypatch) -> list:
+    """One entry per layer call that the fused path computed (with or without autograd)."""
+    from atlas_fast import fused_decoder
+
+    calls = []
+    monkeypatch.setattr(fused_decoder, "_forward", lambda *a, _real=fused_decoder._forward, **k: calls.append(1) or _real(*a, **k))
+    return calls
+
+
 @interpreted
-def test_no_grad_forward_and_generation_match_the_stock_model(tok):
+def test_no_grad_forward_and_generation_match_the_stock_model(tok, monkeypatch):
     model = tiny_model(tok, layers=2).eval()
     ids = torch.randint(3, len(tok), (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected = model(input_ids=ids).logits
+        expected = model(input_ids=ids, use_cache=False).logits
     prompts = ids[:, :4]
     generated = model.generate(prompts, max_new_tokens=5, do_sample=False)
     assert fuse_decoder_layers(model) == 2
+    calls = fused_calls(monkeypatch)
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
-    assert torch.equal(model.generate(prompts, max_new_tokens=5, do_sample=False), generated)  # KV cache: stock
+        torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, expected, rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2
+    assert torch.equal(model.generate(prompts, max_new_tokens=5, do_sample=False), generated)
+    assert len(calls) == 2  # a KV cache takes the stock path
 
 
 @interpreted
@@ -169,14 +181,15 @@ def test_calls_it_cannot_compute_take_the_stock_forward(tok):
 def test_a_second_backward_through_one_graph_is_refused_by_name(tok):
     model = tiny_model(tok, layers=1)
     fuse_decoder_layers(model)
-    loss = model(input_ids=torch.randint(3, len(tok), (1, 6), generator=torch.Generator().manual_seed(4))).logits.sum()
+    ids = torch.randint(3, len(tok), (1, 6), generator=torch.Generator().manual_seed(4))
+    loss = model(input_ids=ids, use_cache=False).logits.sum()  # a KV cache would take the stock path
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph=True"):
         loss.backward()
 
 
 @interpreted
-def test_deepcopy_computes_with_the_copy(tok):
+def test_deepcopy_computes_with_the_copy(tok, monkeypatch):
     model = tiny_model(tok, layers=1)
     fuse_decoder_layers(model)
     twin = copy.deepcopy(model)
@@ -184,11 +197,13 @@ def test_deepcopy_computes_with_the_copy(tok):
         for p in twin.parameters():
             p.mul_(0.5)
     ids = torch.randint(3, len(tok), (1, 7), generator=torch.Generator().manual_seed(3))
+    calls = fused_calls(monkeypatch)
     with torch.no_grad():
-        fused_twin = twin(input_ids=ids).logits
+        fused_twin = twin(input_ids=ids, use_cache=False).logits
+        assert calls == [1]
         unfuse_decoder_layers(twin)
-        torch.testing.assert_close(fused_twin, twin(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
-        assert not torch.allclose(fused_twin, model(input_ids=ids).logits)
+        torch.testing.assert_close(fused_twin, twin(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(fused_twin, model(input_ids=ids, use_cache=False).logits)
 
 
 def test_layers_it_does_not_know_are_named(tok):
