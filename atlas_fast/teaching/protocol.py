@@ -34,7 +34,7 @@ from atlas_fast.rollout import RolloutOutput, SamplingParams, build_backend, lef
 
 from .config import TeachingConfig, load_teaching_config
 from .diagnostic import DiagnosticResult, assess_probe, capability_tier
-from .reward import has_truth, is_correct, teacher_metrics
+from .reward import grade_labelled, teacher_metrics
 
 GUIDANCE_MIN_TOKENS = 10  # the seed's floor for generate_guidance's max_tokens
 RESIDENT_BACKENDS = ("engine", "vllm")  # in-process backends that hold the model's weights on the GPU
@@ -257,10 +257,9 @@ class TeacherTrainer:
         batch = None
         for i in range(0, len(problems), step):
             batch = self.teach(problems[i : i + step], greedy)
-            truths = ground_truth[i : i + step]
-            rows = [k for k, y in enumerate(truths) if has_truth(y)]  # unlabelled problems are graded by nothing
-            base_ok += [is_correct(batch.texts["baseline"][k], truths[k]) for k in rows]
-            guided_ok += [is_correct(batch.texts["guided"][k], truths[k]) for k in rows]
+            rows, base, guided = grade_labelled(ground_truth[i : i + step], batch.texts["baseline"], batch.texts["guided"])
+            base_ok += base
+            guided_ok += guided
             lengths["guidance"] += [len(batch.guidance.completion_ids[k]) for k in rows]
             lengths["baseline"] += [len(batch.baseline.completion_ids[k]) for k in rows]
             lengths["student"] += [len(batch.guided.completion_ids[k]) for k in rows]

@@ -159,6 +159,15 @@ class TeachingReward:
         return out
 
 
+def grade_labelled(truths: Sequence[Any] | None, baseline_answers: Sequence[str], guided_answers: Sequence[str]
+                   ) -> tuple[list[int], list[bool], list[bool]]:
+    """The rows that have a ground truth (unlabelled ones are graded by nothing), and whether each
+    one's baseline and guided answers are correct: what teacher_metrics takes."""
+    rows = [k for k, y in enumerate(truths or ()) if has_truth(y)]
+    return (rows, [is_correct(baseline_answers[k], truths[k]) for k in rows],
+            [is_correct(guided_answers[k], truths[k]) for k in rows])
+
+
 def teacher_metrics(baseline_correct: Sequence[bool], guided_correct: Sequence[bool], guidance_tokens: Sequence[int],
                     baseline_tokens: Sequence[int], student_tokens: Sequence[int]) -> dict[str, float]:
     """ATLAS's teacher metrics over guided samples (each compared with its problem's baseline).

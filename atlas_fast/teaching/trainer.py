@@ -22,7 +22,7 @@ from atlas_fast.trainer import GRPOTrainer, Rollout
 
 from .config import load_teaching_config
 from .protocol import TeacherTrainer, TeachingBatch
-from .reward import TeachingReward, answer_leaked, has_truth, is_correct, outcome, teacher_metrics
+from .reward import TeachingReward, answer_leaked, grade_labelled, is_correct, outcome, teacher_metrics
 
 EXCHANGES_FILE = "teaching_exchanges.jsonl"
 
@@ -99,13 +99,11 @@ class TeacherGRPOTrainer(GRPOTrainer, TeacherTrainer):
             **{f"diagnostic/tier_{t}": sum(d.tier == t for d in batch.diagnostics) / n for t in ("low", "medium", "high")},
         }
         truths = columns.get("ground_truth")
-        rows = [k for k, y in enumerate(truths or ()) if has_truth(y)]  # unlabelled rows are graded by nothing
+        rows, base, guided = grade_labelled(truths, columns["baseline_answer"], columns["student_answer"])
         if not rows:
             return metrics
         pick = lambda name: [columns[name][k] for k in rows]  # noqa: E731
         labelled = [truths[k] for k in rows]
-        base = [is_correct(a, y) for a, y in zip(pick("baseline_answer"), labelled)]
-        guided = [is_correct(a, y) for a, y in zip(pick("student_answer"), labelled)]
         metrics.update(teacher_metrics(base, guided, pick("guidance_tokens"), pick("baseline_tokens"),
                                        pick("student_tokens")))
         metrics["leak_rate"] = sum(answer_leaked(g, y) for g, y in zip(pick("guidance"), labelled)) / len(rows)
