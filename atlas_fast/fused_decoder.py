@@ -108,23 +108,51 @@ def decoder_problem(layer: nn.Module) -> str | None:
 
 def fuse_decoder_layers(model: nn.Module) -> int:
     """Run every decoder layer of `model` that qualifies (see the module's docstring) as one fused
-    node; returns how many. Call before enabling gradient checkpointing, which then hands these
-    layers the recompute instead of wrapping them."""
+    node; returns how many. Our gradient checkpointing (memory/checkpointing.py), enabled before or
+    after, hands these layers the recompute instead of wrapping them."""
     count = 0
     for module in model.modules():
         if "_atlas_fused_decoder" in module.__dict__ or decoder_problem(module) is not None:
             continue
         form = "llama" if _code(type(module.self_attn).forward) == _stock()["llama"] else "qwen2"
         module._atlas_fused_decoder = form
-        module.forward = types.MethodType(_fused_forward, module)
+        # under our checkpointing the wrapper stays the forward and calls this one
+        slot = "_atlas_inner_forward" if "_atlas_inner_forward" in module.__dict__ else "forward"
+        setattr(module, slot, types.MethodType(_fused_forward, module))
         count += 1
     return count
 
 
 def unfuse_decoder_layers(model: nn.Module) -> None:
     for module in model.modules():
-        if module.__dict__.pop("_atlas_fused_decoder", None) is not None:
+        if module.__dict__.pop("_atlas_fused_decoder", None) is None:
+            continue
+        if "_atlas_inner_forward" in module.__dict__:  # checkpointed: the wrapper now calls the class's forward
+            module._atlas_inner_forward = types.MethodType(type(module).forward, module)
+        else:
             del module.forward
+
+
+def stock_forward(layer: nn.Module):
+    """The class's forward of `layer`, bound: what checkpointing wraps where the fused node does not
+    apply (a fused node inside PyTorch's checkpoint would keep its attention graph outside the
+    checkpoint's hooks, and selective checkpointing refuses it)."""
+    return types.MethodType(type(layer).forward, layer)
+
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def _hooked(layer: nn.Module) -> bool:
+    """Whether any hook would see the layer's parts run: module hooks on a part (forward, backward,
+    either kind) or global module hooks, which the fused node would skip."""
+    import torch.nn.modules.module as nn_module
+
+    if any(getattr(nn_module, name, None) for name in _GLOBAL_HOOKS):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in layer.modules() if m is not layer)
 
 
 def _fused_forward(self, hidden_states, *args, **kwargs):
@@ -169,9 +197,10 @@ def decoder_call(layer, hidden_states, args, kwargs, *, recompute: bool = False,
     attn = layer.self_attn
     if attn.training and attn.attention_dropout:
         return None
-    parts = (attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm,
-             *(getattr(attn, n) for n in _PROJECTIONS), *(getattr(layer.mlp, n) for n in _MLP))
-    if any(m._forward_hooks or m._forward_pre_hooks for m in parts):
+    if getattr(layer, "gradient_checkpointing", False) and layer.training:
+        return None  # transformers' own checkpointing wraps this call: the stock layer is what it expects
+    if (_hooked(layer) or not all(type(getattr(attn, n)) is nn.Linear for n in _PROJECTIONS)
+            or not all(type(getattr(layer.mlp, n)) is nn.Linear for n in _MLP)):
         return None
     from atlas_kernels._dispatch import TRITON_DTYPES, use_triton
 
@@ -270,6 +299,7 @@ class _DecoderLayerFn(torch.autograd.Function):
         return a["out"]
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         call, w = ctx.call, ctx.weights
         if call.recompute:

@@ -187,14 +187,16 @@ def _checkpointed_call(layer: torch.nn.Module, *args, **kwargs):
     if not torch.is_grad_enabled() or any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
         return forward(*args, **kwargs)
     keep_attention = getattr(layer, "_atlas_keep_attention", False)
-    if "_atlas_fused_decoder" in layer.__dict__ and args and not keep_attention:
-        # A fused decoder layer (fused_decoder.py) recomputes itself from its saved input; None
-        # where this call takes the stock forward, checkpointed below.
-        from ..fused_decoder import decoder_call
+    if "_atlas_fused_decoder" in layer.__dict__:
+        # A fused decoder layer (fused_decoder.py) recomputes itself from its saved input; where it
+        # does not apply (keep_attention included) the stock forward is checkpointed below.
+        from ..fused_decoder import decoder_call, stock_forward
 
-        out = decoder_call(layer, args[0], args[1:], kwargs, recompute=True, offload=offload)
-        if out is not None:
-            return out
+        if args and not keep_attention:
+            out = decoder_call(layer, args[0], args[1:], kwargs, recompute=True, offload=offload)
+            if out is not None:
+                return out
+        forward = stock_forward(layer)
     if keep_attention:
         kwargs = {**kwargs, "context_fn": _keep_attention_context}
     if offload is None:
