@@ -178,6 +178,66 @@ def test_calls_it_cannot_compute_take_the_stock_forward(tok):
 
 
 @interpreted
+@pytest.mark.parametrize("hook", ["backward-on-mlp", "on-the-activation", "global-forward"])
+def test_any_hook_on_the_parts_takes_the_stock_path(tok, hook):
+    model = tiny_model(tok, layers=1)
+    mb = micro_batch(seed=9)
+    expected = loss_and_grads(model, mb)
+    fuse_decoder_layers(model)
+    nodes, fired = fused_nodes(model), []
+    mlp = model.model.layers[0].mlp
+    if hook == "backward-on-mlp":
+        handle = mlp.register_full_backward_hook(lambda *a: fired.append(1))
+    elif hook == "on-the-activation":
+        handle = mlp.act_fn.register_forward_hook(lambda *a: fired.append(1))
+    else:
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: fired.append(1))
+    try:
+        got = loss_and_grads(model, mb)
+    finally:
+        handle.remove()
+    assert fired and nodes == ["AddBackward0"]
+    assert_close_grads(got, expected)
+
+
+@interpreted
+def test_checkpointing_in_either_order_and_its_other_modes(tok):
+    """Fused after our checkpointing, the wrapper stays and recomputes the node; unfused, it wraps the
+    stock forward again; keep_attention and transformers' own checkpointing checkpoint the stock layer."""
+    from atlas_fast.memory.checkpointing import _checkpointed_call
+
+    model = tiny_model(tok, layers=2)
+    mb = micro_batch(seed=10)
+    expected = loss_and_grads(model, mb)
+    layer = model.model.layers[0]
+    enable_activation_checkpointing(model)
+    fuse_decoder_layers(model)
+    assert layer.forward.__func__ is _checkpointed_call
+    nodes = fused_nodes(model)
+    assert_close_grads(loss_and_grads(model, mb), expected)
+    assert nodes == ["_DecoderLayerFnBackward"] * 2
+    unfuse_decoder_layers(model)
+    assert layer.forward.__func__ is _checkpointed_call
+    assert_close_grads(loss_and_grads(model, mb), expected)
+    assert nodes[-1] != "_DecoderLayerFnBackward"
+
+    kept = tiny_model(tok, layers=2)
+    fuse_decoder_layers(kept)
+    enable_activation_checkpointing(kept, keep_attention=True)
+    kept_nodes = fused_nodes(kept)
+    assert_close_grads(loss_and_grads(kept, mb), expected)
+    assert kept_nodes and "_DecoderLayerFnBackward" not in kept_nodes
+
+    theirs = tiny_model(tok, layers=2)
+    fuse_decoder_layers(theirs)
+    theirs.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    theirs.train()
+    theirs_nodes = fused_nodes(theirs)
+    assert_close_grads(loss_and_grads(theirs, mb), expected)
+    assert theirs_nodes and "_DecoderLayerFnBackward" not in theirs_nodes
+
+
+@interpreted
 def test_a_second_backward_through_one_graph_is_refused_by_name(tok):
     model = tiny_model(tok, layers=1)
     fuse_decoder_layers(model)
