@@ -13,7 +13,9 @@ otherwise.
   rope(q, k, cos, sin)     = (x * cos + rotate_half(x) * sin for x in (q, k))          (per head)
 
 rms_norm saves only the per-row 1/rms (float32) for backward; silu_mul saves its inputs; rope saves
-only cos and sin (the rotation's transpose needs nothing else). HF's rotary embedding is 5 kernels per
+only cos and sin (the rotation's transpose needs nothing else). Each direction's launch is also a
+function of its own (`rms_norm_forward` / `rms_norm_backward`, `silu_mul_*`, `rope_*`), for callers
+that write a whole layer's backward themselves (atlas_fast/fused_decoder.py). HF's rotary embedding is 5 kernels per
 tensor forward (rotate_half's negation and concatenation, two products, a sum) and about twice that
 backward; rope is one kernel each way for queries and keys together, reading cos and sin once per
 token.
