@@ -172,7 +172,7 @@ class GRPOConfig:
     # transformers' result): 0.351 against 0.419 s per update at 1.5B / 1024 tokens, 2.704 against
     # 2.918 s at 8192 (H200). No effect without fused_layers.
     fused_rotary: bool = True
-    # With fused_layers, each Llama/Qwen2 decoder layer runs as one autograd node with a hand-written
+    # With fused_layers, each Llama/Qwen2/Qwen3 decoder layer runs as one autograd node with a hand-written
     # backward (fused_decoder.py): ~280 host ops per layer's recompute and backward where autograd
     # dispatched ~580, the host's share of short-completion updates (0.206 -> 0.149 s for a
     # Qwen2.5-0.5B update over 8 x 1280 tokens, H200). Computes in the stock layer's dtypes, autocast too.

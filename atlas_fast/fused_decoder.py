@@ -1,4 +1,4 @@
-"""A whole Llama/Qwen2 decoder layer as one autograd node with a hand-written backward
+"""A whole Llama/Qwen2/Qwen3 decoder layer as one autograd node with a hand-written backward
 (`fused_decoder`, with `fused_layers`).
 
 At short completions the update waits on the host, not the GPU: a profile of a Qwen2.5-0.5B update
@@ -20,10 +20,11 @@ stock layer would, without the checkpoint machinery's per-tensor hooks. Like PyT
 (which stops once the last tensor it needs is saved) the recompute ends before the down
 projection, whose output no gradient needs.
 
-Which layers: those whose code is transformers' Llama or Qwen2 decoder layer (Mistral's and the
-other copies compile to the same code), with a Llama/Qwen2 attention calling the stock rotary
-embedding, stock RMSNorms, a SiLU-gated MLP, plain `nn.Linear` projections (LoRA-wrapped ones are
-not) and no hooks on the layer's parts. Each call falls back to the stock forward when it cannot
+Which layers: those whose code is transformers' Llama or Qwen2 decoder layer (Mistral's, Qwen3's
+and the other copies compile to the same code), with a Llama, Qwen2 or Qwen3 attention (Qwen3's
+normalises each query and key head before the rotation) calling the stock rotary embedding, stock
+RMSNorms, a SiLU-gated MLP, plain `nn.Linear` projections (LoRA-wrapped ones are not) and no hooks
+on the layer's parts. Each call falls back to the stock forward when it cannot
 compute what the stock layer would: a KV cache (generation), attention dropout in training, weights
 in mixed dtypes, tensors the Triton kernels cannot take (the CPU without the interpreter), or
 positional arguments it does not know.
@@ -64,9 +65,20 @@ def _code(fn) -> tuple | None:
 def _stock_codes() -> dict:
     from transformers.models.llama import modeling_llama as llama
     from transformers.models.qwen2 import modeling_qwen2 as qwen2
+    from transformers.models.qwen3 import modeling_qwen3 as qwen3
 
-    return {"decoder": {_code(llama.LlamaDecoderLayer.forward), _code(qwen2.Qwen2DecoderLayer.forward)},
-            "llama": _code(llama.LlamaAttention.forward), "qwen2": _code(qwen2.Qwen2Attention.forward)}
+    return {"decoder": {_code(llama.LlamaDecoderLayer.forward), _code(qwen2.Qwen2DecoderLayer.forward),
+                        _code(qwen3.Qwen3DecoderLayer.forward)},
+            "llama": _code(llama.LlamaAttention.forward), "qwen2": _code(qwen2.Qwen2Attention.forward),
+            "qwen3": _code(qwen3.Qwen3Attention.forward)}
+
+
+_FORMS = ("llama", "qwen2", "qwen3")  # qwen3: an RMSNorm over each query and key head before the rotation
+
+
+def _form(attn) -> str | None:
+    code = _code(type(attn).forward)
+    return next((f for f in _FORMS if code == _stock()[f]), None)
 
 
 _STOCK: dict | None = None
@@ -91,15 +103,16 @@ def decoder_problem(layer: nn.Module) -> str | None:
     if {name for name, _ in layer.named_children()} != set(_PARTS):
         return f"{type(layer).__name__} has parts {sorted(n for n, _ in layer.named_children())}, not {sorted(_PARTS)}"
     attn, mlp = layer.self_attn, layer.mlp
-    form = next((f for f in ("llama", "qwen2") if _code(type(attn).forward) == stock[f]), None)
+    form = _form(attn)
     if form is None:
-        return f"{type(attn).__name__}.forward is not transformers' Llama/Qwen2 attention"
+        return f"{type(attn).__name__}.forward is not transformers' Llama/Qwen2/Qwen3 attention"
     if _fused_attention_forward(type(attn).forward) is None:
         return f"{type(attn).__name__}'s modeling file has its own rotary embedding"
     if not all(_linear(getattr(attn, n, None)) for n in _PROJECTIONS) or not all(
             _linear(getattr(mlp, n, None)) for n in _MLP):
         return "a projection is not a plain nn.Linear (LoRA adapters, quantised layers) or has hooks"
-    if not swiglu_mlp(mlp) or not all(plain_rms_norm(getattr(layer, n)) for n in _PARTS[2:]):
+    norms = [getattr(layer, n) for n in _PARTS[2:]] + ([attn.q_norm, attn.k_norm] if form == "qwen3" else [])
+    if not swiglu_mlp(mlp) or not all(plain_rms_norm(n) for n in norms):
         return "the norms or the MLP are not the stock RMSNorm / SiLU-gated MLP"
     if getattr(attn, "sliding_window", None) is not None:
         return "sliding-window attention"
@@ -114,8 +127,7 @@ def fuse_decoder_layers(model: nn.Module) -> int:
     for module in model.modules():
         if "_atlas_fused_decoder" in module.__dict__ or decoder_problem(module) is not None:
             continue
-        form = "llama" if _code(type(module.self_attn).forward) == _stock()["llama"] else "qwen2"
-        module._atlas_fused_decoder = form
+        module._atlas_fused_decoder = _form(module.self_attn)
         # under our checkpointing the wrapper stays the forward and calls this one
         slot = "_atlas_inner_forward" if "_atlas_inner_forward" in module.__dict__ else "forward"
         setattr(module, slot, types.MethodType(_fused_forward, module))
@@ -172,7 +184,12 @@ class _Call:
         self.compute, self.autocast = compute, autocast
 
 
-def _weights(layer) -> list:
+# Where each weight sits in the node's inputs: the norms' (0, 9, and Qwen3's per-head 16, 17) keep
+# their dtype, the projections' (each weight followed by its bias or None) compute in the call's.
+_NORMS = (0, 9, 16, 17)
+
+
+def _weights(layer, form: str) -> list:
     attn, mlp = layer.self_attn, layer.mlp
     out = [layer.input_layernorm.weight]
     for m in [getattr(attn, n) for n in _PROJECTIONS]:
@@ -180,6 +197,8 @@ def _weights(layer) -> list:
     out.append(layer.post_attention_layernorm.weight)
     for m in [getattr(mlp, n) for n in _MLP]:
         out += [m.weight, m.bias]
+    if form == "qwen3":
+        out += [attn.q_norm.weight, attn.k_norm.weight]
     return out
 
 
@@ -205,7 +224,7 @@ def decoder_call(layer, hidden_states, args, kwargs, *, recompute: bool = False,
     from atlas_kernels._dispatch import TRITON_DTYPES, use_triton
 
     cos, sin = pe
-    weights = _weights(layer)
+    weights = _weights(layer, form)
     dtype = x.dtype
     if (dtype not in TRITON_DTYPES or cos.dtype != dtype or sin.dtype != dtype or cos.requires_grad
             or any(w is not None and w.dtype != dtype for w in weights) or not use_triton(x, cos)):
@@ -240,7 +259,7 @@ def _attention(call: _Call, q, k, v):
     g = _inner(type(attn).forward).__globals__
     interface = g["ALL_ATTENTION_FUNCTIONS"].get_interface(attn.config._attn_implementation,
                                                            g["eager_attention_forward"])
-    extra = {"sliding_window": attn.sliding_window} if call.form == "qwen2" else {}
+    extra = {"sliding_window": attn.sliding_window} if call.form != "llama" else {}
     with torch.autocast(q.device.type, dtype=call.compute, enabled=call.autocast):  # the caller's autocast
         out, _ = interface(attn, q, k, v, call.mask, dropout=0.0, scaling=attn.scaling, **extra,
                            **call.attention_kwargs)
@@ -257,13 +276,19 @@ def _forward(call: _Call, x, w, graph: bool, output: bool = True) -> dict:
     layer, (B, T, H), cd = call.layer, call.shape, call.compute
     attn, D = layer.self_attn, layer.self_attn.head_dim
     # the projections' weights in the compute dtype (the norms' stay as they are); a no-op without autocast
-    wc = [t.to(cd) if t is not None and i not in (0, 9) else t for i, t in enumerate(w)]
+    wc = [t.to(cd) if t is not None and i not in _NORMS else t for i, t in enumerate(w)]
     x2 = x.reshape(B * T, H).contiguous()
     h1, r1 = rms_norm_forward(x2, w[0], layer.input_layernorm.variance_epsilon)
     h1 = h1.to(cd)
-    q, k, v = (F.linear(h1, wc[i], wc[i + 1]).view(B, T, -1, D).transpose(1, 2) for i in (1, 3, 5))
+    q, k, v = (F.linear(h1, wc[i], wc[i + 1]) for i in (1, 3, 5))
+    a = {"wc": wc, "x2": x2, "h1": h1, "r1": r1}
+    if call.form == "qwen3":  # each head's RMSNorm, over rows of head_dim
+        a["qp"], a["kp"] = q.view(-1, D), k.view(-1, D)
+        q, a["rq"] = rms_norm_forward(a["qp"], w[16], attn.q_norm.variance_epsilon)
+        k, a["rk"] = rms_norm_forward(a["kp"], w[17], attn.k_norm.variance_epsilon)
+    q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
     qr, kr = rope_forward(q, k, call.cos, call.sin)
-    a = {"wc": wc, "x2": x2, "h1": h1, "r1": r1, "layouts": ((qr.stride(), q.dtype), (kr.stride(), k.dtype))}
+    a["layouts"] = (qr.stride(), q.dtype), (kr.stride(), k.dtype)
     if graph:
         qr, kr, v = (t.detach().requires_grad_() for t in (qr, kr, v))
         with torch.enable_grad():
@@ -283,7 +308,7 @@ def _forward(call: _Call, x, w, graph: bool, output: bool = True) -> dict:
     return a
 
 
-_SAVED = ("x2", "h1", "r1", "o2", "xm", "h2", "r2", "g", "u", "m")  # and the weights' casts (wc)
+_SAVED = ("x2", "h1", "r1", "o2", "xm", "h2", "r2", "g", "u", "m", "qp", "kp", "rq", "rk")  # and wc, the weights' casts
 
 
 class _DecoderLayerFn(torch.autograd.Function):
@@ -294,7 +319,7 @@ class _DecoderLayerFn(torch.autograd.Function):
         if call.recompute:
             ctx.save_for_backward(x)
         else:
-            ctx.save_for_backward(*(a[n] for n in _SAVED))
+            ctx.save_for_backward(*(a.get(n) for n in _SAVED))
             ctx.attention = a["q"], a["k"], a["v"], a["o"], a["layouts"], a["wc"]
         return a["out"]
 
@@ -360,6 +385,11 @@ def _backward(call: _Call, a: dict, w, dout, needs: tuple) -> list:
     del o, do
     dq, dk = rope_backward(dq, dk, call.cos, call.sin, a["layouts"])
     dq, dk, dv = (t.transpose(1, 2).reshape(B * T, -1) for t in (dq, dk, dv))
+    if call.form == "qwen3":
+        D = layer.self_attn.head_dim
+        dq, dw[16] = rms_norm_backward(a.pop("qp"), w[16], a.pop("rq"), dq.reshape(-1, D), weight_grad=needs[16])
+        dk, dw[17] = rms_norm_backward(a.pop("kp"), w[17], a.pop("rk"), dk.reshape(-1, D), weight_grad=needs[17])
+        dq, dk = dq.view(B * T, -1), dk.view(B * T, -1)
     h1 = a.pop("h1")
     for i, dy in ((1, dq), (3, dk), (5, dv)):
         weight_grads(i, dy, h1)

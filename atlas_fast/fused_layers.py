@@ -170,7 +170,7 @@ def _swiglu_forward(self, x):
 
 def fuse_layers(model: nn.Module, rotary: bool = True, decoder: bool = False) -> int:
     """Swap the forward of every stock RMSNorm and SwiGLU MLP in `model` for the fused kernels, and
-    with `rotary` every attention's rotary embedding; with `decoder`, whole Llama/Qwen2 decoder
+    with `rotary` every attention's rotary embedding; with `decoder`, whole Llama/Qwen2/Qwen3 decoder
     layers become one autograd node each (fused_decoder.py; the swapped parts serve the calls that
     node hands back to the stock forward). Returns how many modules were swapped (0: nothing this
     knows, the model runs as it was)."""

@@ -1,4 +1,4 @@
-"""fused_decoder: a Llama/Qwen2 decoder layer as one autograd node with a hand-written backward gives
+"""fused_decoder: a Llama/Qwen2/Qwen3 decoder layer as one autograd node with a hand-written backward gives
 the stock layer's outputs and gradients (float32 and bf16, padded and packed rows, with and without
 checkpointing and activation offload; kernels through the Triton interpreter on CPU), and hands
 every call it cannot compute back to the stock forward."""
@@ -38,6 +38,19 @@ def llama(tok, dtype=torch.float32):
     return LlamaForCausalLM(cfg).to(dtype)
 
 
+def qwen3(tok, dtype=torch.float32):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(3)
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                      tie_word_embeddings=False, pad_token_id=tok.pad_token_id)
+    return Qwen3ForCausalLM(cfg).to(dtype)
+
+
+ARCHS = {"qwen2": lambda tok: tiny_model(tok, layers=2), "llama": llama, "qwen3": qwen3}
+
+
 def fused_nodes(model) -> list[str]:
     """The autograd node that produced each decoder layer's output in the last forward."""
     names = []
@@ -67,10 +80,10 @@ def assert_close_to_bf16_rounding(got, expected):
         assert err < 3e-2, (name, err)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("mode", ["plain", "checkpointing", "offload", "packed"])
 def test_fused_layers_keep_loss_and_gradients(tok, arch, mode):
-    model = tiny_model(tok, layers=2) if arch == "qwen2" else llama(tok)
+    model = ARCHS[arch](tok)
     mb = micro_batch(seed=4)
     logits_fn = None
     if mode == "packed":
@@ -101,11 +114,11 @@ def test_bf16_matches_the_stock_layers_to_rounding(tok):
 
 
 @interpreted
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_float32_weights_under_autocast_compute_as_autocast_would(tok, checkpointing):
+@pytest.mark.parametrize("arch,checkpointing", [("llama", False), ("llama", True), ("qwen3", True)])
+def test_float32_weights_under_autocast_compute_as_autocast_would(tok, arch, checkpointing):
     """The trainer's default: float32 weights, bf16 autocast. Projections in bf16, residual stream,
     norms and the weights' gradients in float32, as in the stock layer."""
-    model = llama(tok)
+    model = ARCHS[arch](tok)
     mb = micro_batch(seed=8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = loss_and_grads(model, mb)
@@ -268,14 +281,21 @@ def test_deepcopy_computes_with_the_copy(tok, monkeypatch):
 
 def test_layers_it_does_not_know_are_named(tok):
     import peft
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 
     lora = peft.get_peft_model(tiny_model(tok, layers=1), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     assert "nn.Linear" in decoder_problem(decoder_layers(lora)[0])
     assert fuse_decoder_layers(lora) == 0
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-    assert "attention" in decoder_problem(Qwen3ForCausalLM(cfg).model.layers[0])
+
+    class ScaledAttention(Qwen2Attention):  # computes something else: not ours to fuse
+        def forward(self, hidden_states, *args, **kwargs):
+            out, weights = super().forward(hidden_states, *args, **kwargs)
+            return 2 * out, weights
+
+    other = tiny_model(tok, layers=1)
+    other.model.layers[0].self_attn.__class__ = ScaledAttention
+    assert "attention" in decoder_problem(other.model.layers[0])
+    assert decoder_problem(qwen3(tok).model.layers[0]) is None
     model = tiny_model(tok, layers=1)
     model.model.layers[0].self_attn.sliding_window = 8
     assert decoder_problem(model.model.layers[0]) == "sliding-window attention"
@@ -283,9 +303,9 @@ def test_layers_it_does_not_know_are_named(tok):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels and varlen attention need CUDA")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float32-autocast"])
-@pytest.mark.parametrize("mode", ["plain", "checkpointing", "offload"])
+@pytest.mark.parametrize("mode", ["plain", "checkpointing", "offload", "qwen3"])
 def test_fused_layers_keep_loss_and_gradients_cuda(tok, monkeypatch, dtype, mode):
-    """Packed rows on the GPU: flash attention in bf16 and under autocast (float32 weights, q and k
+    """Packed rows on the GPU (Qwen2, and Qwen3 checkpointed): flash attention in bf16 and under autocast (float32 weights, q and k
     promoted to float32 by the rotary embedding, cast back for the kernel), the block-mask path in
     float32."""
     import contextlib
@@ -293,7 +313,8 @@ def test_fused_layers_keep_loss_and_gradients_cuda(tok, monkeypatch, dtype, mode
     from atlas_fast.memory import packing
 
     autocast = dtype == "float32-autocast"
-    model = tiny_model(tok, layers=2, hidden=128).to("cuda", torch.float32 if autocast else getattr(torch, dtype))
+    model = qwen3(tok) if mode == "qwen3" else tiny_model(tok, layers=2, hidden=128)
+    model = model.to("cuda", torch.float32 if autocast else getattr(torch, dtype))
     mb = micro_batch(seed=7)
     mb = dataclasses.replace(mb, **{f.name: getattr(mb, f.name).cuda() for f in dataclasses.fields(mb)
                                     if isinstance(getattr(mb, f.name), torch.Tensor)})
