@@ -38,6 +38,7 @@ called under the caller's autocast, and each weight's gradient cast back to floa
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -62,7 +63,8 @@ def _code(fn) -> tuple | None:
     return None if c is None else (c.co_code, c.co_names, c.co_consts)
 
 
-def _stock_codes() -> dict:
+@functools.cache
+def _stock() -> dict:
     from transformers.models.llama import modeling_llama as llama
     from transformers.models.qwen2 import modeling_qwen2 as qwen2
     from transformers.models.qwen3 import modeling_qwen3 as qwen3
@@ -79,16 +81,6 @@ _FORMS = ("llama", "qwen2", "qwen3")  # qwen3: an RMSNorm over each query and ke
 def _form(attn) -> str | None:
     code = _code(type(attn).forward)
     return next((f for f in _FORMS if code == _stock()[f]), None)
-
-
-_STOCK: dict | None = None
-
-
-def _stock() -> dict:
-    global _STOCK
-    if _STOCK is None:
-        _STOCK = _stock_codes()
-    return _STOCK
 
 
 def _linear(m) -> bool:
