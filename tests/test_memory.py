@@ -683,6 +683,18 @@ def test_trainer_with_every_memory_option_matches_the_plain_run(tmp_path, tok):
     assert_same_run(plain, lean)
 
 
+def test_trainer_with_every_memory_option_and_fused_decoder_layers_matches_the_plain_run(tmp_path, tok):
+    """The fused decoder nodes inside every memory option: the policy's recomputed from offloaded
+    inputs, the frozen reference's run through the offload's layer hooks."""
+    plain = _trainer(tmp_path, tok, "plain")
+    plain.train()
+    lean = _trainer(tmp_path, tok, "lean-fused", **ALL_OPTIONS, fused_layers=True)
+    assert all("_atlas_fused_decoder" in layer.__dict__ for model in (lean.model, lean.ref_model)
+               for layer in decoder_layers(model))
+    lean.train()
+    assert_same_run(plain, lean)
+
+
 def test_trainer_with_streamed_optimizer_state_matches_the_plain_run(tmp_path, tok):
     """optimizer_state_offload with the other memory options: the same run as the plain trainer's."""
     plain = _trainer(tmp_path, tok, "plain")
