@@ -281,28 +281,11 @@ def _unflagged_gqa_works(heads: int, kv_heads: int, head_dim: int) -> bool:
     keys and values; without it every layer copies them out to all query heads (and its backward
     sums them back)."""
     varlen_attn = _varlen_attn()
-    if varlen_attn is None or not torch.cuda.is_available() or kv_heads == heads or heads % kv_heads:
+    if varlen_attn is None or kv_heads == heads:
         return False
-    with torch.inference_mode(False), torch.enable_grad():
-        return _probe_unflagged_gqa(varlen_attn, heads, kv_heads, head_dim)
-
-
-def _probe_unflagged_gqa(varlen_attn, heads: int, kv_heads: int, head_dim: int) -> bool:
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(7, h, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
-               for h in (heads, kv_heads, kv_heads))
-    cu = torch.tensor([0, 3, 7], device="cuda", dtype=torch.int32)
     causal = {"window_size": (-1, 0)} if "window_size" in _varlen_options() else {"is_causal": True}
-    try:
-        shared = varlen_attn(q, k, v, cu, cu, 4, 4, **causal)
-        grads = torch.autograd.grad(shared.float().square().sum(), (q, k, v))
-        k2, v2 = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
-        expanded = varlen_attn(q, k2, v2, cu, cu, 4, 4, **causal)
-        reference = torch.autograd.grad(expanded.float().square().sum(), (q, k, v))
-    except Exception:  # the wrapper or the kernel refuses it: expand, as before
-        return False
-    return all(torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2)
-               for a, b in zip((shared, *grads), (expanded, *reference)))
+    return _matches_expanded(lambda q, k, v, cu, n: varlen_attn(q, k, v, cu, cu, n, n, **causal), heads, kv_heads,
+                             head_dim)
 
 
 # (query heads, key/value heads, head dim) -> whether packed rows call aten's flash kernel directly,
@@ -320,27 +303,35 @@ def _flash_direct(q, k, v, cu, max_len: int, scale: float | None) -> torch.Tenso
 
 
 def _direct_flash_works(heads: int, kv_heads: int, head_dim: int) -> bool:
-    """Whether _flash_direct runs here and gives varlen_attn's outputs and gradients (one small
-    probe against the wrapper with expanded keys and values); where not, rows keep the wrapper."""
-    varlen_attn = _varlen_attn()
-    if varlen_attn is None or not torch.cuda.is_available() or heads % kv_heads:
+    """Whether _flash_direct runs here and gives varlen_attn's outputs and gradients (the probe
+    against the wrapper with expanded keys and values); where not, rows keep the wrapper."""
+    return _varlen_attn() is not None and _matches_expanded(
+        lambda q, k, v, cu, n: _flash_direct(q, k, v, cu, n, None), heads, kv_heads, head_dim)
+
+
+def _matches_expanded(attend, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """One small probe on the GPU, forward and backward: `attend(q, k, v, cu_seqlens, max_len)`, given
+    keys and values of `kv_heads` heads, against varlen_attn given them expanded to all query heads.
+    False where either raises (no such op, no autograd for it, a kernel that refuses the shape)."""
+    if not torch.cuda.is_available() or heads % kv_heads:
         return False
-    gen = torch.Generator(device="cuda").manual_seed(1)
+    varlen_attn = _varlen_attn()
     causal = {"window_size": (-1, 0)} if "window_size" in _varlen_options() else {"is_causal": True}
+    gen = torch.Generator(device="cuda").manual_seed(0)
     with torch.inference_mode(False), torch.enable_grad():
-        q, k, v = (torch.randn(9, h, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+        q, k, v = (torch.randn(7, h, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
                    for h in (heads, kv_heads, kv_heads))
-        cu = torch.tensor([0, 4, 9], device="cuda", dtype=torch.int32)
+        cu = torch.tensor([0, 3, 7], device="cuda", dtype=torch.int32)
         try:
-            direct = _flash_direct(q, k, v, cu, 5, None)
-            grads = torch.autograd.grad(direct.float().square().sum(), (q, k, v))
+            out = attend(q, k, v, cu, 4)
+            grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
             k2, v2 = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
-            wrapped = varlen_attn(q, k2, v2, cu, cu, 5, 5, **causal)
-            reference = torch.autograd.grad(wrapped.float().square().sum(), (q, k, v))
-        except Exception:  # no such op, no autograd for it, or a kernel that refuses the shape
+            expanded = varlen_attn(q, k2, v2, cu, cu, 4, 4, **causal)
+            reference = torch.autograd.grad(expanded.float().square().sum(), (q, k, v))
+        except Exception:
             return False
     return all(a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2)
-               for a, b in zip((direct, *grads), (wrapped, *reference)))
+               for a, b in zip((out, *grads), (expanded, *reference)))
 
 
 def _varlen_runs(model: torch.nn.Module) -> bool:
