@@ -44,7 +44,7 @@ import types
 import torch
 from torch import nn
 
-from .fused_layers import _fused_attention_forward, plain_rms_norm, swiglu_mlp
+from .fused_layers import _code as code_of, _fused_attention_forward, plain_rms_norm, swiglu_mlp, unwrapped
 
 _PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -52,15 +52,11 @@ _MLP = ("gate_proj", "up_proj", "down_proj")
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
-def _inner(fn):
-    while isinstance(getattr(fn, "__wrapped__", None), types.FunctionType):
-        fn = fn.__wrapped__
-    return fn
-
-
 def _code(fn) -> tuple | None:
-    c = getattr(_inner(fn), "__code__", None)
-    return None if c is None else (c.co_code, c.co_names, c.co_consts)
+    """The code of `fn` under its wrappers, for comparing with transformers' own; None for what
+    is not a plain function."""
+    inner = unwrapped(fn)
+    return code_of(inner) if isinstance(inner, types.FunctionType) else None
 
 
 @functools.cache
@@ -132,7 +128,7 @@ def unfuse_decoder_layers(model: nn.Module) -> None:
         if module.__dict__.pop("_atlas_fused_decoder", None) is None:
             continue
         if "_atlas_inner_forward" in module.__dict__:  # checkpointed: the wrapper now calls the class's forward
-            module._atlas_inner_forward = types.MethodType(type(module).forward, module)
+            module._atlas_inner_forward = stock_forward(module)
         else:
             del module.forward
 
@@ -248,7 +244,7 @@ def decoder_call(layer, hidden_states, args, kwargs, *, recompute: bool = False,
 
 def _attention(call: _Call, q, k, v):
     attn = call.layer.self_attn
-    g = _inner(type(attn).forward).__globals__
+    g = unwrapped(type(attn).forward).__globals__
     interface = g["ALL_ATTENTION_FUNCTIONS"].get_interface(attn.config._attn_implementation,
                                                            g["eager_attention_forward"])
     extra = {"sliding_window": attn.sliding_window} if call.form != "llama" else {}

@@ -46,6 +46,13 @@ def _code(forward) -> tuple:
     return c.co_code, c.co_names, c.co_consts
 
 
+def unwrapped(fn):
+    """`fn` under its functools.wraps wrappers (transformers 5.24 wraps forwards in deprecate_kwarg)."""
+    while isinstance(getattr(fn, "__wrapped__", None), types.FunctionType):
+        fn = fn.__wrapped__
+    return fn
+
+
 @functools.lru_cache(maxsize=None)
 def _stock_code(kind: str) -> tuple | None:
     """The compiled forward (or function) whose computation the kernels reproduce (compared by code,
@@ -97,9 +104,7 @@ def _fused_attention_forward(forward):
     """The class's forward reading `apply_rotary_pos_emb` from a copy of its module's globals where
     the name is the fused version; None where its module's function is not the stock one. One per
     class, shared by its instances."""
-    inner = forward
-    while isinstance(getattr(inner, "__wrapped__", None), types.FunctionType):
-        inner = inner.__wrapped__
+    inner = unwrapped(forward)
     module_globals = getattr(inner, "__globals__", None)
     if (not isinstance(inner, types.FunctionType) or "apply_rotary_pos_emb" not in inner.__code__.co_names
             or not all(_stock_code(name) is not None and isinstance(module_globals.get(name), types.FunctionType)
