@@ -36,9 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -47,6 +45,8 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import results_md  # noqa: E402
+from bench_generation import copy_rate  # noqa: E402
+from bench_layers import timed_us  # noqa: E402
 from shapes import QWEN_05B, QWEN_15B  # noqa: E402
 
 SECTION = "update_floor"
@@ -54,22 +54,7 @@ PROMPT, GENERATIONS = 256, 8
 
 
 def timed_ms(fn, device: str, reps: int = 10) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return timed_us(fn, device, reps) / 1e3
 
 
 def randn(*shape, device, dtype=torch.bfloat16):
@@ -150,15 +135,6 @@ def update_floor(shape, L: int, device: str, reps: int, vocab: int) -> dict:
             "head_b": head_b, "opt": opt, "floor": plain / 1e3, "floor_ckpt": (plain + body_f) / 1e3}
 
 
-def copy_rate(device: str) -> float:
-    if device != "cuda":
-        return float("nan")
-    a = torch.empty(1 << 28, dtype=torch.float32, device=device)
-    b = torch.empty_like(a)
-    ms = timed_ms(lambda: b.copy_(a), device, 10)
-    return 2 * a.numel() * 4 / (ms / 1e3)
-
-
 def head_case(N: int, H: int, V: int, device: str, reps: int, rate: float) -> dict:
     """Issue 8's fused-loss case: the GEMMs alone, and the plain bf16 path they are compared with."""
     h = randn(N, H, device=device).requires_grad_()
@@ -237,7 +213,7 @@ def main(argv=None) -> int:
         name = torch.cuda.get_device_name() if not cpu else "cpu (times mean nothing)"
         body = (f"## The update's kernel floor (`bench_update_floor.py`)\n\n"
                 f"{name}, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, commit "
-                f"{os.environ.get('ATLAS_FAST_COMMIT', 'unknown')}; bf16; median of {reps} after 2 warm-ups; copy rate "
+                f"{os.environ.get('ATLAS_FAST_COMMIT', 'unknown')}; bf16; median of {reps} after 3 warm-ups; copy rate "
                 f"{rate / 1e12:.2f} TB/s. Matmuls and attention only, each timed alone at the update case's shapes "
                 f"(8 x (256 + completion) tokens) and summed: reference forward + policy forward + backward "
                 f"(+ one body forward with checkpointing) + AdamW.\n\n{text}\n")
