@@ -254,6 +254,13 @@ def _attention(call: _Call, q, k, v):
     return out
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t.to(dtype)` without the dispatch where it is one already: a layer's forward and backward
+    make ~30 such casts, almost all no-ops outside autocast, each a few microseconds of host time
+    at the short rows where the host sets the pace."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _forward(call: _Call, x, w, graph: bool, output: bool = True) -> dict:
     """The layer's forward with its intermediates. `graph` records autograd over the attention
     alone (its inputs are fresh leaves), for the backward to differentiate. Without `output` it
@@ -264,10 +271,10 @@ def _forward(call: _Call, x, w, graph: bool, output: bool = True) -> dict:
     layer, (B, T, H), cd = call.layer, call.shape, call.compute
     attn, D = layer.self_attn, layer.self_attn.head_dim
     # the projections' weights in the compute dtype (the norms' stay as they are); a no-op without autocast
-    wc = [t.to(cd) if t is not None and i not in _NORMS else t for i, t in enumerate(w)]
+    wc = [_as(t, cd) if t is not None and i not in _NORMS else t for i, t in enumerate(w)]
     x2 = x.reshape(B * T, H).contiguous()
     h1, r1 = rms_norm_forward(x2, w[0], layer.input_layernorm.variance_epsilon)
-    h1 = h1.to(cd)
+    h1 = _as(h1, cd)
     q, k, v = (F.linear(h1, wc[i], wc[i + 1]) for i in (1, 3, 5))
     a = {"wc": wc, "x2": x2, "h1": h1, "r1": r1}
     if call.form == "qwen3":  # each head's RMSNorm, over rows of head_dim
@@ -285,10 +292,10 @@ def _forward(call: _Call, x, w, graph: bool, output: bool = True) -> dict:
         o = o.detach()
     else:
         o = _attention(call, qr, kr, v)
-    o2 = o.reshape(B * T, -1).to(cd)
+    o2 = _as(o.reshape(B * T, -1), cd)
     xm = x2 + F.linear(o2, wc[7], wc[8])
     h2, r2 = rms_norm_forward(xm, w[9], layer.post_attention_layernorm.variance_epsilon)
-    h2 = h2.to(cd)
+    h2 = _as(h2, cd)
     g, u = F.linear(h2, wc[10], wc[11]), F.linear(h2, wc[12], wc[13])
     a.update(o2=o2, xm=xm, h2=h2, r2=r2, g=g, u=u, m=silu_mul_forward(g, u))
     if output:
@@ -343,15 +350,15 @@ def _backward(call: _Call, a: dict, w, dout, needs: tuple) -> list:
 
     def weight_grads(i, dy, inp):  # weight i and its bias i + 1 of y = inp @ w[i].T + w[i + 1]
         if needs[i]:
-            dw[i] = dy.t().mm(inp).to(w[i].dtype)
+            dw[i] = _as(dy.t().mm(inp), w[i].dtype)
         if w[i + 1] is not None and needs[i + 1]:
-            dw[i + 1] = dy.sum(0).to(w[i + 1].dtype)
+            dw[i + 1] = _as(dy.sum(0), w[i + 1].dtype)
 
     # Each intermediate is dropped after its last use, so the layer's backward holds no more than
     # autograd's would. Gradients reach each projection's output in its (compute) dtype, and each
     # norm's output in the norm's.
     d = dout.reshape(B * T, H)
-    dc = d.to(cd)
+    dc = _as(d, cd)
     weight_grads(14, dc, a.pop("m"))
     dg, du = silu_mul_backward(a.pop("g"), a.pop("u"), dc.mm(wc[14]))
     del dc
@@ -364,10 +371,10 @@ def _backward(call: _Call, a: dict, w, dout, needs: tuple) -> list:
     dxm, dw[9] = rms_norm_backward(a.pop("xm"), w[9], a.pop("r2"), dh2, weight_grad=needs[9])
     del dh2
     dxm += d
-    dxc = dxm.to(cd)
+    dxc = _as(dxm, cd)
     weight_grads(7, dxc, a.pop("o2"))
     o = a.pop("o")
-    do = dxc.mm(wc[7]).view(o.shape).to(o.dtype)
+    do = _as(dxc.mm(wc[7]).view(o.shape), o.dtype)
     del dxc
     dq, dk, dv = torch.autograd.grad(o, (a.pop("q"), a.pop("k"), a.pop("v")), do)
     del o, do
@@ -382,7 +389,7 @@ def _backward(call: _Call, a: dict, w, dout, needs: tuple) -> list:
     for i, dy in ((1, dq), (3, dk), (5, dv)):
         weight_grads(i, dy, h1)
     del h1
-    dh1 = dq.mm(wc[1]).addmm_(dk, wc[3]).addmm_(dv.to(cd), wc[5])
+    dh1 = dq.mm(wc[1]).addmm_(dk, wc[3]).addmm_(_as(dv, cd), wc[5])
     del dq, dk, dv
     dx, dw[0] = rms_norm_backward(a.pop("x2"), w[0], a.pop("r1"), dh1, weight_grad=needs[0])
     dx += dxm
