@@ -14,10 +14,11 @@ Update case (bench_e2e): 8 generations of a 256-token prompt and a fixed complet
 T = 8 x (256 + L) tokens; beta > 0, so a reference forward. Per decoder layer the projections
 q, k, v, o, gate, up, down: forward = X @ W^T, backward = dY @ W and dY^T @ X. Where two
 projections read the same input (q/k/v, gate/up) the floor takes the faster of separate and
-concatenated weights. Attention: causal, 8 sequences of 256 + L, GQA; the faster of the flash,
-cuDNN and memory-efficient SDPA backends (keys and values expanded to the query heads: the
-expansion itself is not timed). LM head: the completion's T_c = 8 x L tokens against V = 151936,
-forward for the reference and the policy, and the two backward GEMMs. Optimizer: fused AdamW over
+concatenated weights. Attention: causal, 8 sequences of 256 + L, GQA; the fastest of the flash,
+cuDNN and memory-efficient SDPA backends, each given the grouped key/value heads (enable_gqa) and
+given them expanded to the query heads (the expansion itself not timed). LM head: the
+completion's T_c = 8 x L tokens against V = 151936, forward for the reference and the policy, and
+the two backward GEMMs. Optimizer: fused AdamW over
 the model's parameters. Counted: reference forward + policy forward + backward, plus with gradient
 checkpointing one more forward of the body (not the head).
 
@@ -75,33 +76,40 @@ def linear_ms(T: int, ins: int, outs: tuple[int, ...], device: str, reps: int) -
     return best_f, best_b
 
 
-def attention_ms(seqs: int, S: int, heads: int, head_dim: int, device: str, reps: int) -> tuple[float, float, str]:
-    """Causal attention forward and backward in ms, the fastest SDPA backend that runs."""
+def attention_ms(seqs: int, S: int, heads: int, kv_heads: int, head_dim: int, device: str,
+                 reps: int) -> tuple[float, float, str]:
+    """Causal attention forward and backward in ms: the fastest SDPA backend that runs, given the
+    key/value heads as they are (enable_gqa) or expanded to the query heads (the expansion untimed)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q, k, v = (randn(seqs, heads, S, head_dim, device=device).requires_grad_() for _ in range(3))
+    q = randn(seqs, heads, S, head_dim, device=device).requires_grad_()
+    grouped = [randn(seqs, kv_heads, S, head_dim, device=device).requires_grad_() for _ in range(2)]
+    expanded = [t.detach().repeat_interleave(heads // kv_heads, dim=1).requires_grad_() for t in grouped]
     dout = randn(seqs, heads, S, head_dim, device=device)
     backends = [("flash", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION),
                 ("efficient", SDPBackend.EFFICIENT_ATTENTION)] if device == "cuda" else [("math", SDPBackend.MATH)]
+    layouts = [("grouped", grouped, True), ("expanded", expanded, False)] if kv_heads != heads else [
+        ("", expanded, False)]
     best = (float("inf"), float("inf"), "none")
-    for name, backend in backends:
+    for (name, backend), (layout, (k, v), gqa) in ((b, lay) for b in backends for lay in layouts):
+        label = f"{name} {layout}".strip()
         try:
             with sdpa_kernel([backend]):
                 def fwd():
                     with torch.no_grad():
-                        F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
 
                 def fwd_bwd():
-                    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
                     torch.autograd.grad(out, (q, k, v), dout)
                 f = timed_ms(fwd, device, reps)
                 fb = timed_ms(fwd_bwd, device, reps)
         except RuntimeError as exc:  # a backend that does not take this shape on this card
-            print(f"  attention backend {name}: {str(exc).splitlines()[0][:100]}", flush=True)
+            print(f"  attention {label}: {str(exc).splitlines()[0][:100]}", flush=True)
             continue
-        print(f"  attention {name}: forward {f:.2f} ms, backward {fb - f:.2f} ms", flush=True)
-        if f + (fb - f) < best[0] + best[1]:
-            best = (f, fb - f, name)
+        print(f"  attention {label}: forward {f:.2f} ms, backward {fb - f:.2f} ms", flush=True)
+        if fb < best[0] + best[1]:
+            best = (f, fb - f, label)
     return best
 
 
@@ -122,7 +130,7 @@ def update_floor(shape, L: int, device: str, reps: int, vocab: int) -> dict:
     o_f, o_b = linear_ms(T, H, (H,), device, reps)
     gu_f, gu_b = linear_ms(T, H, (I, I), device, reps)
     dn_f, dn_b = linear_ms(T, I, (H,), device, reps)
-    att_f, att_b, backend = attention_ms(GENERATIONS, S, Hq, d, device, reps)
+    att_f, att_b, backend = attention_ms(GENERATIONS, S, Hq, Hkv, d, device, reps)
     layer_f = qkv_f + o_f + gu_f + dn_f + att_f
     layer_b = qkv_b + o_b + gu_b + dn_b + att_b
     head_f, head_b = linear_ms(Tc, H, (vocab,), device, reps)
