@@ -18,9 +18,9 @@ concatenated weights. Attention: causal, 8 sequences of 256 + L, GQA; the fastes
 cuDNN and memory-efficient SDPA backends, each given the grouped key/value heads (enable_gqa) and
 given them expanded to the query heads (the expansion itself not timed). LM head: the
 completion's T_c = 8 x L tokens against V = 151936, forward for the reference and the policy, and
-the two backward GEMMs. Optimizer: fused AdamW over
-the model's parameters. Counted: reference forward + policy forward + backward, plus with gradient
-checkpointing one more forward of the body (not the head).
+the two backward GEMMs. Optimizer: fused AdamW over the model's parameters. Counted: reference
+forward + policy forward + backward, plus with gradient checkpointing one more forward of the body
+(not the head).
 
 Second table: the fused linear GRPO loss at N = 8192, V = 151936 (issue 8's kernel case). Any design
 whose extra memory stays at CCE's (the returned gradients and almost nothing else) cannot hold a
