@@ -176,6 +176,7 @@ class GRPOConfig:
     # backward (fused_decoder.py): ~280 host ops per layer's recompute and backward where autograd
     # dispatched ~580, the host's share of short-completion updates (0.206 -> 0.149 s for a
     # Qwen2.5-0.5B update over 8 x 1280 tokens, H200). Computes in the stock layer's dtypes, autocast too.
+    # Its rotation is atlas_kernels.rope: with fused_rotary=False the layers stay unfused.
     fused_decoder: bool = True
     disable_dropout: bool = False
     # -- reference model --------------------------------------------------------------------

@@ -88,6 +88,11 @@ def decoder_problem(layer: nn.Module) -> str | None:
     stock = _stock()
     if _code(type(layer).forward) not in stock["decoder"]:
         return f"{type(layer).__name__}.forward is not transformers' Llama/Qwen2 decoder layer"
+    ours = "_atlas_inner_forward" in layer.__dict__ or "_atlas_fused_decoder" in layer.__dict__  # checkpointing, fusing
+    if "forward" in layer.__dict__ and not ours:
+        return f"{type(layer).__name__}'s forward is bound on the instance (a hook or a patch): fusing would replace it"
+    if any(_rebound(m) for m in layer.modules() if m is not layer):
+        return "a part's forward is bound on the instance (a hook or a patch)"
     if {name for name, _ in layer.named_children()} != set(_PARTS):
         return f"{type(layer).__name__} has parts {sorted(n for n, _ in layer.named_children())}, not {sorted(_PARTS)}"
     attn, mlp = layer.self_attn, layer.mlp
@@ -144,14 +149,21 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
                  "_global_backward_pre_hooks")
 
 
+def _rebound(m: nn.Module) -> bool:
+    """A forward bound on the instance by someone else (accelerate's hooks, a patch): what the module
+    computes is no longer its class's code. fused_layers' own swaps compute the stock result."""
+    return "forward" in m.__dict__ and "_atlas_fused" not in m.__dict__
+
+
 def _hooked(layer: nn.Module) -> bool:
-    """Whether any hook would see the layer's parts run: module hooks on a part (forward, backward,
-    either kind) or global module hooks, which the fused node would skip."""
+    """Whether the layer's parts would run anything the fused node skips: module hooks on a part
+    (forward, backward, either kind), global module hooks, or a part's forward rebound on the
+    instance."""
     import torch.nn.modules.module as nn_module
 
     if any(getattr(nn_module, name, None) for name in _GLOBAL_HOOKS):
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or _rebound(m)
                for m in layer.modules() if m is not layer)
 
 
@@ -223,8 +235,9 @@ def decoder_call(layer, hidden_states, args, kwargs, *, recompute: bool = False,
         if dtype != torch.float32 or compute not in (torch.bfloat16, torch.float16):
             return None
     B, T, _ = x.shape
-    if cos.dim() != 3 or cos.shape[0] not in (1, B) or cos.shape[1] != T or sin.shape != cos.shape:
-        return None
+    if (cos.dim() != 3 or cos.shape[0] not in (1, B) or cos.shape[1] != T or sin.shape != cos.shape
+            or cos.shape[2] != attn.head_dim or attn.head_dim % 2 or sin.requires_grad):
+        return None  # partial rotary widths included: the stock layer's own error is the one to raise
     akw = {k: v for k, v in kwargs.items() if k not in ("attention_mask", "position_embeddings", *_CACHE_KWARGS)}
     akw.setdefault("position_ids", None)
     akw.setdefault("use_cache", False)
@@ -299,7 +312,9 @@ def _forward(call: _Call, x, w, graph: bool, output: bool = True) -> dict:
     g, u = F.linear(h2, wc[10], wc[11]), F.linear(h2, wc[12], wc[13])
     a.update(o2=o2, xm=xm, h2=h2, r2=r2, g=g, u=u, m=silu_mul_forward(g, u))
     if output:
-        a["out"] = (xm + F.linear(a["m"], wc[14], wc[15])).view(B, T, H)
+        # a tensor of its own, not a view: autograd refuses in-place edits (a forward hook that
+        # scales the layer's output) of views made inside a custom Function
+        a["out"] = xm.view(B, T, H) + F.linear(a["m"], wc[14], wc[15]).view(B, T, H)
     return a
 
 

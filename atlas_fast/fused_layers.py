@@ -71,12 +71,17 @@ def _computes_like(module: nn.Module, kind: str) -> bool:
     return getattr(forward, "__code__", None) is not None and _code(forward) == _stock_code(kind)
 
 
+def _own_forward(m: nn.Module) -> bool:
+    """No forward bound on the instance, or only our own swap: nobody else's patch to replace."""
+    return "forward" not in m.__dict__ or "_atlas_fused" in m.__dict__
+
+
 def plain_rms_norm(m: nn.Module) -> bool:
     """The families' own RMSNorm (weight * (x / rms(x)).to(x.dtype)), unwrapped and unhooked:
     safe to compute from its weight and epsilon by our kernels. Anything else is called as a module."""
     return (type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), nn.Parameter)
             and isinstance(getattr(m, "variance_epsilon", None), float) and not m._forward_hooks
-            and not m._forward_pre_hooks and _computes_like(m, "norm"))
+            and not m._forward_pre_hooks and _own_forward(m) and _computes_like(m, "norm"))
 
 
 def silu_activation(mlp: nn.Module) -> bool:
@@ -88,7 +93,7 @@ def swiglu_mlp(m: nn.Module) -> bool:
     """An MLP computing down(silu(gate(x)) * up(x)) with those three projections as modules."""
     return (type(m).__name__.endswith("MLP") and silu_activation(m)
             and all(isinstance(getattr(m, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
-            and not m._forward_hooks and not m._forward_pre_hooks and _computes_like(m, "mlp"))
+            and not m._forward_hooks and not m._forward_pre_hooks and _own_forward(m) and _computes_like(m, "mlp"))
 
 
 def rope_attention(m: nn.Module) -> bool:
@@ -175,12 +180,12 @@ def _swiglu_forward(self, x):
 
 def fuse_layers(model: nn.Module, rotary: bool = True, decoder: bool = False) -> int:
     """Swap the forward of every stock RMSNorm and SwiGLU MLP in `model` for the fused kernels, and
-    with `rotary` every attention's rotary embedding; with `decoder`, whole Llama/Qwen2/Qwen3 decoder
-    layers become one autograd node each (fused_decoder.py; the swapped parts serve the calls that
-    node hands back to the stock forward). Returns how many modules were swapped (0: nothing this
-    knows, the model runs as it was)."""
+    with `rotary` every attention's rotary embedding; with `decoder` too, whole Llama/Qwen2/Qwen3
+    decoder layers become one autograd node each (fused_decoder.py, which rotates with our kernel, so
+    not without `rotary`; the swapped parts serve the calls that node hands back to the stock
+    forward). Returns how many modules were swapped (0: nothing this knows, the model runs as it was)."""
     swapped = 0
-    if decoder:
+    if decoder and rotary:
         from .fused_decoder import fuse_decoder_layers
 
         swapped += fuse_decoder_layers(model)

@@ -214,6 +214,85 @@ def test_any_hook_on_the_parts_takes_the_stock_path(tok, hook):
 
 
 @interpreted
+@pytest.mark.parametrize("when", ["before-fusing", "after-fusing"])
+def test_a_forward_rebound_on_a_part_takes_the_stock_path(tok, when):
+    """accelerate's hooks and users' patches bind a forward on the instance: the layer must run it."""
+    import types
+
+    def halve(model):
+        mlp = model.model.layers[0].mlp
+        mlp.forward = types.MethodType(lambda self, x: 0.5 * type(self).forward(self, x), mlp)
+
+    model = tiny_model(tok, layers=1)
+    mb = micro_batch(seed=5)
+    halve(model)
+    expected = loss_and_grads(model, mb)
+    model = tiny_model(tok, layers=1)
+    if when == "before-fusing":
+        halve(model)
+        assert "bound on the instance" in decoder_problem(model.model.layers[0])
+        fuse_layers(model, decoder=True)
+        layer = model.model.layers[0]
+        assert "_atlas_fused_decoder" not in layer.__dict__ and "_atlas_fused" not in layer.mlp.__dict__
+    else:
+        assert fuse_decoder_layers(model) == 1
+        halve(model)
+    nodes = fused_nodes(model)
+    assert_close_grads(loss_and_grads(model, mb), expected)
+    assert nodes == ["AddBackward0"]
+
+
+@interpreted
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_hook_may_edit_the_layers_output_in_place(tok, checkpointing):
+    """The node's output is a tensor of its own: a view made inside a custom Function refuses in-place edits."""
+    def scale(model):
+        model.model.layers[0].register_forward_hook(lambda m, args, out: out.mul_(0.5))
+
+    model = tiny_model(tok, layers=2)
+    mb = micro_batch(seed=6)
+    fused = copy.deepcopy(model)
+    scale(model)
+    expected = loss_and_grads(model, mb)
+    fuse_decoder_layers(fused)
+    if checkpointing:
+        enable_activation_checkpointing(fused)
+    nodes = fused_nodes(fused)  # recorded before the edit
+    scale(fused)
+    assert_close_grads(loss_and_grads(fused, mb), expected)
+    assert nodes == ["_DecoderLayerFnBackward"] * 2
+
+
+@interpreted
+def test_a_partial_rotary_width_is_left_to_the_stock_layer(tok):
+    """Rotary tables narrower than the head (partial_rotary_factor) are not this node's to read: the
+    stock layer's own error comes out, not a result computed from past the end of the table."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(4)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=80, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=tok.pad_token_id, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0,
+                                                                      "partial_rotary_factor": 0.5})
+    model = LlamaForCausalLM(cfg)
+    mb = micro_batch(seed=1)
+    with pytest.raises(RuntimeError) as stock:
+        loss_and_grads(model, mb)
+    fuse_decoder_layers(model)
+    with pytest.raises(RuntimeError) as fused:
+        loss_and_grads(model, mb)
+    assert str(fused.value) == str(stock.value)
+
+
+def test_without_the_fused_rotary_no_layer_is_fused(tok):
+    """The node rotates q and k with atlas_kernels.rope: fused_rotary=False keeps the layers stock."""
+    model = tiny_model(tok, layers=2)
+    assert fuse_layers(model, rotary=False, decoder=True) > 0  # norms and MLPs
+    assert not any("_atlas_fused_decoder" in layer.__dict__ for layer in decoder_layers(model))
+    assert not any("_atlas_fused" in layer.self_attn.__dict__ for layer in decoder_layers(model))
+
+
+@interpreted
 def test_checkpointing_in_either_order_and_its_other_modes(tok):
     """Fused after our checkpointing, the wrapper stays and recomputes the node; unfused, it wraps the
     stock forward again; keep_attention and transformers' own checkpointing checkpoint the stock layer."""
