@@ -15,8 +15,6 @@ up and writes y, then reads gate, up and dy and writes d(gate) and d(up) (8 x N 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
 import statistics
 import sys
 import time
@@ -117,18 +115,10 @@ def main(argv=None) -> int:
     for shape, op_name, impl, us, floor, vs, note in rows:
         lines.append(f"| {shape} | {op_name} | {impl} | {us:.1f} | {floor:.1f} | {us / floor:.2f} | "
                      f"{vs:.2f}x {note} |")
-    text = "\n".join(lines)
-    print(text)
     out = args.out if args.out is not None else (None if cpu else HERE / "RESULTS.md")
-    if out is not None:
-        name = torch.cuda.get_device_name() if not cpu else "cpu (interpreter: times mean nothing)"
-        body = (f"## Decoder-layer kernels, forward + backward (`bench_layers.py`)\n\n"
-                f"{name}, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, commit "
-                f"{os.environ.get('ATLAS_FAST_COMMIT', 'unknown')}; bf16; copy rate "
-                f"{rate / 1e12:.2f} TB/s (floor = bytes moved / that rate); 'vs ours' = that row's time / "
-                f"atlas_kernels'.\n\n{text}\n")
-        results_md.write_section(out, SECTION, body)
-        print(f"wrote {out}")
+    results_md.publish(out, SECTION, "Decoder-layer kernels, forward + backward (`bench_layers.py`)",
+                       f"bf16; copy rate {rate / 1e12:.2f} TB/s (floor = bytes moved / that rate); 'vs ours' = that "
+                       "row's time / atlas_kernels'.", "\n".join(lines), cpu)
     return 0
 
 

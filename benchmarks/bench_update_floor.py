@@ -35,8 +35,6 @@ at the copy rate for a few Nc. Baseline in the same run: bf16 logits + bf16 cros
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
 import sys
 from pathlib import Path
 
@@ -214,19 +212,12 @@ def main(argv=None) -> int:
         mib = " / ".join(f"{r['chunk_mib'][nc]:.0f}" for nc in r["chunk_mib"])
         lines.append(f"| {r['H']} | {r['logits']:.2f} | {r['d_hidden']:.2f} | {r['d_weight']:.2f} | {r['three']:.2f} | "
                      f"{r['four']:.2f} | {r['plain']:.2f} | {1.05 * r['plain']:.2f} | {tr} ms ({mib}) |")
-    text = "\n".join(lines)
-    print(text)
     out = args.out if args.out is not None else (None if cpu else HERE / "RESULTS.md")
-    if out is not None:
-        name = torch.cuda.get_device_name() if not cpu else "cpu (times mean nothing)"
-        body = (f"## The update's kernel floor (`bench_update_floor.py`)\n\n"
-                f"{name}, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, commit "
-                f"{os.environ.get('ATLAS_FAST_COMMIT', 'unknown')}; bf16; median of {reps} after 3 warm-ups; copy rate "
-                f"{rate / 1e12:.2f} TB/s. Matmuls and attention only, each timed alone at the update case's shapes "
-                f"(8 x (256 + completion) tokens) and summed: reference forward + policy forward + backward "
-                f"(+ one body forward with checkpointing) + AdamW.\n\n{text}\n")
-        results_md.write_section(out, SECTION, body)
-        print(f"wrote {out}")
+    results_md.publish(out, SECTION, "The update's kernel floor (`bench_update_floor.py`)",
+                       f"bf16; median of {reps} after 3 warm-ups; copy rate {rate / 1e12:.2f} TB/s. Matmuls and "
+                       "attention only, each timed alone at the update case's shapes (8 x (256 + completion) tokens) "
+                       "and summed: reference forward + policy forward + backward (+ one body forward with "
+                       "checkpointing) + AdamW.", "\n".join(lines), cpu)
     return 0
 
 

@@ -1,6 +1,8 @@
 """benchmarks/RESULTS.md is shared by every script: each owns one section between its markers."""
 from __future__ import annotations
 
+import datetime as dt
+import os
 from pathlib import Path
 
 
@@ -20,3 +22,18 @@ def write_section(path: Path, name: str, body: str) -> None:
         text = text.rstrip("\n") + "\n\n" + block
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def publish(out: Path | None, section: str, title: str, method: str, table: str, cpu: bool) -> None:
+    """Print `table`; unless `out` is None, write it as section `section` under `title`, after a line
+    naming the card (or the CPU smoke run), the time, torch, the commit and `method`."""
+    import torch
+
+    print(table)
+    if out is None:
+        return
+    name = torch.cuda.get_device_name() if not cpu else "cpu (times mean nothing)"
+    body = (f"## {title}\n\n{name}, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+            f"commit {os.environ.get('ATLAS_FAST_COMMIT', 'unknown')}; {method}\n\n{table}\n")
+    write_section(out, section, body)
+    print(f"wrote {out}")
