@@ -44,7 +44,7 @@ import types
 import torch
 from torch import nn
 
-from .fused_layers import _code as code_of, _fused_attention_forward, plain_rms_norm, swiglu_mlp, unwrapped
+from .fused_layers import _code as code_of, _fused_attention_forward, own_swap, plain_rms_norm, swiglu_mlp, unwrapped
 
 _PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -88,8 +88,7 @@ def decoder_problem(layer: nn.Module) -> str | None:
     stock = _stock()
     if _code(type(layer).forward) not in stock["decoder"]:
         return f"{type(layer).__name__}.forward is not transformers' Llama/Qwen2 decoder layer"
-    ours = "_atlas_inner_forward" in layer.__dict__ or "_atlas_fused_decoder" in layer.__dict__  # checkpointing, fusing
-    if "forward" in layer.__dict__ and not ours:
+    if not _layer_forward_ours(layer):
         return f"{type(layer).__name__}'s forward is bound on the instance (a hook or a patch): fusing would replace it"
     if any(_rebound(m) for m in layer.modules() if m is not layer):
         return "a part's forward is bound on the instance (a hook or a patch)"
@@ -132,10 +131,13 @@ def unfuse_decoder_layers(model: nn.Module) -> None:
     for module in model.modules():
         if module.__dict__.pop("_atlas_fused_decoder", None) is None:
             continue
-        if "_atlas_inner_forward" in module.__dict__:  # checkpointed: the wrapper now calls the class's forward
-            module._atlas_inner_forward = stock_forward(module)
-        else:
+        slot = "_atlas_inner_forward" if "_atlas_inner_forward" in module.__dict__ else "forward"
+        if getattr(module.__dict__.get(slot), "__func__", None) is not _fused_forward:
+            continue  # someone's patch replaced ours: it stays
+        if slot == "forward":
             del module.forward
+        else:  # checkpointed: the wrapper now calls the class's forward
+            module._atlas_inner_forward = stock_forward(module)
 
 
 def stock_forward(layer: nn.Module):
@@ -152,7 +154,22 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
 def _rebound(m: nn.Module) -> bool:
     """A forward bound on the instance by someone else (accelerate's hooks, a patch): what the module
     computes is no longer its class's code. fused_layers' own swaps compute the stock result."""
-    return "forward" in m.__dict__ and "_atlas_fused" not in m.__dict__
+    return "forward" in m.__dict__ and not own_swap(m)
+
+
+def _layer_forward_ours(layer: nn.Module) -> bool:
+    """Nothing but ours bound as the layer's forward: the fused one, or our checkpointing's wrapper
+    around it or around the class's forward. Told by the functions, not by our marker attributes,
+    which a patch laid on top keeps."""
+    from .memory.checkpointing import _checkpointed_call
+
+    if "forward" not in layer.__dict__:
+        return True
+    fn = getattr(layer.__dict__["forward"], "__func__", None)
+    if fn is _fused_forward:
+        return True
+    inner = getattr(layer.__dict__.get("_atlas_inner_forward"), "__func__", None)
+    return fn is _checkpointed_call and (inner is _fused_forward or inner is type(layer).forward)
 
 
 def _hooked(layer: nn.Module) -> bool:

@@ -71,9 +71,17 @@ def _computes_like(module: nn.Module, kind: str) -> bool:
     return getattr(forward, "__code__", None) is not None and _code(forward) == _stock_code(kind)
 
 
+def own_swap(m: nn.Module) -> bool:
+    """Whether the forward bound on `m` is one of fuse_layers' swaps, not a patch laid on it (by
+    accelerate's hooks or a user) before or after."""
+    fn = getattr(m.__dict__.get("forward"), "__func__", None)
+    return fn is not None and (fn is _rms_norm_forward or fn is _swiglu_forward
+                               or fn is _fused_attention_forward(type(m).forward))
+
+
 def _own_forward(m: nn.Module) -> bool:
     """No forward bound on the instance, or only our own swap: nobody else's patch to replace."""
-    return "forward" not in m.__dict__ or "_atlas_fused" in m.__dict__
+    return "forward" not in m.__dict__ or own_swap(m)
 
 
 def plain_rms_norm(m: nn.Module) -> bool:
@@ -210,5 +218,5 @@ def unfuse_layers(model: nn.Module) -> None:
 
     unfuse_decoder_layers(model)
     for module in model.modules():
-        if module.__dict__.pop("_atlas_fused", False):
+        if module.__dict__.pop("_atlas_fused", False) and own_swap(module):
             del module.forward  # the instance's binding goes; the class's forward is found again

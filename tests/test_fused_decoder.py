@@ -243,6 +243,60 @@ def test_a_forward_rebound_on_a_part_takes_the_stock_path(tok, when):
 
 
 @interpreted
+@pytest.mark.parametrize("order", ["patch-checkpoint-fuse", "fuse-patch-checkpoint", "fuse_layers-patch-part",
+                                   "swap-patch-part-fuse", "fuse_layers-patch-part-unfuse"])
+def test_a_patch_laid_over_our_forwards_is_run(tok, order):
+    """Our markers stay on a module when someone binds a forward over ours: which forward is ours is
+    told by its function, so a patch on the layer or on a part is run, and unfusing keeps it."""
+    import types
+
+    from atlas_fast.fused_layers import unfuse_layers
+
+    def halve_layer(model):
+        layer = model.model.layers[0]
+        inner = layer.forward
+        layer.forward = types.MethodType(lambda self, *a, **k: 0.5 * inner(*a, **k), layer)
+
+    def halve_mlp(model):
+        mlp = model.model.layers[0].mlp
+        mlp.forward = types.MethodType(lambda self, x: 0.5 * _swiglu(self, x), mlp)
+
+    def _swiglu(mlp, x):
+        return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+    mb = micro_batch(seed=8)
+    expected_model = tiny_model(tok, layers=1)
+    (halve_mlp if "part" in order else halve_layer)(expected_model)
+    expected = loss_and_grads(expected_model, mb)
+    model = tiny_model(tok, layers=1)
+    if order == "patch-checkpoint-fuse":
+        halve_layer(model)
+        enable_activation_checkpointing(model)
+        assert "bound on the instance" in decoder_problem(model.model.layers[0])
+        fuse_layers(model, decoder=True)
+    elif order == "fuse-patch-checkpoint":
+        fuse_decoder_layers(model)
+        halve_layer(model)
+        enable_activation_checkpointing(model)
+    elif order == "fuse_layers-patch-part":
+        fuse_layers(model, decoder=True)
+        halve_mlp(model)
+    elif order == "swap-patch-part-fuse":
+        fuse_layers(model, decoder=False)
+        halve_mlp(model)
+        assert "bound on the instance" in decoder_problem(model.model.layers[0])
+        assert fuse_decoder_layers(model) == 0
+    else:
+        fuse_layers(model, decoder=True)
+        halve_mlp(model)
+        unfuse_layers(model)
+        assert "forward" in model.model.layers[0].mlp.__dict__
+    nodes = fused_nodes(model)
+    assert_close_grads(loss_and_grads(model, mb), expected)
+    assert "_DecoderLayerFnBackward" not in nodes
+
+
+@interpreted
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_a_hook_may_edit_the_layers_output_in_place(tok, checkpointing):
     """The node's output is a tensor of its own: a view made inside a custom Function refuses in-place edits."""

@@ -187,7 +187,9 @@ def _checkpointed_call(layer: torch.nn.Module, *args, **kwargs):
     if not torch.is_grad_enabled() or any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
         return forward(*args, **kwargs)
     keep_attention = getattr(layer, "_atlas_keep_attention", False)
-    if "_atlas_fused_decoder" in layer.__dict__:
+    from ..fused_decoder import _fused_forward
+
+    if getattr(forward, "__func__", None) is _fused_forward:
         # A fused decoder layer (fused_decoder.py) recomputes itself from its saved input; where it
         # does not apply (keep_attention included) the stock forward is checkpointed below.
         from ..fused_decoder import decoder_call, stock_forward
