@@ -26,6 +26,9 @@ import weakref
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from ..fused_decoder import _fused_forward, decoder_call, stock_forward
+
+
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder's list of layers: the largest `ModuleList` whose members share one class.
 
@@ -187,13 +190,9 @@ def _checkpointed_call(layer: torch.nn.Module, *args, **kwargs):
     if not torch.is_grad_enabled() or any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
         return forward(*args, **kwargs)
     keep_attention = getattr(layer, "_atlas_keep_attention", False)
-    from ..fused_decoder import _fused_forward
-
     if getattr(forward, "__func__", None) is _fused_forward:
         # A fused decoder layer (fused_decoder.py) recomputes itself from its saved input; where it
         # does not apply (keep_attention included) the stock forward is checkpointed below.
-        from ..fused_decoder import decoder_call, stock_forward
-
         if args and not keep_attention:
             out = decoder_call(layer, args[0], args[1:], kwargs, recompute=True, offload=offload)
             if out is not None:
